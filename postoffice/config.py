@@ -1,0 +1,366 @@
+"""The ini file, parsed once into frozen objects (SPEC section 3).
+
+Everything that can be wrong with a configuration is found here, at start (or
+at SIGHUP), and reported as one :class:`ConfigError` line naming the file,
+the section, the option and, for regexp files, the line.  Nothing downstream
+re-reads the file or re-validates values.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from postoffice.errors import ConfigError
+from postoffice.filters import Filter, parse_filter
+
+MAIN_SECTION = "post office"
+LMTP_SECTION = "lmtp"
+QUEUE_PREFIX = "queue:"
+
+DEFAULT_ZODB_PATH = "/postoffice"
+DEFAULT_THROTTLE_PERIOD = 300
+DEFAULT_SOCKET_MODE = 0o660
+DEFAULT_MAX_SESSIONS = 64
+DEFAULT_IDLE_TIMEOUT = 300.0
+
+_MAIN_OPTIONS = frozenset(
+    {
+        "zodb_uri",
+        "zodb_path",
+        "ooo_loop_frequency",
+        "ooo_loop_headers",
+        "ooo_throttle_period",
+        "max_message_size",
+        "reject_filters",
+        "maildir",
+        "dead_letter_max",
+    }
+)
+_LMTP_OPTIONS = frozenset(
+    {"listen", "socket_mode", "max_sessions", "idle_timeout", "allow_remote", "commit_batch"}
+)
+_QUEUE_OPTIONS = frozenset({"filters"})
+
+# ` #` or ` ;` starts an inline comment on scalar options (the old docs used them).
+_INLINE_COMMENT = re.compile(r"\s+[#;].*$")
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]b?)?\s*$", re.IGNORECASE)
+_SIZE_FACTORS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+@dataclass(frozen=True)
+class LmtpSettings:
+    """The ``[lmtp]`` section: where and how ``postoffice serve`` listens."""
+
+    listen: str
+    socket_mode: int = DEFAULT_SOCKET_MODE
+    max_sessions: int = DEFAULT_MAX_SESSIONS
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    # LMTP has no authentication: a TCP address beyond loopback needs this.
+    allow_remote: bool = False
+    # Most deliveries committed in one ZODB transaction (group commit).
+    commit_batch: int = 64
+
+
+@dataclass(frozen=True)
+class QueueRule:
+    """One ``[queue:NAME]`` section: the queue wins when every filter matches."""
+
+    name: str
+    filters: tuple[Filter, ...]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The whole configuration, as every other module sees it."""
+
+    zodb_uri: str
+    zodb_path: str = DEFAULT_ZODB_PATH
+    ooo_loop_frequency: float = 0.0
+    ooo_loop_headers: tuple[str, ...] = ()
+    ooo_throttle_period: int = DEFAULT_THROTTLE_PERIOD
+    max_message_size: int | None = None
+    reject_filters: tuple[Filter, ...] = ()
+    queues: tuple[QueueRule, ...] = ()
+    maildir: Path | None = None
+    lmtp: LmtpSettings = field(default_factory=lambda: LmtpSettings(listen="unix:lmtp.sock"))
+    source: Path | None = None
+    # Messages kept in the dead-letter area before the oldest is dropped.
+    dead_letter_max: int = 1000
+
+    @property
+    def queue_names(self) -> tuple[str, ...]:
+        return tuple(rule.name for rule in self.queues)
+
+
+class _HereInterpolation(configparser.Interpolation):
+    """Expand ``%(here)s`` and ``%%`` only.
+
+    Regexps are full of ``%`` and ``$``; BasicInterpolation would refuse a lone
+    ``%`` and ExtendedInterpolation would eat ``${...}``.  A ``%`` not part of
+    ``%(here)s`` or ``%%`` is left as written.
+    """
+
+    def __init__(self, here: str) -> None:
+        self._here = here
+
+    def before_get(
+        self,
+        parser: configparser.RawConfigParser,
+        section: str,
+        option: str,
+        value: str,
+        defaults: Mapping[str, str],
+    ) -> str:
+        return re.sub(r"%\(here\)s|%%", lambda m: "%" if m.group() == "%%" else self._here, value)
+
+
+def find_config(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """The search order of SPEC 3: -C, $POSTOFFICE_CONFIG, ./, ./etc, <prefix>/etc, /etc."""
+    if explicit:
+        path = Path(explicit)
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such configuration file")
+        return path
+    env = os.environ.get("POSTOFFICE_CONFIG")
+    if env:
+        path = Path(env)
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such configuration file (from $POSTOFFICE_CONFIG)")
+        return path
+    candidates = [
+        Path("postoffice.ini"),
+        Path("etc") / "postoffice.ini",
+        Path(sys.argv[0]).resolve().parent.parent / "etc" / "postoffice.ini",
+        Path("/etc/postoffice.ini"),
+    ]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    tried = ", ".join(str(c) for c in candidates)
+    raise ConfigError(f"no configuration file found (use -C FILE; tried {tried})")
+
+
+def parse_size(text: str) -> int:
+    """``50m`` -> 52428800; k, m, g (or kb, mb, gb) are powers of 1024."""
+    match = _SIZE.match(text)
+    if not match:
+        raise ValueError(f"not a size: {text!r} (a number with an optional k, m or g suffix)")
+    suffix = (match.group(2) or "").lower().rstrip("b")
+    return int(match.group(1)) * _SIZE_FACTORS[suffix]
+
+
+def load(path: str | os.PathLike[str]) -> Settings:
+    """Read and check the whole file; raise ConfigError with one line on any problem."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    return loads(text, path)
+
+
+def loads(text: str, path: Path) -> Settings:
+    """Parse configuration text as if read from ``path`` (used by tests and SIGHUP)."""
+    here = str(path.resolve().parent)
+    parser = configparser.ConfigParser(
+        interpolation=_HereInterpolation(here),
+        strict=True,
+        empty_lines_in_values=False,
+        default_section="\x00no defaults",
+    )
+    parser.optionxform = str.lower  # type: ignore[assignment,method-assign]
+    try:
+        parser.read_string(text, source=str(path))
+    except configparser.Error as exc:
+        raise ConfigError(f"{path}: {_one_line(exc)}") from None
+    return _Reader(parser, path).settings()
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+class _Reader:
+    """Turns a ConfigParser into Settings, one checked option at a time."""
+
+    def __init__(self, parser: configparser.ConfigParser, path: Path) -> None:
+        self.parser = parser
+        self.path = path
+        self.base = path.resolve().parent
+
+    def error(self, section: str, option: str | None, what: str) -> ConfigError:
+        where = f"[{section}]" + (f" {option}" if option else "")
+        return ConfigError(f"{self.path}: {where}: {what}")
+
+    def scalar(self, section: str, option: str) -> str | None:
+        if not self.parser.has_option(section, option):
+            return None
+        value = _INLINE_COMMENT.sub("", self.parser.get(section, option)).strip()
+        return value or None
+
+    def number(self, section: str, option: str, kind: type, default: float | int) -> float | int:
+        value = self.scalar(section, option)
+        if value is None:
+            return default
+        try:
+            number = kind(value)
+        except ValueError:
+            raise self.error(section, option, f"not a number: {value!r}") from None
+        if number < 0:
+            raise self.error(section, option, f"must not be negative: {value!r}")
+        return number
+
+    def filters(self, section: str, option: str) -> tuple[Filter, ...]:
+        if not self.parser.has_option(section, option):
+            return ()
+        result = []
+        for line in self.parser.get(section, option).splitlines():
+            if not line.strip():
+                continue
+            try:
+                result.append(parse_filter(line.strip(), self.base))
+            except ValueError as exc:
+                raise self.error(section, option, str(exc)) from None
+        return tuple(result)
+
+    def unknown(self, section: str, allowed: frozenset[str]) -> None:
+        for option in self.parser.options(section):
+            if option not in allowed:
+                raise self.error(section, option, "unknown option")
+
+    def settings(self) -> Settings:
+        if not self.parser.has_section(MAIN_SECTION):
+            raise ConfigError(f"{self.path}: missing section [{MAIN_SECTION}]")
+        main = MAIN_SECTION
+        self.unknown(main, _MAIN_OPTIONS)
+        zodb_uri = self.scalar(main, "zodb_uri")
+        if zodb_uri is None:
+            raise self.error(main, "zodb_uri", "missing (the database URI, e.g. file://...)")
+        zodb_path = self.scalar(main, "zodb_path") or DEFAULT_ZODB_PATH
+        if not zodb_path.startswith("/"):
+            zodb_path = "/" + zodb_path
+        frequency = float(self.number(main, "ooo_loop_frequency", float, 0.0))
+        headers_text = self.scalar(main, "ooo_loop_headers") or ""
+        loop_headers = tuple(h.strip() for h in headers_text.split(",") if h.strip())
+        period = int(self.number(main, "ooo_throttle_period", int, DEFAULT_THROTTLE_PERIOD))
+        size_text = self.scalar(main, "max_message_size")
+        max_size = None
+        if size_text is not None:
+            try:
+                max_size = parse_size(size_text) or None
+            except ValueError as exc:
+                raise self.error(main, "max_message_size", str(exc)) from None
+        maildir_text = self.scalar(main, "maildir")
+        maildir = self.base / maildir_text if maildir_text else None
+        dead_max = int(self.number(main, "dead_letter_max", int, 1000))
+
+        queues = []
+        for section in self.parser.sections():
+            if section in (MAIN_SECTION, LMTP_SECTION):
+                continue
+            if not section.startswith(QUEUE_PREFIX):
+                raise ConfigError(
+                    f"{self.path}: [{section}]: unknown section "
+                    f"(expected [{MAIN_SECTION}], [{LMTP_SECTION}] or [queue:NAME])"
+                )
+            name = section[len(QUEUE_PREFIX) :].strip()
+            if not name:
+                raise self.error(section, None, "a queue needs a name: [queue:NAME]")
+            self.unknown(section, _QUEUE_OPTIONS)
+            queues.append(QueueRule(name=name, filters=self.filters(section, "filters")))
+
+        return Settings(
+            zodb_uri=zodb_uri,
+            zodb_path=zodb_path.rstrip("/") or DEFAULT_ZODB_PATH,
+            ooo_loop_frequency=frequency,
+            ooo_loop_headers=loop_headers,
+            ooo_throttle_period=period,
+            max_message_size=max_size,
+            reject_filters=self.filters(main, "reject_filters"),
+            queues=tuple(queues),
+            maildir=maildir,
+            lmtp=self.lmtp(),
+            source=self.path,
+            dead_letter_max=dead_max,
+        )
+
+    def lmtp(self) -> LmtpSettings:
+        section = LMTP_SECTION
+        default_listen = f"unix:{self.base / 'var' / 'lmtp.sock'}"
+        if not self.parser.has_section(section):
+            return LmtpSettings(listen=default_listen)
+        self.unknown(section, _LMTP_OPTIONS)
+        listen = self.scalar(section, "listen") or default_listen
+        mode_text = self.scalar(section, "socket_mode")
+        mode = DEFAULT_SOCKET_MODE
+        if mode_text is not None:
+            try:
+                mode = int(mode_text, 8)
+            except ValueError:
+                raise self.error(
+                    section, "socket_mode", f"not an octal mode: {mode_text!r}"
+                ) from None
+            if mode & ~0o777:
+                raise self.error(section, "socket_mode", f"not a file mode: {mode_text!r}")
+        sessions = int(self.number(section, "max_sessions", int, DEFAULT_MAX_SESSIONS))
+        if sessions < 1:
+            raise self.error(section, "max_sessions", "must be at least 1")
+        idle = float(self.number(section, "idle_timeout", float, DEFAULT_IDLE_TIMEOUT))
+        batch = int(self.number(section, "commit_batch", int, 64))
+        remote_text = (self.scalar(section, "allow_remote") or "no").lower()
+        if remote_text not in ("yes", "no", "true", "false", "on", "off", "1", "0"):
+            raise self.error(section, "allow_remote", f"not yes or no: {remote_text!r}")
+        try:
+            parse_listen(listen)
+        except ValueError as exc:
+            raise self.error(section, "listen", str(exc)) from None
+        return LmtpSettings(
+            listen=listen,
+            socket_mode=mode,
+            max_sessions=sessions,
+            idle_timeout=idle,
+            allow_remote=remote_text in ("yes", "true", "on", "1"),
+            commit_batch=max(1, batch),
+        )
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    """Where to listen: a unix socket path, or a TCP host and port."""
+
+    path: Path | None = None
+    host: str | None = None
+    port: int | None = None
+
+    def __str__(self) -> str:
+        if self.path is not None:
+            return f"unix:{self.path}"
+        if self.host and ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+def parse_listen(text: str) -> ListenAddress:
+    """``unix:/path``, ``/path``, ``127.0.0.1:8024`` or ``[::1]:8024``."""
+    text = text.strip()
+    if text.startswith("unix:"):
+        path = text[len("unix:") :]
+        if not path:
+            raise ValueError("unix: needs a socket path")
+        return ListenAddress(path=Path(path))
+    if text.startswith("/"):
+        return ListenAddress(path=Path(text))
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\[\]]+):(\d+)", text)
+    if not match:
+        raise ValueError(f"not an address: {text!r} (unix:/path, HOST:PORT or [IPv6]:PORT)")
+    host = match.group(1) or match.group(3)
+    port = int(match.group(2) or match.group(4))
+    if not 0 < port < 65536:
+        raise ValueError(f"port out of range: {port}")
+    return ListenAddress(host=host, port=port)

@@ -1,0 +1,328 @@
+"""The one entry point of both front doors: decide, store, commit, answer.
+
+``Depot.deliver`` takes (envelope sender, recipients, raw bytes) and returns
+one :class:`Outcome` per recipient.  ``Depot.deliver_batch`` does the same
+for several messages in one ZODB transaction (group commit): the LMTP
+server hands it everything that arrived while the previous commit was
+under way, and answers each session only after the commit.
+
+A reply of 250 for an accepted recipient is only ever produced after
+``transaction.commit()`` returned.  Conflicts are retried (the whole batch
+is decided again against the new state); when the database cannot be
+reached, or the commit fails, every recipient gets a deferral (451 / 75).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import transaction
+import ZODB
+from ZODB.POSException import ConflictError
+
+from postoffice.config import Settings
+from postoffice.decide import (
+    Action,
+    Decision,
+    Envelope,
+    Rule,
+    decide,
+    deferred,
+    throttle_window,
+)
+from postoffice.errors import StorageUnavailable
+from postoffice.message import ParsedMessage, added_headers, line_ending
+from postoffice.store import FolderState, QueuesFolder, find_folder, open_db, reconcile
+
+log = logging.getLogger("postoffice.deliver")
+
+COMMIT_ATTEMPTS = 5
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of a message for one recipient: the decision and its reply."""
+
+    recipient: str
+    decision: Decision
+    message_id: str | None = None
+    queue_key: int | None = None
+
+    @property
+    def reply(self) -> str:
+        """The LMTP reply line for this recipient (without CRLF)."""
+        d = self.decision
+        if d.action is Action.ACCEPT:
+            text = f"<{self.recipient}> queued in {d.queue} as {self.queue_key}"
+        elif d.action is Action.DISCARD:
+            text = f"<{self.recipient}> accepted, not queued: {d.reason}"
+        else:
+            text = d.reason
+        return f"{d.code} {d.status} {_ascii_line(text)}"
+
+    @property
+    def exit_code(self) -> int:
+        return self.decision.exit_code
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One message as the front door received it."""
+
+    sender: str
+    recipients: tuple[str, ...]
+    raw: bytes
+
+
+def _ascii_line(text: str) -> str:
+    """Replies are one line of printable ASCII, whatever the reason quoted."""
+    text = " ".join(text.split())
+    return text.encode("ascii", "backslashreplace").decode("ascii")[:400]
+
+
+def _unique(recipients: Sequence[str]) -> list[str]:
+    seen: set[str] = set()
+    result = []
+    for rcpt in recipients:
+        key = rcpt.lower()
+        if key not in seen:
+            seen.add(key)
+            result.append(rcpt)
+    return result
+
+
+class Depot:
+    """The database plus the rules, shared by the threads of one process.
+
+    Thread-safe: each call of :meth:`deliver_batch` opens its own connection
+    with its own transaction manager.  :meth:`reload` swaps the rules
+    atomically (SIGHUP); a delivery under way keeps the rules it started with.
+    """
+
+    def __init__(
+        self, settings: Settings, db: ZODB.DB | None = None, clock: type[time.time] | None = None
+    ) -> None:  # type: ignore[valid-type]
+        self._settings = settings
+        self._db = db
+        self._owns_db = db is None
+        self._lock = threading.Lock()
+        self._clock = clock or time.time
+        self._reconciled = False
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings
+
+    def reload(self, settings: Settings) -> list[str]:
+        """Use new rules from now on; create queues they name (returns warnings)."""
+        with self._lock:
+            self._settings = settings
+            self._reconciled = False
+        try:
+            return self.prepare()
+        except StorageUnavailable:
+            return ["database unreachable; queues will be created at the next delivery"]
+
+    def db(self) -> ZODB.DB:
+        with self._lock:
+            if self._db is None:
+                self._db = open_db(self._settings.zodb_uri)
+            return self._db
+
+    def prepare(self) -> list[str]:
+        """Create the queues folder and reconcile the queues with the config."""
+        warnings: list[str] = []
+        manager = transaction.TransactionManager()
+        connection = self._open(manager)
+        try:
+            for attempt in manager.attempts(COMMIT_ATTEMPTS):
+                with attempt:
+                    folder = find_folder(connection.root(), self._settings.zodb_path, create=True)
+                    warnings = reconcile(folder, self._settings.queue_names)
+        except ConflictError as exc:
+            raise StorageUnavailable(f"could not create the queues: {exc}") from None
+        except StorageUnavailable:
+            raise
+        except Exception as exc:
+            if _is_storage_error(exc):
+                raise StorageUnavailable(f"database error: {exc}") from None
+            raise
+        finally:
+            _close(manager, connection)
+        self._reconciled = True
+        for warning in warnings:
+            log.warning("%s", warning)
+        return warnings
+
+    def _open(self, manager: transaction.TransactionManager) -> ZODB.Connection.Connection:
+        try:
+            return self.db().open(transaction_manager=manager)
+        except StorageUnavailable:
+            raise
+        except Exception as exc:
+            raise StorageUnavailable(f"cannot open a connection: {exc}") from None
+
+    def close(self) -> None:
+        with self._lock:
+            db, self._db = self._db, None
+        if db is not None and self._owns_db:
+            db.close()
+
+    # -- delivering -----------------------------------------------------------
+
+    def deliver(
+        self, sender: str, recipients: Sequence[str], raw: bytes, now: float | None = None
+    ) -> list[Outcome]:
+        """Decide and store one message for every recipient; one Outcome each."""
+        return self.deliver_batch([Delivery(sender, tuple(recipients), raw)], now)[0]
+
+    def deliver_batch(
+        self, deliveries: Sequence[Delivery], now: float | None = None
+    ) -> list[list[Outcome]]:
+        """Several messages, one transaction; each list answers one delivery."""
+        settings = self._settings
+        now = self._clock() if now is None else now
+        parsed = [ParsedMessage(d.raw) for d in deliveries]
+        try:
+            if not self._reconciled:
+                self.prepare()
+            return self._commit_batch(settings, deliveries, parsed, now)
+        except StorageUnavailable as exc:
+            log.warning("storage unavailable, deferring %d messages: %s", len(deliveries), exc)
+            return [self._all(d, deferred(f"storage unavailable: {exc}")) for d in deliveries]
+        except Exception as exc:
+            log.exception("commit failed, deferring %d messages", len(deliveries))
+            return [
+                self._all(d, deferred(f"commit failed: {type(exc).__name__}")) for d in deliveries
+            ]
+
+    @staticmethod
+    def _all(delivery: Delivery, decision: Decision) -> list[Outcome]:
+        return [Outcome(r, decision) for r in delivery.recipients]
+
+    def _commit_batch(
+        self,
+        settings: Settings,
+        deliveries: Sequence[Delivery],
+        parsed: list[ParsedMessage],
+        now: float,
+    ) -> list[list[Outcome]]:
+        manager = transaction.TransactionManager()
+        connection = self._open(manager)
+        try:
+            last_conflict: Exception | None = None
+            for _number in range(COMMIT_ATTEMPTS):
+                try:
+                    manager.begin()
+                    folder = find_folder(connection.root(), settings.zodb_path, create=False)
+                    results = [
+                        self._apply(folder, settings, d, m, now)
+                        for d, m in zip(deliveries, parsed, strict=True)
+                    ]
+                    manager.commit()
+                    return results
+                except ConflictError as exc:
+                    manager.abort()
+                    last_conflict = exc
+                except KeyError as exc:
+                    manager.abort()
+                    self._reconciled = False
+                    raise StorageUnavailable(f"queues folder missing: {exc}") from None
+                except Exception as exc:
+                    manager.abort()
+                    if _is_storage_error(exc):
+                        raise StorageUnavailable(str(exc) or type(exc).__name__) from None
+                    raise
+            raise StorageUnavailable(f"too many conflicts: {last_conflict}")
+        finally:
+            _close(manager, connection)
+
+    def _apply(
+        self,
+        folder: QueuesFolder,
+        settings: Settings,
+        delivery: Delivery,
+        message: ParsedMessage,
+        now: float,
+    ) -> list[Outcome]:
+        """Decide every recipient against the state before this message, then store."""
+        envelope = Envelope(delivery.sender, delivery.recipients)
+        state = FolderState(folder)
+        recipients = _unique(delivery.recipients)
+        try:
+            decisions = {r: decide(message, envelope, r, now, state, settings) for r in recipients}
+        except Exception:
+            error = traceback.format_exc()
+            log.error("deciding %s failed; kept as a dead letter:\n%s", message.message_id, error)
+            folder.add_dead_letter(
+                delivery.raw,
+                delivery.sender,
+                delivery.recipients,
+                error,
+                now,
+                settings.dead_letter_max,
+            )
+            kept = Decision(
+                Action.DISCARD,
+                Rule.ERROR,
+                250,
+                "2.0.0",
+                "kept in the dead-letter area after an internal error",
+            )
+            return self._all(delivery, kept)
+
+        outcomes: dict[str, Outcome] = {}
+        eol = line_ending(delivery.raw)
+        arrivals: dict[str, tuple[str, float | None]] = {}
+        for rcpt, decision in decisions.items():
+            key = None
+            if decision.action is Action.ACCEPT and decision.queue is not None:
+                queue = folder[decision.queue]
+                raw = added_headers(delivery.sender, rcpt, int(now), eol) + delivery.raw
+                key = queue.store(raw, now)
+                if message.message_id:
+                    queue.record_delivery(message.message_id, rcpt, now)
+            if decision.count_arrival and decision.queue and decision.throttle_key:
+                _, until = arrivals.get(decision.queue, (decision.throttle_key, None))
+                if decision.throttle_until is not None:
+                    until = max(until or 0.0, decision.throttle_until)
+                arrivals[decision.queue] = (decision.throttle_key, until)
+            outcomes[rcpt.lower()] = Outcome(rcpt, decision, message.message_id, key)
+        window = throttle_window(settings.ooo_loop_frequency or 1.0)
+        for queue_name, (throttle_key, until) in arrivals.items():
+            folder[queue_name].record_arrival(throttle_key, now, window, until)
+        # One outcome per recipient as given, duplicates included (LMTP counts them).
+        return [replace(outcomes[r.lower()], recipient=r) for r in delivery.recipients]
+
+
+def _is_storage_error(exc: BaseException) -> bool:
+    """Errors that mean "the database is not there" rather than a bug of ours."""
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    return bool(
+        names
+        & {
+            "ClientDisconnected",
+            "StorageError",
+            "POSError",
+            "OSError",
+            "ConnectionError",
+            "TimeoutError",
+            "ReadOnlyError",
+        }
+    )
+
+
+def _close(manager: transaction.TransactionManager, connection: object) -> None:
+    try:
+        manager.abort()
+    except Exception:
+        log.debug("abort failed", exc_info=True)
+    try:
+        connection.close()  # type: ignore[attr-defined]
+    except Exception:
+        log.debug("closing a connection failed", exc_info=True)
