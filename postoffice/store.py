@@ -30,10 +30,12 @@ import os
 import random
 import threading
 import time
+import urllib.parse
 import uuid
 import weakref
 from collections.abc import Callable, Iterator
 from email.message import EmailMessage, Message
+from pathlib import Path
 from typing import Any
 
 import transaction
@@ -89,6 +91,7 @@ def open_db(uri: str) -> ZODB.DB:
         factory, dbkw = zodburi.resolve_uri(uri)
     except Exception as exc:
         raise ConfigError(f"zodb_uri {uri!r}: {exc}") from None
+    _make_file_dirs(uri)
     try:
         storage = factory()
     except Exception as exc:
@@ -99,6 +102,21 @@ def open_db(uri: str) -> ZODB.DB:
         with contextlib.suppress(Exception):
             storage.close()
         raise StorageUnavailable(f"cannot open {uri}: {exc}") from None
+
+
+def _make_file_dirs(uri: str) -> None:
+    """A file:// depot creates its folders (the embedded default lives in ``var/``)."""
+    if not uri.startswith("file://"):
+        return
+    parts = urllib.parse.urlsplit(uri)
+    paths = [Path(parts.path).parent]
+    blob_dir = dict(urllib.parse.parse_qsl(parts.query)).get("blobstorage_dir")
+    if blob_dir:
+        paths.append(Path(blob_dir).parent)
+    for path in paths:
+        # On failure FileStorage will say what is wrong, in its own words.
+        with contextlib.suppress(OSError):
+            path.mkdir(parents=True, exist_ok=True, mode=0o750)
 
 
 def has_blobs(db: ZODB.DB) -> bool:

@@ -1,0 +1,397 @@
+"""The ``postoffice`` command (SPEC 7).
+
+Every subcommand loads the configuration the same way and reports problems
+as one line on stderr with a non-zero exit: people read these, not
+tracebacks.  Exit codes follow sysexits where one fits (64 usage, 69
+unavailable, 75 temporary, 78 configuration).
+"""
+
+from __future__ import annotations
+
+import argparse
+import code
+import datetime
+import json
+import logging
+import mailbox
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import transaction
+
+from postoffice import config
+from postoffice.errors import ConfigError, PostofficeError, StorageUnavailable, TemporaryError
+
+log = logging.getLogger("postoffice.cli")
+
+EX_OK = 0
+EX_USAGE = 64
+EX_DATAERR = 65
+EX_UNAVAILABLE = 69
+EX_TEMPFAIL = 75
+EX_CONFIG = 78
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and exit 64."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        print(f"postoffice: {message}", file=sys.stderr)
+        raise SystemExit(EX_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="postoffice", description=__doc__.splitlines()[0])
+    parser.add_argument("-C", "--config", help="configuration file (default: search order)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    serve = sub.add_parser("serve", help="run the LMTP server")
+    serve.add_argument("--listen", help="unix:/path, HOST:PORT or [IPv6]:PORT")
+    serve.set_defaults(func=cmd_serve)
+
+    imp = sub.add_parser("import-maildir", help="import a Maildir (the old postoffice script)")
+    imp.add_argument("--maildir", help="Maildir to import (default: the maildir option)")
+    imp.set_defaults(func=cmd_import_maildir)
+
+    queues = sub.add_parser("queues", help="list queues: name, depth, quarantined, oldest")
+    queues.add_argument("--json", action="store_true", help="machine-readable output")
+    queues.set_defaults(func=cmd_queues)
+
+    quarantine = sub.add_parser("quarantine", help="look at and act on quarantined messages")
+    qsub = quarantine.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    qlist = qsub.add_parser("list", help="list quarantined messages of a queue")
+    qlist.add_argument("queue")
+    qshow = qsub.add_parser("show", help="print a quarantined message and its error")
+    qshow.add_argument("queue")
+    qshow.add_argument("id", type=int)
+    qrequeue = qsub.add_parser("requeue", help="put quarantined messages back in the queue")
+    qrequeue.add_argument("queue")
+    qrequeue.add_argument("ids", type=int, nargs="*", help="ids (default: all)")
+    qdelete = qsub.add_parser("delete", help="delete quarantined messages")
+    qdelete.add_argument("queue")
+    qdelete.add_argument("ids", type=int, nargs="+")
+    quarantine.set_defaults(func=cmd_quarantine)
+
+    check = sub.add_parser("check", help="validate the configuration and reach the database")
+    check.set_defaults(func=cmd_check)
+
+    trial = sub.add_parser("try", help="dry run: print the decision for a message, store nothing")
+    trial.add_argument("message_file")
+    trial.add_argument("--rcpt", required=True, action="append", help="envelope recipient")
+    trial.add_argument("--sender", default="", help="envelope sender (default: <>)")
+    trial.set_defaults(func=cmd_try)
+
+    shell = sub.add_parser("shell", help="Python shell with the queues folder")
+    shell.set_defaults(func=cmd_shell)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if not args.verbose:
+        for noisy in ("ZODB", "ZEO", "txn"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except ConfigError as exc:
+        return _fail(EX_CONFIG, str(exc))
+    except TemporaryError as exc:
+        return _fail(EX_TEMPFAIL, str(exc))
+    except PostofficeError as exc:
+        return _fail(EX_UNAVAILABLE, str(exc))
+    except KeyError as exc:
+        return _fail(EX_DATAERR, str(exc.args[0]) if exc.args else "not found")
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # a bug of ours: the log gets the traceback, the user one line
+        log.debug("unexpected error", exc_info=True)
+        return _fail(EX_TEMPFAIL, f"unexpected error: {type(exc).__name__}: {exc}")
+
+
+def _fail(code: int, message: str) -> int:
+    print(f"postoffice: {message}", file=sys.stderr)
+    return code
+
+
+def load_settings(args: argparse.Namespace) -> config.Settings:
+    return config.load(config.find_config(args.config))
+
+
+def consumer_uri(settings: config.Settings) -> str:
+    """The URI other processes use: the embedded ZEO's while ``serve`` shares a file://."""
+    try:
+        from postoffice.embedded import running_client_uri
+    except ImportError:
+        return settings.zodb_uri
+    return running_client_uri(settings.zodb_uri) or settings.zodb_uri
+
+
+@contextmanager
+def open_folder(settings: config.Settings, create: bool = False) -> Iterator[Any]:
+    """The QueuesFolder in a connection of its own; aborted unless the caller commits."""
+    from postoffice.store import find_folder, open_db
+
+    db = open_db(consumer_uri(settings))
+    try:
+        connection = db.open()
+        try:
+            yield find_folder(connection.root(), settings.zodb_path, create=create)
+        finally:
+            transaction.abort()
+            connection.close()
+    finally:
+        db.close()
+
+
+# --- serve --------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from postoffice import lmtp
+
+    path = config.find_config(args.config)
+    config.load(path)  # refuse a bad file before anything starts
+    return lmtp.serve(path, args.listen)
+
+
+# --- import-maildir -------------------------------------------------------------
+
+
+def cmd_import_maildir(args: argparse.Namespace) -> int:
+    from postoffice.deliver import Depot
+
+    settings = load_settings(args)
+    folder = Path(args.maildir) if args.maildir else settings.maildir
+    if folder is None:
+        raise ConfigError(f"{settings.source}: [post office] maildir: not set (or use --maildir)")
+    depot = Depot(settings)
+    try:
+        counts = import_maildir(depot, folder)
+    finally:
+        depot.close()
+    print(
+        f"postoffice: imported {counts['queued']} queued, {counts['discarded']} discarded, "
+        f"{counts['rejected']} rejected, {counts['deferred']} left for the next run"
+    )
+    return EX_TEMPFAIL if counts["deferred"] else EX_OK
+
+
+def import_maildir(depot: Any, path: Path, now: float | None = None) -> dict[str, int]:
+    """Deliver each message of a Maildir through the same decision as LMTP.
+
+    The recipient is the message's ``X-Original-To`` (written by Postfix's
+    local delivery), the sender its ``Return-Path``.  Every message decided
+    (queued, discarded or refused) is moved into the Maildir folder of the
+    day, ``.YYYY.MM.DD``; a message the database could not take stays for
+    the next run.
+    """
+    from postoffice.message import ParsedMessage, parse_addresses
+
+    if not (path / "cur").is_dir() and not (path / "new").is_dir():
+        raise ConfigError(f"{path}: not a Maildir (no cur/ or new/)")
+    maildir = mailbox.Maildir(str(path), factory=None, create=False)
+    day = datetime.datetime.fromtimestamp(now or time.time()).strftime("%Y.%m.%d")
+    counts = {"queued": 0, "discarded": 0, "rejected": 0, "deferred": 0}
+    archive = None
+    for key in sorted(maildir.keys()):
+        try:
+            raw = maildir.get_bytes(key)
+        except (KeyError, OSError):
+            continue
+        parsed = ParsedMessage(raw)
+        recipients = parse_addresses(parsed.get_all_raw("X-Original-To"))
+        sender_list = parse_addresses(parsed.get_all_raw("Return-Path"))
+        sender = sender_list[0] if sender_list else ""
+        if not recipients:
+            log.warning("%s: no X-Original-To; archived without delivery", key)
+            outcomes = []
+        else:
+            outcomes = depot.deliver(sender, recipients, raw, now=now)
+        if any(o.decision.action.value == "defer" for o in outcomes):
+            counts["deferred"] += 1
+            log.warning("%s: database unavailable; left for the next run", key)
+            continue
+        for outcome in outcomes:
+            action = outcome.decision.action.value
+            counts[{"accept": "queued", "discard": "discarded"}.get(action, "rejected")] += 1
+            log.info("%s: %s: %s", key, outcome.recipient, outcome.reply)
+        if archive is None:
+            archive = (
+                maildir.add_folder(day)
+                if day not in maildir.list_folders()
+                else maildir.get_folder(day)
+            )
+        archive.add(mailbox.MaildirMessage(raw))
+        maildir.remove(key)
+    return counts
+
+
+# --- queues and quarantine ------------------------------------------------------
+
+
+def cmd_queues(args: argparse.Namespace) -> int:
+    settings = load_settings(args)
+    rows = []
+    with open_folder(settings) as folder:
+        for name, queue in folder.items():
+            oldest = queue.oldest_arrival()
+            rows.append(
+                {
+                    "name": name,
+                    "depth": len(queue),
+                    "quarantined": queue.count_quarantined_messages(),
+                    "oldest": _iso(oldest) if oldest else None,
+                    "configured": name in settings.queue_names,
+                }
+            )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EX_OK
+    width = max([len(r["name"]) for r in rows] + [5])
+    print(f"{'queue':<{width}}  {'depth':>7}  {'quarantined':>11}  oldest")
+    for r in rows:
+        note = "" if r["configured"] else "  (not in the configuration)"
+        print(
+            f"{r['name']:<{width}}  {r['depth']:>7}  {r['quarantined']:>11}  "
+            f"{r['oldest'] or '-'}{note}"
+        )
+    return EX_OK
+
+
+def _iso(when: float) -> str:
+    return datetime.datetime.fromtimestamp(when, datetime.UTC).isoformat(timespec="seconds")
+
+
+def cmd_quarantine(args: argparse.Namespace) -> int:
+    from postoffice.api import find_queue
+
+    settings = load_settings(args)
+    with open_folder(settings) as folder:
+        queue = find_queue(folder, args.queue, settings.zodb_path)
+        if args.action == "list":
+            for message, error in queue.get_quarantined_messages():
+                last = (error.strip().splitlines() or [""])[-1]
+                print(
+                    f"{message.postoffice_id}\t{message.get('Message-Id', '-')}\t"
+                    f"{message.get('From', '-')}\t{last}"
+                )
+            return EX_OK
+        if args.action == "show":
+            message = queue.get_quarantined_message(args.id)
+            sys.stdout.buffer.write(message.as_bytes())
+            print("\n--- error ---")
+            print(queue.get_quarantine_error(args.id))
+            return EX_OK
+        if args.action == "requeue":
+            ids = args.ids or None
+            if ids is None:
+                count = queue.requeue_quarantined_messages()
+            else:
+                for key in ids:
+                    queue.requeue_quarantined_message(key)
+                count = len(ids)
+            transaction.commit()
+            print(f"postoffice: requeued {count} messages in {args.queue}")
+            return EX_OK
+        for key in args.ids:
+            queue.remove_from_quarantine(key)
+        transaction.commit()
+        print(f"postoffice: deleted {len(args.ids)} quarantined messages from {args.queue}")
+        return EX_OK
+
+
+# --- check, try, shell --------------------------------------------------------------
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from postoffice.deliver import Depot
+
+    path = config.find_config(args.config)
+    settings = config.load(path)
+    print(f"postoffice: {path}: configuration is valid ({len(settings.queues)} queues)")
+    uri = consumer_uri(settings)
+    from postoffice.store import open_db
+
+    db = open_db(uri)
+    try:
+        for warning in Depot(settings, db=db).prepare():
+            print(f"postoffice: warning: {warning}")
+    finally:
+        db.close()
+    print(f"postoffice: database {uri} is reachable")
+    return EX_OK
+
+
+def cmd_try(args: argparse.Namespace) -> int:
+    from postoffice.decide import Envelope, decide
+    from postoffice.message import ParsedMessage
+    from postoffice.store import FolderState
+
+    settings = load_settings(args)
+    raw = Path(args.message_file).read_bytes()
+    message = ParsedMessage(raw)
+    envelope = Envelope(args.sender, tuple(args.rcpt))
+    now = time.time()
+
+    def show(state: Any, note: str) -> None:
+        for rcpt in args.rcpt:
+            d = decide(message, envelope, rcpt, now, state, settings)
+            where = f" queue={d.queue}" if d.queue else ""
+            print(
+                f"{rcpt}: {d.action.value} (rule {int(d.rule)}) {d.code} {d.status}"
+                f"{where}: {d.reason}"
+            )
+        if note:
+            print(note)
+
+    try:
+        with open_folder(settings) as folder:
+            show(FolderState(folder), "")
+    except (StorageUnavailable, KeyError) as exc:
+        show(_EmptyState(), f"(database not read: {exc}; duplicates and throttle not checked)")
+    return EX_OK
+
+
+class _EmptyState:
+    def is_duplicate(self, queue: str, message_id: str, recipient: str, since: float) -> bool:
+        return False
+
+    def throttle_view(self, queue: str, key: str, now: float, window: float) -> Any:
+        from postoffice.decide import ThrottleView
+
+        return ThrottleView(None, None, 0)
+
+
+def cmd_shell(args: argparse.Namespace) -> int:
+    settings = load_settings(args)
+    with open_folder(settings) as folder:
+        banner = (
+            f"postoffice shell on {consumer_uri(settings)}\n"
+            "  folder: the queues folder; folder['NAME'] is a queue\n"
+            "  transaction: commit or abort your changes"
+        )
+        code.interact(
+            banner=banner,
+            local={"folder": folder, "transaction": transaction, "settings": settings},
+        )
+    return EX_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["import_maildir", "main"]
