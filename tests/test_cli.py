@@ -1,0 +1,228 @@
+"""The ``postoffice`` command as an administrator meets it: real files, real database."""
+
+from __future__ import annotations
+
+import json
+import mailbox
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import transaction
+
+from postoffice import cli, config, open_queue
+from postoffice.deliver import Depot
+
+CONFIG = """\
+[post office]
+zodb_uri = file://%(here)s/var/Data.fs?blobstorage_dir=%(here)s/var/blobs
+maildir = %(here)s/Maildir
+reject_filters =
+    to_hostname: .refused.example
+
+[queue:A]
+filters =
+    to_hostname: a.example
+
+[queue:B]
+filters =
+    to_hostname: b.example
+"""
+
+
+def message(n: int, to: str = "user@a.example", extra: str = "") -> bytes:
+    return (
+        f"From: sender@outside.example\nTo: {to}\nSubject: number {n}\n"
+        f"Message-Id: <{n}@outside.example>\n{extra}\nbody {n}\n"
+    ).encode()
+
+
+@pytest.fixture
+def cfg(tmp_path: Path) -> Path:
+    path = tmp_path / "postoffice.ini"
+    path.write_text(CONFIG)
+    return path
+
+
+def run(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
+        stdin: bytes | None = None) -> subprocess.CompletedProcess[str]:
+    """The installed command, as a person runs it (a subprocess, real exit codes)."""
+    return subprocess.run(
+        [sys.executable, "-m", "postoffice.cli", *args],
+        capture_output=True, text=True, cwd=cwd, env=env, timeout=60,
+        input=stdin.decode() if stdin else None,
+    )
+
+
+def test_missing_config_is_one_line_and_exit_78(tmp_path: Path) -> None:
+    result = run("-C", str(tmp_path / "nope.ini"), "queues")
+    assert result.returncode == 78
+    assert result.stderr.strip().splitlines() == [
+        f"postoffice: {tmp_path / 'nope.ini'}: no such configuration file"
+    ]
+
+
+def test_bad_config_names_file_section_option(tmp_path: Path) -> None:
+    path = tmp_path / "postoffice.ini"
+    path.write_text(CONFIG.replace("[queue:B]\nfilters =", "[queue:B]\nfilterz ="))
+    result = run("-C", str(path), "check")
+    assert result.returncode == 78
+    [line] = result.stderr.strip().splitlines()
+    assert str(path) in line and "[queue:B]" in line and "filterz" in line
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_subcommand_is_usage_error(cfg: Path) -> None:
+    result = run("-C", str(cfg), "frobnicate")
+    assert result.returncode == 64
+    assert "Traceback" not in result.stderr
+
+
+def test_config_found_through_environment(cfg: Path, tmp_path: Path) -> None:
+    env = dict(os.environ, POSTOFFICE_CONFIG=str(cfg))
+    result = run("check", cwd=tmp_path / "..", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "configuration is valid (2 queues)" in result.stdout
+    assert "is reachable" in result.stdout
+
+
+def test_unreachable_database_is_one_line_exit_75(tmp_path: Path) -> None:
+    path = tmp_path / "postoffice.ini"
+    path.write_text(CONFIG.replace(
+        "file://%(here)s/var/Data.fs?blobstorage_dir=%(here)s/var/blobs",
+        "zeo://%(here)s/nobody.sock?wait_timeout=1",
+    ))
+    result = run("-C", str(path), "queues")
+    assert result.returncode == 75
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.stderr
+
+
+def test_queues_lists_depth_and_quarantine(cfg: Path) -> None:
+    settings = config.load(cfg)
+    depot = Depot(settings)
+    depot.deliver("s@outside.example", ["user@a.example"], message(1))
+    depot.deliver("s@outside.example", ["user@a.example"], message(2))
+    depot.close()
+    with open_queue(settings.zodb_uri, "A") as queue:
+        popped = queue.pop_next()
+        transaction.abort()
+        queue.quarantine(popped, "it broke")
+        transaction.commit()
+    result = run("-C", str(cfg), "queues", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = {row["name"]: row for row in json.loads(result.stdout)}
+    assert rows["A"]["depth"] == 1
+    assert rows["A"]["quarantined"] == 1
+    assert rows["A"]["oldest"] is not None
+    assert rows["B"]["depth"] == 0
+
+
+def test_quarantine_list_show_requeue_delete(cfg: Path) -> None:
+    settings = config.load(cfg)
+    depot = Depot(settings)
+    for n in (1, 2):
+        depot.deliver("s@outside.example", ["user@a.example"], message(n))
+    depot.close()
+    with open_queue(settings.zodb_uri, "A") as queue:
+        for _ in range(2):
+            popped = queue.pop_next()
+            queue.quarantine(popped, ValueError(f"bad {popped['Subject']}"))
+        transaction.commit()
+    listing = run("-C", str(cfg), "quarantine", "list", "A")
+    assert listing.returncode == 0, listing.stderr
+    lines = listing.stdout.strip().splitlines()
+    assert len(lines) == 2
+    first_id = lines[0].split("\t")[0]
+    assert "<1@outside.example>" in lines[0]
+    shown = run("-C", str(cfg), "quarantine", "show", "A", first_id)
+    assert "Subject: number 1" in shown.stdout
+    assert "ValueError: bad number 1" in shown.stdout
+    second_id = lines[1].split("\t")[0]
+    assert run("-C", str(cfg), "quarantine", "delete", "A", second_id).returncode == 0
+    assert run("-C", str(cfg), "quarantine", "requeue", "A").returncode == 0
+    with open_queue(settings.zodb_uri, "A") as queue:
+        assert queue.count_quarantined_messages() == 0
+        assert len(queue) == 1
+        assert queue.pop_next()["Subject"] == "number 1"
+        transaction.abort()
+
+
+def test_quarantine_of_unknown_queue_names_known_ones(cfg: Path) -> None:
+    assert run("-C", str(cfg), "check").returncode == 0
+    result = run("-C", str(cfg), "quarantine", "list", "Nope")
+    assert result.returncode != 0
+    assert "'Nope'" in result.stderr and "'A'" in result.stderr and "'B'" in result.stderr
+
+
+def test_try_prints_decision_and_stores_nothing(cfg: Path, tmp_path: Path) -> None:
+    eml = tmp_path / "m.eml"
+    eml.write_bytes(message(7))
+    assert run("-C", str(cfg), "check").returncode == 0
+    result = run("-C", str(cfg), "try", str(eml), "--rcpt", "user@a.example",
+                 "--rcpt", "x@refused.example", "--sender", "s@outside.example")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout.splitlines()
+    assert out[0].startswith("user@a.example: accept (rule 9) 250 2.0.0 queue=A")
+    assert out[1].startswith("x@refused.example: reject (rule 4) 550 5.7.1")
+    with open_queue(config.load(cfg).zodb_uri, "A") as queue:
+        assert len(queue) == 0
+
+
+def make_maildir(path: Path, messages: list[bytes]) -> mailbox.Maildir:
+    box = mailbox.Maildir(str(path), create=True)
+    for raw in messages:
+        box.add(mailbox.MaildirMessage(raw))
+    return box
+
+
+def test_import_maildir_decides_queues_and_archives(cfg: Path, tmp_path: Path) -> None:
+    """The old cron script: X-Original-To is the recipient; everything decided is archived."""
+    accepted = b"X-Original-To: user@a.example\nReturn-Path: <s@outside.example>\n" + message(1)
+    refused = b"X-Original-To: x@refused.example\n" + message(2, to="x@refused.example")
+    no_queue = b"X-Original-To: x@nowhere.example\n" + message(3, to="x@nowhere.example")
+    make_maildir(tmp_path / "Maildir", [accepted, refused, no_queue])
+    settings = config.load(cfg)
+    depot = Depot(settings)
+    try:
+        counts = cli.import_maildir(depot, tmp_path / "Maildir", now=1_700_000_000)
+    finally:
+        depot.close()
+    assert counts == {"queued": 1, "discarded": 0, "rejected": 2, "deferred": 0}
+    box = mailbox.Maildir(str(tmp_path / "Maildir"), create=False)
+    assert len(box) == 0
+    archive = box.get_folder("2023.11.14")
+    assert len(archive) == 3
+    with open_queue(settings.zodb_uri, "A") as queue:
+        assert len(queue) == 1
+        popped = queue.pop_next()
+        assert popped["Subject"] == "number 1"
+        assert popped["Return-Path"] == "<s@outside.example>"
+        assert popped["X-Original-To"] == "user@a.example"
+        transaction.abort()
+
+
+def test_import_maildir_command_leaves_mail_when_database_is_down(tmp_path: Path) -> None:
+    path = tmp_path / "postoffice.ini"
+    path.write_text(CONFIG.replace(
+        "file://%(here)s/var/Data.fs?blobstorage_dir=%(here)s/var/blobs",
+        "zeo://%(here)s/nobody.sock?wait_timeout=1",
+    ))
+    make_maildir(tmp_path / "Maildir",
+                 [b"X-Original-To: user@a.example\n" + message(1)])
+    result = run("-C", str(path), "import-maildir")
+    assert result.returncode == 75
+    box = mailbox.Maildir(str(tmp_path / "Maildir"), create=False)
+    assert len(box) == 1  # still there for the next run
+
+
+def test_import_maildir_command(cfg: Path, tmp_path: Path) -> None:
+    make_maildir(tmp_path / "Maildir",
+                 [b"X-Original-To: user@b.example\n" + message(1, to="user@b.example")])
+    result = run("-C", str(cfg), "import-maildir")
+    assert result.returncode == 0, result.stderr
+    assert "imported 1 queued" in result.stdout
+    with open_queue(config.load(cfg).zodb_uri, "B") as queue:
+        assert len(queue) == 1
