@@ -46,12 +46,20 @@ def cfg(tmp_path: Path) -> Path:
     return path
 
 
-def run(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
-        stdin: bytes | None = None) -> subprocess.CompletedProcess[str]:
+def run(
+    *args: str,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    stdin: bytes | None = None,
+) -> subprocess.CompletedProcess[str]:
     """The installed command, as a person runs it (a subprocess, real exit codes)."""
     return subprocess.run(
         [sys.executable, "-m", "postoffice.cli", *args],
-        capture_output=True, text=True, cwd=cwd, env=env, timeout=60,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=60,
         input=stdin.decode() if stdin else None,
     )
 
@@ -90,10 +98,12 @@ def test_config_found_through_environment(cfg: Path, tmp_path: Path) -> None:
 
 def test_unreachable_database_is_one_line_exit_75(tmp_path: Path) -> None:
     path = tmp_path / "postoffice.ini"
-    path.write_text(CONFIG.replace(
-        "file://%(here)s/var/Data.fs?blobstorage_dir=%(here)s/var/blobs",
-        "zeo://%(here)s/nobody.sock?wait_timeout=1",
-    ))
+    path.write_text(
+        CONFIG.replace(
+            "file://%(here)s/var/Data.fs?blobstorage_dir=%(here)s/var/blobs",
+            "zeo://%(here)s/nobody.sock?wait_timeout=1",
+        )
+    )
     result = run("-C", str(path), "queues")
     assert result.returncode == 75
     assert len(result.stderr.strip().splitlines()) == 1
@@ -161,8 +171,18 @@ def test_try_prints_decision_and_stores_nothing(cfg: Path, tmp_path: Path) -> No
     eml = tmp_path / "m.eml"
     eml.write_bytes(message(7))
     assert run("-C", str(cfg), "check").returncode == 0
-    result = run("-C", str(cfg), "try", str(eml), "--rcpt", "user@a.example",
-                 "--rcpt", "x@refused.example", "--sender", "s@outside.example")
+    result = run(
+        "-C",
+        str(cfg),
+        "try",
+        str(eml),
+        "--rcpt",
+        "user@a.example",
+        "--rcpt",
+        "x@refused.example",
+        "--sender",
+        "s@outside.example",
+    )
     assert result.returncode == 0, result.stderr
     out = result.stdout.splitlines()
     assert out[0].startswith("user@a.example: accept (rule 9) 250 2.0.0 queue=A")
@@ -206,12 +226,13 @@ def test_import_maildir_decides_queues_and_archives(cfg: Path, tmp_path: Path) -
 
 def test_import_maildir_command_leaves_mail_when_database_is_down(tmp_path: Path) -> None:
     path = tmp_path / "postoffice.ini"
-    path.write_text(CONFIG.replace(
-        "file://%(here)s/var/Data.fs?blobstorage_dir=%(here)s/var/blobs",
-        "zeo://%(here)s/nobody.sock?wait_timeout=1",
-    ))
-    make_maildir(tmp_path / "Maildir",
-                 [b"X-Original-To: user@a.example\n" + message(1)])
+    path.write_text(
+        CONFIG.replace(
+            "file://%(here)s/var/Data.fs?blobstorage_dir=%(here)s/var/blobs",
+            "zeo://%(here)s/nobody.sock?wait_timeout=1",
+        )
+    )
+    make_maildir(tmp_path / "Maildir", [b"X-Original-To: user@a.example\n" + message(1)])
     result = run("-C", str(path), "import-maildir")
     assert result.returncode == 75
     box = mailbox.Maildir(str(tmp_path / "Maildir"), create=False)
@@ -219,8 +240,9 @@ def test_import_maildir_command_leaves_mail_when_database_is_down(tmp_path: Path
 
 
 def test_import_maildir_command(cfg: Path, tmp_path: Path) -> None:
-    make_maildir(tmp_path / "Maildir",
-                 [b"X-Original-To: user@b.example\n" + message(1, to="user@b.example")])
+    make_maildir(
+        tmp_path / "Maildir", [b"X-Original-To: user@b.example\n" + message(1, to="user@b.example")]
+    )
     result = run("-C", str(cfg), "import-maildir")
     assert result.returncode == 0, result.stderr
     assert "imported 1 queued" in result.stdout
