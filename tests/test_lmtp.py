@@ -1,0 +1,807 @@
+"""The LMTP server as Postfix meets it: a real server on a real unix socket.
+
+Every test talks to the server with ``smtplib.LMTP`` (or raw bytes on the
+socket where the exact wire form matters) and checks what a mail
+administrator relies on: one reply per recipient, in RCPT order, with code
+and enhanced code; what ends up in the FileStorage (with blobs) afterwards;
+the socket rules; SIGTERM and SIGHUP on a real ``python -m postoffice.lmtp``
+process.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import re
+import signal
+import smtplib
+import socket
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from postoffice import config, open_queue
+from postoffice.lmtp import ListenError, LmtpServer
+from postoffice.store import find_folder, open_db
+
+CONFIG = """\
+[post office]
+zodb_uri = {zodb_uri}
+max_message_size = {max_size}
+ooo_loop_frequency = 2
+reject_filters =
+    header_regexp: Subject: .*BUY NOW.*
+
+[lmtp]
+listen = unix:{sock}
+socket_mode = {mode}
+max_sessions = {max_sessions}
+idle_timeout = {idle}
+
+[queue:Alpha]
+filters =
+    to_hostname: alpha.test;headers=X-Original-To
+
+[queue:Beta]
+filters =
+    to_hostname: beta.test;headers=X-Original-To
+{extra}"""
+
+FILE_URI = "file://%(here)s/var/Data.fs?blobstorage_dir=%(here)s/var/blobs"
+LIMIT = 256 * 1024
+_count = itertools.count(1)
+
+
+def write_config(
+    folder: Path,
+    *,
+    zodb_uri: str = FILE_URI,
+    max_size: str = "256k",
+    mode: str = "0660",
+    max_sessions: int = 8,
+    idle: float = 60,
+    extra: str = "",
+) -> Path:
+    path = folder / "postoffice.ini"
+    path.write_text(
+        CONFIG.format(
+            zodb_uri=zodb_uri,
+            sock=folder / "lmtp.sock",
+            max_size=max_size,
+            mode=mode,
+            max_sessions=max_sessions,
+            idle=idle,
+            extra=extra,
+        )
+    )
+    return path
+
+
+def file_uri(folder: Path) -> str:
+    return f"file://{folder}/var/Data.fs?blobstorage_dir={folder}/var/blobs"
+
+
+def mail(
+    to: Sequence[str] = ("user@alpha.test",),
+    *,
+    subject: str = "hello",
+    headers: str = "",
+    body: bytes = b"Hello.\r\n",
+    sender: str | None = None,
+) -> bytes:
+    """A message that passes every rule unless told otherwise (each with its own From)."""
+    n = next(_count)
+    head = (
+        f"From: {sender or f'writer{n}@outside.test'}\r\n"
+        f"To: {', '.join(to)}\r\n"
+        f"Subject: {subject}\r\n"
+        f"Message-Id: <{n}.{time.time_ns()}@outside.test>\r\n"
+        f"{headers}"
+    )
+    return head.encode() + b"\r\n" + body
+
+
+def stuff(message: bytes) -> bytes:
+    """The wire form of a message body: dot-stuffed, with the final dot."""
+    return re.sub(rb"(?m)^\.", b"..", message) + b".\r\n"
+
+
+def client(sock: Path) -> smtplib.LMTP:
+    lmtp = smtplib.LMTP(str(sock), local_hostname="client.test", timeout=15)
+    code, _ = lmtp.ehlo()
+    assert code == 250
+    return lmtp
+
+
+def send(
+    lmtp: smtplib.LMTP,
+    recipients: Sequence[str],
+    message: bytes,
+    sender: str = "envelope@outside.test",
+    mail_options: Sequence[str] = (),
+) -> list[tuple[int, str]]:
+    """MAIL, RCPT..., DATA; the replies after the final dot, one per accepted recipient."""
+    assert lmtp.mail(sender, list(mail_options))[0] == 250
+    for rcpt in recipients:
+        assert lmtp.rcpt(rcpt)[0] == 250
+    return send_data(lmtp, stuff(message), len(recipients))
+
+
+def send_data(lmtp: smtplib.LMTP, wire: bytes, replies: int) -> list[tuple[int, str]]:
+    lmtp.putcmd("data")
+    assert lmtp.getreply()[0] == 354
+    lmtp.send(wire)
+    return [_reply(lmtp) for _ in range(replies)]
+
+
+def _reply(lmtp: smtplib.LMTP) -> tuple[int, str]:
+    code, text = lmtp.getreply()
+    return code, text.decode()
+
+
+def codes(replies: Sequence[tuple[int, str]]) -> list[tuple[int, str]]:
+    """(code, enhanced code) of each reply."""
+    return [(code, text.split()[0]) for code, text in replies]
+
+
+def stored(folder: Path, queue: str) -> list[bytes]:
+    """The raw bytes waiting in a queue (read after the server stopped)."""
+    with open_queue(file_uri(folder), queue) as q:
+        return [raw for _key, raw, _arrived in q.messages()]
+
+
+@pytest.fixture
+def start(tmp_path: Path) -> Iterator[Callable[..., LmtpServer]]:
+    """Start LmtpServers in threads from a config written under tmp_path; stop them after."""
+    servers: list[LmtpServer] = []
+
+    def run(folder: Path = tmp_path, **options: object) -> LmtpServer:
+        path = write_config(folder, **options)  # type: ignore[arg-type]
+        server = LmtpServer(config.load(path), settings_path=path, grace=5)
+        servers.append(server.start())
+        return server
+
+    yield run
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def server(start: Callable[..., LmtpServer]) -> LmtpServer:
+    return start()
+
+
+@pytest.fixture
+def sock(tmp_path: Path, server: LmtpServer) -> Path:
+    return tmp_path / "lmtp.sock"
+
+
+# --- LHLO, MAIL, the null sender --------------------------------------------
+
+
+def test_lhlo_advertises_the_extensions_postfix_uses(sock: Path) -> None:
+    lmtp = client(sock)
+    features = lmtp.esmtp_features
+    for name in ("pipelining", "enhancedstatuscodes", "8bitmime", "smtputf8"):
+        assert name in features
+    assert features["size"] == str(LIMIT)
+    code, _ = lmtp.docmd("EHLO", "client.test")
+    assert code == 500, "LMTP has LHLO, not EHLO"
+    lmtp.quit()
+
+
+def test_no_size_advertised_without_a_limit(
+    start: Callable[..., LmtpServer], tmp_path: Path
+) -> None:
+    start(max_size="0")
+    lmtp = client(tmp_path / "lmtp.sock")
+    assert "size" not in lmtp.esmtp_features
+    assert "pipelining" in lmtp.esmtp_features
+    lmtp.quit()
+
+
+def test_declared_size_over_the_limit_is_refused_at_mail_from(sock: Path) -> None:
+    lmtp = client(sock)
+    code, text = lmtp.mail("a@outside.test", [f"SIZE={LIMIT + 1}"])
+    assert (code, text.split()[0]) == (552, b"5.3.4")
+    # The session goes on: a message of an acceptable declared size is taken.
+    replies = send(lmtp, ["user@alpha.test"], mail(), mail_options=[f"SIZE={LIMIT}"])
+    assert codes(replies) == [(250, "2.0.0")]
+    lmtp.quit()
+
+
+def test_null_sender_is_accepted_and_stored_as_such(
+    server: LmtpServer, sock: Path, tmp_path: Path
+) -> None:
+    lmtp = client(sock)
+    assert lmtp.mail("<>")[0] == 250
+    assert lmtp.rcpt("user@alpha.test")[0] == 250
+    replies = send_data(lmtp, stuff(mail()), 1)
+    assert codes(replies) == [(250, "2.0.0")]
+    lmtp.quit()
+    server.stop()
+    (raw,) = stored(tmp_path, "Alpha")
+    assert raw.startswith(b"Return-Path: <>\r\nX-Original-To: user@alpha.test\r\n")
+
+
+# --- the rows of SPEC 5 on the wire -------------------------------------------------
+
+
+def test_three_recipients_two_queues_one_refused(
+    server: LmtpServer, sock: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="postoffice.lmtp")
+    lmtp = client(sock)
+    rcpts = ["one@alpha.test", "nobody@unknown.test", "two@beta.test"]
+    message = mail(rcpts)
+    replies = send(lmtp, rcpts, message)
+    assert codes(replies) == [(250, "2.0.0"), (550, "5.1.1"), (250, "2.0.0")]
+    assert "one@alpha.test" in replies[0][1] and "queued in Alpha as" in replies[0][1]
+    assert "two@beta.test" in replies[2][1] and "queued in Beta as" in replies[2][1]
+    assert lmtp.noop()[0] == 250
+    lmtp.quit()
+    server.stop()
+    assert [r.split(b"\r\n")[1] for r in stored(tmp_path, "Alpha")] == [
+        b"X-Original-To: one@alpha.test"
+    ]
+    assert [r.split(b"\r\n")[1] for r in stored(tmp_path, "Beta")] == [
+        b"X-Original-To: two@beta.test"
+    ]
+    # One log line per recipient decision, with what an administrator greps for.
+    message_id = re.search(r"Message-Id: (<[^>]+>)", message.decode()).group(1)  # type: ignore[union-attr]
+    lines = [r.getMessage() for r in caplog.records if "rcpt=" in r.getMessage()]
+    assert len(lines) == 3
+    for line, rcpt, queue, (code, _) in zip(
+        lines, rcpts, ["Alpha", "-", "Beta"], replies, strict=True
+    ):
+        assert f"message-id={message_id}" in line
+        assert "sender=<envelope@outside.test>" in line
+        assert f"rcpt=<{rcpt}>" in line and f"queue={queue}" in line
+        assert f"reply='{code} " in line and "reason=" in line
+
+
+@pytest.mark.parametrize(
+    ("why", "message", "expected"),
+    [
+        ("own bounce", mail(headers="X-Postoffice: Bounced\r\n"), (250, "2.0.0")),
+        ("no From", mail().replace(b"From: ", b"X-From: ", 1), (250, "2.0.0")),
+        ("reject filter", mail(subject="BUY NOW cheap"), (550, "5.7.1")),
+        ("auto reply", mail(headers="Precedence: bulk\r\n"), (550, "5.7.1")),
+        ("auto submitted", mail(headers="Auto-Submitted: auto-replied\r\n"), (550, "5.7.1")),
+    ],
+)
+def test_one_rule_one_reply(
+    server: LmtpServer,
+    sock: Path,
+    tmp_path: Path,
+    why: str,
+    message: bytes,
+    expected: tuple[int, str],
+) -> None:
+    lmtp = client(sock)
+    replies = send(lmtp, ["user@alpha.test", "other@alpha.test"], message)
+    assert codes(replies) == [expected, expected], why
+    lmtp.quit()
+    server.stop()
+    assert stored(tmp_path, "Alpha") == [], f"{why}: nothing is queued"
+
+
+def test_no_from_to_an_unknown_recipient_is_discarded_not_refused(sock: Path) -> None:
+    lmtp = client(sock)
+    message = mail(["x@unknown.test"]).replace(b"From: ", b"X-From: ", 1)
+    assert codes(send(lmtp, ["x@unknown.test"], message)) == [(250, "2.0.0")]
+    lmtp.quit()
+
+
+def test_duplicate_message_id_is_discarded(server: LmtpServer, sock: Path, tmp_path: Path) -> None:
+    lmtp = client(sock)
+    message = mail()
+    assert codes(send(lmtp, ["user@alpha.test"], message)) == [(250, "2.0.0")]
+    second = send(lmtp, ["user@alpha.test"], message)
+    assert codes(second) == [(250, "2.0.0")]
+    assert "queued in Alpha as" not in second[0][1]
+    lmtp.quit()
+    server.stop()
+    assert len(stored(tmp_path, "Alpha")) == 1
+
+
+def test_a_looping_sender_is_throttled(sock: Path) -> None:
+    lmtp = client(sock)
+    sender = "loop@outside.test"
+    first = send(lmtp, ["user@alpha.test"], mail(sender=sender))
+    second = send(lmtp, ["user@alpha.test"], mail(sender=sender))
+    assert codes(first) == [(250, "2.0.0")]
+    assert codes(second) == [(550, "5.7.1")]
+    lmtp.quit()
+
+
+def test_an_error_while_deciding_keeps_the_mail_as_a_dead_letter(
+    server: LmtpServer, sock: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug in a rule")
+
+    monkeypatch.setattr("postoffice.deliver.decide", broken)
+    lmtp = client(sock)
+    replies = send(lmtp, ["a@alpha.test", "b@beta.test"], mail())
+    assert codes(replies) == [(250, "2.0.0"), (250, "2.0.0")]
+    lmtp.quit()
+    server.stop()
+    db = open_db(file_uri(tmp_path))
+    try:
+        connection = db.open()
+        folder = find_folder(connection.root(), "/postoffice")
+        assert len(folder.dead_letters) == 1
+        connection.close()
+    finally:
+        db.close()
+
+
+def test_a_failing_commit_defers_every_recipient(
+    server: LmtpServer, sock: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    lmtp = client(sock)
+    with monkeypatch.context() as patch:
+        patch.setattr("postoffice.store.Queue.store", disk_full)
+        replies = send(lmtp, ["a@alpha.test", "x@unknown.test", "b@beta.test"], mail())
+    assert codes(replies) == [(451, "4.3.0")] * 3
+    # Storage works again: the next message is stored, the server never stopped.
+    assert codes(send(lmtp, ["a@alpha.test"], mail())) == [(250, "2.0.0")]
+    lmtp.quit()
+    server.stop()
+    assert len(stored(tmp_path, "Alpha")) == 1
+
+
+def test_an_internal_error_gives_451_per_recipient(
+    sock: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def crash(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("bug")
+
+    lmtp = client(sock)
+    with monkeypatch.context() as patch:
+        patch.setattr("postoffice.deliver.Depot.deliver_batch", crash)
+        replies = send(lmtp, ["a@alpha.test", "b@beta.test"], mail())
+    assert codes(replies) == [(451, "4.3.0"), (451, "4.3.0")]
+    assert lmtp.noop()[0] == 250
+    lmtp.quit()
+
+
+# --- DATA: the bytes, the limits ---------------------------------------------------
+
+
+def test_stored_bytes_are_the_wire_bytes_unstuffed_plus_three_lines(
+    server: LmtpServer, sock: Path, tmp_path: Path
+) -> None:
+    # Lines that start or end with dots everywhere, 8-bit bytes, and a body
+    # big enough (> the blob threshold) to arrive in many reads.
+    lines = [b".", b"..", b"...leading", b"trailing.", b"a.", b"\xc3\xa9t\xc3\xa9 caf\xe9", b""]
+    body = b"".join(line + b"\r\n" for line in lines * 5000)
+    message = mail(body=body)
+    assert 200 * 1024 < len(message) < LIMIT
+    lmtp = client(sock)
+    before = int(time.time())
+    assert codes(send(lmtp, ["user@alpha.test"], message)) == [(250, "2.0.0")]
+    lmtp.quit()
+    server.stop()
+    (raw,) = stored(tmp_path, "Alpha")
+    added, _, rest = raw.partition(b"X-Postoffice-Date: ")
+    date, _, original = rest.partition(b"\r\n")
+    assert added == b"Return-Path: <envelope@outside.test>\r\nX-Original-To: user@alpha.test\r\n"
+    assert before <= int(date) <= time.time()
+    assert original == message
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        b"From: a@outside.test\r\nMessage-Id: <edge-1@x>\r\n\r\nlast line is a dot:\r\n.\r\n",
+        b".X-Dot: first line\r\nFrom: a@outside.test\r\nMessage-Id: <edge-2@x>\r\n\r\nb\r\n",
+        b"From: a@outside.test\r\nMessage-Id: <edge-3@x>\r\n\r\n",
+    ],
+    ids=["dot-last-line", "dot-first-line", "empty-last-line"],
+)
+def test_dots_at_the_edges_of_the_data(
+    server: LmtpServer, sock: Path, tmp_path: Path, message: bytes
+) -> None:
+    lmtp = client(sock)
+    lmtp.mail("<>")
+    lmtp.rcpt("user@alpha.test")
+    # The final dot arrives in a packet of its own, after a pause.
+    lmtp.putcmd("data")
+    assert lmtp.getreply()[0] == 354
+    lmtp.send(stuff(message)[:-3])
+    time.sleep(0.05)
+    lmtp.send(b".\r\n")
+    assert codes([_reply(lmtp)]) == [(250, "2.0.0")]
+    assert lmtp.noop()[0] == 250
+    lmtp.quit()
+    server.stop()
+    (raw,) = stored(tmp_path, "Alpha")
+    assert raw.split(b"\r\n", 3)[3] == message
+
+
+def test_a_command_pipelined_behind_the_final_dot_is_answered(sock: Path) -> None:
+    lmtp = client(sock)
+    lmtp.mail("a@outside.test")
+    lmtp.rcpt("user@alpha.test")
+    lmtp.rcpt("user@beta.test")
+    lmtp.putcmd("data")
+    assert lmtp.getreply()[0] == 354
+    lmtp.send(stuff(mail()) + b"RSET\r\nNOOP\r\n")
+    assert [_reply(lmtp)[0] for _ in range(4)] == [250, 250, 250, 250]
+    lmtp.quit()
+
+
+def test_data_over_the_limit_gets_one_552_per_recipient(sock: Path) -> None:
+    lmtp = client(sock)
+    rcpts = ["a@alpha.test", "b@beta.test", "c@unknown.test"]
+    message = mail(rcpts, body=b"x" * 900 + b"\r\n" * 1 + (b"y" * 78 + b"\r\n") * 3400)
+    assert len(message) > LIMIT
+    replies = send(lmtp, rcpts, message)
+    assert codes(replies) == [(552, "5.3.4")] * 3
+    assert lmtp.rset()[0] == 250
+    assert lmtp.noop()[0] == 250
+    assert codes(send(lmtp, ["a@alpha.test"], mail())) == [(250, "2.0.0")]
+    lmtp.quit()
+
+
+def test_a_line_of_1001_octets_gets_one_5xx_per_recipient(sock: Path) -> None:
+    lmtp = client(sock)
+    rcpts = ["a@alpha.test", "b@beta.test", "c@unknown.test"]
+    fine = mail(rcpts, body=b"x" * 998 + b"\r\n")  # 1000 octets with CRLF: allowed
+    assert codes(send(lmtp, rcpts[:1], fine)) == [(250, "2.0.0")]
+    too_long = mail(rcpts, body=b"short\r\n" + b"x" * 999 + b"\r\nend\r\n")
+    replies = send(lmtp, rcpts, too_long)
+    assert [code for code, _ in replies] == [500, 500, 500]
+    assert all(text.startswith("5.5.2") for _, text in replies)
+    assert [text.split()[1] for _, text in replies] == [f"<{r}>" for r in rcpts]
+    assert lmtp.rset()[0] == 250
+    assert lmtp.noop()[0] == 250
+    lmtp.quit()
+
+
+# --- the database away and back -------------------------------------------------------
+
+
+def _zeo_conf(folder: Path, sock: Path) -> Path:
+    path = folder / "zeo.conf"
+    path.write_text(
+        f"<zeo>\n  address {sock}\n</zeo>\n"
+        f"<blobstorage>\n  blob-dir {folder}/zeo-blobs\n"
+        f"  <filestorage>\n    path {folder}/zeo.fs\n  </filestorage>\n</blobstorage>\n"
+    )
+    return path
+
+
+def _wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_unreachable_database_gives_451_and_the_server_recovers(
+    start: Callable[..., LmtpServer], tmp_path: Path
+) -> None:
+    zeo_sock = tmp_path / "zeo.sock"
+    uri = f"zeo://{zeo_sock}?wait_timeout=1&blob_dir={tmp_path}/zeo-blobs&shared_blob_dir=true"
+    start(zodb_uri=uri)  # starts although nothing serves the database
+    lmtp = client(tmp_path / "lmtp.sock")
+    replies = send(lmtp, ["a@alpha.test", "x@unknown.test", "b@beta.test"], mail())
+    assert codes(replies) == [(451, "4.3.0")] * 3
+    assert lmtp.noop()[0] == 250
+
+    zeo = subprocess.Popen(
+        [sys.executable, "-m", "ZEO.runzeo", "-C", str(_zeo_conf(tmp_path, zeo_sock))],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_for(zeo_sock.exists, 20, "the ZEO server")
+        assert codes(send(lmtp, ["a@alpha.test"], mail())) == [(250, "2.0.0")]
+        lmtp.quit()
+        with open_queue(uri, "Alpha") as queue:
+            assert len(queue) == 1
+    finally:
+        zeo.terminate()
+        zeo.wait(20)
+
+
+# --- sessions ------------------------------------------------------------------------
+
+
+def test_one_session_over_max_sessions_gets_421(
+    start: Callable[..., LmtpServer], tmp_path: Path
+) -> None:
+    start(max_sessions=2)
+    sock = tmp_path / "lmtp.sock"
+    first, second = client(sock), client(sock)
+    with pytest.raises(smtplib.SMTPConnectError) as refused:
+        smtplib.LMTP(str(sock), local_hostname="client.test", timeout=10)
+    assert refused.value.smtp_code == 421
+    assert refused.value.smtp_error.startswith(b"4.3.2")
+    first.quit()
+    # A place is free again (connection_lost runs soon after QUIT).
+    _wait_for(lambda: _greeting(sock) == 220, 5, "a free session")
+    second.quit()
+
+
+def _greeting(sock: Path) -> int:
+    with socket.socket(socket.AF_UNIX) as raw:
+        raw.settimeout(5)
+        raw.connect(str(sock))
+        return int(raw.recv(512)[:3])
+
+
+def test_an_idle_session_is_closed_with_421(
+    start: Callable[..., LmtpServer], tmp_path: Path
+) -> None:
+    start(idle=0.3)
+    lmtp = client(tmp_path / "lmtp.sock")
+    time.sleep(0.6)
+    code, text = lmtp.getreply()
+    assert (code, text.split()[0]) == (421, b"4.4.2")
+    with pytest.raises(smtplib.SMTPServerDisconnected):
+        lmtp.noop()
+
+
+# --- the socket ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o660])
+def test_socket_has_the_configured_mode_whatever_the_umask(
+    start: Callable[..., LmtpServer], tmp_path: Path, mode: int
+) -> None:
+    previous = os.umask(0)
+    try:
+        start(mode=f"{mode:04o}")
+    finally:
+        os.umask(previous)
+    info = (tmp_path / "lmtp.sock").stat()
+    assert stat.S_ISSOCK(info.st_mode)
+    assert stat.S_IMODE(info.st_mode) == mode
+
+
+def test_a_stale_socket_is_replaced_and_removed_at_exit(
+    start: Callable[..., LmtpServer], tmp_path: Path
+) -> None:
+    sock = tmp_path / "lmtp.sock"
+    dead = socket.socket(socket.AF_UNIX)
+    dead.bind(str(sock))  # a server that died without cleaning up
+    dead.close()
+    server = start()
+    lmtp = client(sock)
+    assert lmtp.noop()[0] == 250
+    lmtp.quit()
+    server.stop()
+    assert not sock.exists()
+
+
+def test_a_live_socket_is_left_alone(start: Callable[..., LmtpServer], tmp_path: Path) -> None:
+    start()
+    sock = tmp_path / "lmtp.sock"
+    second = LmtpServer(config.load(tmp_path / "postoffice.ini"))
+    with pytest.raises(ListenError, match="another server answers"):
+        second.start()
+    lmtp = client(sock)
+    assert codes(send(lmtp, ["a@alpha.test"], mail())) == [(250, "2.0.0")]
+    lmtp.quit()
+
+
+def test_a_file_that_is_not_a_socket_is_not_touched(tmp_path: Path) -> None:
+    path = write_config(tmp_path)
+    (tmp_path / "lmtp.sock").write_text("precious")
+    with pytest.raises(ListenError, match="not a socket"):
+        LmtpServer(config.load(path)).start()
+    assert (tmp_path / "lmtp.sock").read_text() == "precious"
+
+
+def test_tcp_listens_on_loopback_only_unless_allowed(
+    start: Callable[..., LmtpServer], tmp_path: Path
+) -> None:
+    path = write_config(tmp_path)
+    with pytest.raises(config.ConfigError, match="allow_remote"):
+        LmtpServer(config.load(path), listen="192.0.2.1:8024").start()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = LmtpServer(config.load(path), listen=f"127.0.0.1:{port}").start()
+    try:
+        lmtp = smtplib.LMTP("127.0.0.1", port, local_hostname="client.test", timeout=10)
+        lmtp.ehlo()
+        assert codes(send(lmtp, ["a@alpha.test"], mail())) == [(250, "2.0.0")]
+        lmtp.quit()
+    finally:
+        server.stop()
+
+
+# --- the process: SIGTERM, SIGHUP, exit codes ---------------------------------------
+
+
+class Process:
+    """``python -m postoffice.lmtp -C CONFIG`` with its output in files we can poll."""
+
+    def __init__(self, folder: Path, config_path: Path) -> None:
+        self.out = folder / "server.out"
+        self.err = folder / "server.err"
+        with self.out.open("wb") as out, self.err.open("wb") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "postoffice.lmtp", "-C", str(config_path)],
+                stdout=out,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
+            )
+
+    def wait_for(self, text: str, stream: str = "err", timeout: float = 30) -> None:
+        path = self.err if stream == "err" else self.out
+
+        def seen() -> bool:
+            if self.proc.poll() is not None and text not in path.read_text():
+                raise AssertionError(f"server exited: {self.err.read_text()}")
+            return text in path.read_text()
+
+        _wait_for(seen, timeout, repr(text))
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(40)
+
+
+@pytest.fixture
+def process(tmp_path: Path) -> Iterator[Callable[[Path], Process]]:
+    started: list[Process] = []
+
+    def run(config_path: Path) -> Process:
+        proc = Process(tmp_path, config_path)
+        started.append(proc)
+        proc.wait_for("postoffice: listening on unix:", stream="out")
+        return proc
+
+    yield run
+    for proc in started:
+        if proc.proc.poll() is None:
+            proc.proc.kill()
+            proc.proc.wait(10)
+
+
+def test_sigterm_lets_the_delivery_under_way_finish(
+    process: Callable[[Path], Process], tmp_path: Path
+) -> None:
+    sock = tmp_path / "lmtp.sock"
+    proc = process(write_config(tmp_path))
+    idle = client(sock)
+    busy = client(sock)
+    busy.mail("a@outside.test")
+    busy.rcpt("user@alpha.test")
+    busy.rcpt("user@beta.test")
+    busy.putcmd("data")
+    assert busy.getreply()[0] == 354
+    wire = stuff(mail(body=b"in flight\r\n" * 1000))
+    busy.send(wire[:5000])
+
+    proc.proc.send_signal(signal.SIGTERM)
+    # It stops accepting at once ...
+    _wait_for(lambda: not _accepts(sock), 10, "the listener to close")
+    # ... closes the idle session with a 421 ...
+    assert idle.getreply()[0] == 421
+    # ... and the message under way is received, committed and answered.
+    busy.send(wire[5000:])
+    assert codes([_reply(busy), _reply(busy)]) == [(250, "2.0.0"), (250, "2.0.0")]
+    assert proc.proc.wait(40) == 0
+    assert not sock.exists()
+    assert len(stored(tmp_path, "Alpha")) == 1
+    assert len(stored(tmp_path, "Beta")) == 1
+
+
+def _accepts(sock: Path) -> bool:
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(str(sock))
+        except (ConnectionRefusedError, FileNotFoundError):
+            return False
+    return True
+
+
+def test_sighup_reloads_good_rules_and_keeps_them_over_a_broken_file(
+    process: Callable[[Path], Process], tmp_path: Path
+) -> None:
+    path = write_config(tmp_path)
+    proc = process(path)
+    lmtp = client(tmp_path / "lmtp.sock")
+    assert codes(send(lmtp, ["x@gamma.test"], mail(["x@gamma.test"]))) == [(550, "5.1.1")]
+
+    path.write_text(path.read_text() + "\n[queue:Gamma]\nfilters =\n    to_hostname: gamma.test\n")
+    proc.proc.send_signal(signal.SIGHUP)
+    proc.wait_for("reloaded the rules")
+    replies = send(lmtp, ["x@gamma.test"], mail(["x@gamma.test"]))
+    assert codes(replies) == [(250, "2.0.0")]
+    assert "queued in Gamma" in replies[0][1], "the session opened before SIGHUP goes on"
+
+    path.write_text(path.read_text().replace("[queue:Gamma]", "[queue:Gamma"))
+    proc.proc.send_signal(signal.SIGHUP)
+    proc.wait_for("reload refused")
+    assert "postoffice.ini" in proc.err.read_text().split("reload refused")[1].splitlines()[0]
+    replies = send(lmtp, ["y@gamma.test"], mail(["y@gamma.test"]))
+    assert "queued in Gamma" in replies[0][1], "the old rules stay in force"
+    lmtp.quit()
+    assert proc.stop() == 0
+
+
+def test_a_second_server_on_a_live_socket_exits_non_zero(
+    process: Callable[[Path], Process], tmp_path: Path
+) -> None:
+    path = write_config(tmp_path)
+    first = process(path)
+    second = subprocess.run(
+        [sys.executable, "-m", "postoffice.lmtp", "-C", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert second.returncode != 0
+    assert second.stderr.strip().splitlines() == [
+        f"postoffice: another server answers on unix:{tmp_path / 'lmtp.sock'}; not starting"
+    ]
+    lmtp = client(tmp_path / "lmtp.sock")
+    assert lmtp.noop()[0] == 250
+    lmtp.quit()
+    assert first.stop() == 0
+
+
+def test_a_bad_listen_address_is_one_line_and_exit_78(tmp_path: Path) -> None:
+    path = write_config(tmp_path, extra="")
+    text = path.read_text().replace(f"unix:{tmp_path / 'lmtp.sock'}", "192.0.2.1:8024")
+    path.write_text(text)
+    result = subprocess.run(
+        [sys.executable, "-m", "postoffice.lmtp", "-C", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 78
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("postoffice: ") and "allow_remote" in line
+    assert "Traceback" not in result.stderr
+
+
+def test_writer_commits_sessions_in_groups(
+    server: LmtpServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Messages arriving while a commit runs share the next commit (one fsync for many)."""
+    sizes: list[int] = []
+    real = type(server.depot).deliver_batch
+
+    def counting(self: object, deliveries: Sequence[object], now: float | None = None) -> object:
+        sizes.append(len(deliveries))
+        time.sleep(0.05)  # a slow disk: others queue up meanwhile
+        return real(self, deliveries, now)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(type(server.depot), "deliver_batch", counting)
+    sock = tmp_path / "lmtp.sock"
+    clients = [client(sock) for _ in range(6)]
+    for lmtp in clients:
+        lmtp.mail("a@outside.test")
+        lmtp.rcpt("user@alpha.test")
+        lmtp.putcmd("data")
+        assert lmtp.getreply()[0] == 354
+    for lmtp in clients:
+        lmtp.send(stuff(mail()))
+    assert [codes([_reply(lmtp)]) for lmtp in clients] == [[(250, "2.0.0")]] * 6
+    for lmtp in clients:
+        lmtp.quit()
+    assert sum(sizes) == 6
+    assert max(sizes) > 1, sizes
