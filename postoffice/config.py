@@ -9,10 +9,11 @@ re-reads the file or re-validates values.
 from __future__ import annotations
 
 import configparser
+import math
 import os
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,8 @@ DEFAULT_THROTTLE_PERIOD = 300
 DEFAULT_SOCKET_MODE = 0o660
 DEFAULT_MAX_SESSIONS = 64
 DEFAULT_IDLE_TIMEOUT = 300.0
+# The last place searched; a module constant so tests can point it elsewhere.
+SYSTEM_CONFIG = Path("/etc/postoffice.ini")
 
 _MAIN_OPTIONS = frozenset(
     {
@@ -111,7 +114,7 @@ class _HereInterpolation(configparser.Interpolation):
 
     def before_get(
         self,
-        parser: configparser.RawConfigParser,
+        parser: MutableMapping[str, Mapping[str, str]],
         section: str,
         option: str,
         value: str,
@@ -133,17 +136,27 @@ def find_config(explicit: str | os.PathLike[str] | None = None) -> Path:
         if not path.is_file():
             raise ConfigError(f"{path}: no such configuration file (from $POSTOFFICE_CONFIG)")
         return path
-    candidates = [
-        Path("postoffice.ini"),
-        Path("etc") / "postoffice.ini",
-        Path(sys.argv[0]).resolve().parent.parent / "etc" / "postoffice.ini",
-        Path("/etc/postoffice.ini"),
-    ]
+    candidates = [Path("postoffice.ini"), Path("etc") / "postoffice.ini"]
+    prefix = _script_prefix()
+    if prefix is not None:
+        candidates.append(prefix / "etc" / "postoffice.ini")
+    candidates.append(SYSTEM_CONFIG)
     for candidate in candidates:
         if candidate.is_file():
             return candidate
     tried = ", ".join(str(c) for c in candidates)
     raise ConfigError(f"no configuration file found (use -C FILE; tried {tried})")
+
+
+def _script_prefix() -> Path | None:
+    """The folder above the running script's ``bin/`` (a virtualenv or /usr/local)."""
+    script = sys.argv[0] if sys.argv else ""
+    if not script or script.startswith("-"):
+        return None
+    try:
+        return Path(script).resolve().parent.parent
+    except (OSError, RuntimeError):
+        return None
 
 
 def parse_size(text: str) -> int:
@@ -159,9 +172,10 @@ def load(path: str | os.PathLike[str]) -> Settings:
     """Read and check the whole file; raise ConfigError with one line on any problem."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        # utf-8-sig: a BOM would otherwise make the first section header unreadable.
+        text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read: {exc}") from None
+        raise ConfigError(f"{path}: cannot read: {_one_line(exc)}") from None
     return loads(text, path)
 
 
@@ -179,7 +193,7 @@ def loads(text: str, path: Path) -> Settings:
         parser.read_string(text, source=str(path))
     except configparser.Error as exc:
         raise ConfigError(f"{path}: {_one_line(exc)}") from None
-    return _Reader(parser, path).settings()
+    return _Reader(parser, path, text).settings()
 
 
 def _one_line(exc: BaseException) -> str:
@@ -189,13 +203,30 @@ def _one_line(exc: BaseException) -> str:
 class _Reader:
     """Turns a ConfigParser into Settings, one checked option at a time."""
 
-    def __init__(self, parser: configparser.ConfigParser, path: Path) -> None:
+    def __init__(self, parser: configparser.ConfigParser, path: Path, text: str = "") -> None:
         self.parser = parser
         self.path = path
         self.base = path.resolve().parent
+        self.lines = text.splitlines()
 
-    def error(self, section: str, option: str | None, what: str) -> ConfigError:
+    def line_of(self, section: str, content: str) -> int | None:
+        """The file line holding ``content`` within ``[section]``, for error messages."""
+        inside = False
+        wanted = content.strip()
+        for number, line in enumerate(self.lines, start=1):
+            stripped = line.strip()
+            if stripped.startswith("[") and stripped.endswith("]"):
+                inside = stripped[1:-1] == section
+            elif inside and wanted and wanted in stripped:
+                return number
+        return None
+
+    def error(
+        self, section: str, option: str | None, what: str, line: int | None = None
+    ) -> ConfigError:
         where = f"[{section}]" + (f" {option}" if option else "")
+        if line is not None:
+            where += f", line {line}"
         return ConfigError(f"{self.path}: {where}: {what}")
 
     def scalar(self, section: str, option: str) -> str | None:
@@ -212,6 +243,8 @@ class _Reader:
             number = kind(value)
         except ValueError:
             raise self.error(section, option, f"not a number: {value!r}") from None
+        if not math.isfinite(number):
+            raise self.error(section, option, f"not a finite number: {value!r}")
         if number < 0:
             raise self.error(section, option, f"must not be negative: {value!r}")
         return number
@@ -226,7 +259,8 @@ class _Reader:
             try:
                 result.append(parse_filter(line.strip(), self.base))
             except ValueError as exc:
-                raise self.error(section, option, str(exc)) from None
+                number = self.line_of(section, line)
+                raise self.error(section, option, str(exc), number) from None
         return tuple(result)
 
     def unknown(self, section: str, allowed: frozenset[str]) -> None:
@@ -243,6 +277,8 @@ class _Reader:
         if zodb_uri is None:
             raise self.error(main, "zodb_uri", "missing (the database URI, e.g. file://...)")
         zodb_path = self.scalar(main, "zodb_path") or DEFAULT_ZODB_PATH
+        if not zodb_path.strip("/"):
+            raise self.error(main, "zodb_path", "must name a folder, e.g. /postoffice")
         if not zodb_path.startswith("/"):
             zodb_path = "/" + zodb_path
         frequency = float(self.number(main, "ooo_loop_frequency", float, 0.0))
@@ -260,7 +296,7 @@ class _Reader:
         maildir = self.base / maildir_text if maildir_text else None
         dead_max = int(self.number(main, "dead_letter_max", int, 1000))
 
-        queues = []
+        queues: list[QueueRule] = []
         for section in self.parser.sections():
             if section in (MAIN_SECTION, LMTP_SECTION):
                 continue
@@ -272,12 +308,14 @@ class _Reader:
             name = section[len(QUEUE_PREFIX) :].strip()
             if not name:
                 raise self.error(section, None, "a queue needs a name: [queue:NAME]")
+            if any(rule.name == name for rule in queues):
+                raise self.error(section, None, f"a second queue named {name!r}")
             self.unknown(section, _QUEUE_OPTIONS)
             queues.append(QueueRule(name=name, filters=self.filters(section, "filters")))
 
         return Settings(
             zodb_uri=zodb_uri,
-            zodb_path=zodb_path.rstrip("/") or DEFAULT_ZODB_PATH,
+            zodb_path=zodb_path.rstrip("/"),
             ooo_loop_frequency=frequency,
             ooo_loop_headers=loop_headers,
             ooo_throttle_period=period,

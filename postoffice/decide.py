@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from postoffice.config import Settings
-from postoffice.filters import all_match, first_match
+from postoffice.filters import all_match, first_match, idna
 from postoffice.message import ParsedMessage
 
 AUTO_REPLY_PRECEDENCE = frozenset({"bulk", "junk", "list"})
@@ -243,8 +243,15 @@ def _keyword(value: str | None) -> str | None:
 
 def _is_visible_recipient(message: ParsedMessage, recipient: str) -> bool:
     """A recipient not in To or Cc got a BCC: it cannot be a mail loop."""
-    recipient = recipient.lower()
-    return recipient in message.addresses("To") or recipient in message.addresses("Cc")
+    wanted = _comparable(recipient)
+    listed = message.addresses("To") + message.addresses("Cc")
+    return any(_comparable(address) == wanted for address in listed)
+
+
+def _comparable(address: str) -> str:
+    """Lower case, the domain in IDNA form: ``a@bücher.example`` is ``a@xn--bcher-kva...``."""
+    local, _, domain = address.strip().strip("<>").rpartition("@")
+    return f"{local.lower()}@{idna(domain)}" if local else address.lower()
 
 
 def throttle_key(message: ParsedMessage, headers: tuple[str, ...]) -> str:

@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import transaction
@@ -105,13 +105,17 @@ class Depot:
     """
 
     def __init__(
-        self, settings: Settings, db: ZODB.DB | None = None, clock: type[time.time] | None = None
-    ) -> None:  # type: ignore[valid-type]
+        self,
+        settings: Settings,
+        db: ZODB.DB | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
         self._settings = settings
         self._db = db
         self._owns_db = db is None
         self._lock = threading.Lock()
-        self._clock = clock or time.time
+        # The server's clock gives arrival times (rule 8, X-Postoffice-Date).
+        self._clock: Callable[[], float] = clock or time.time
         self._reconciled = False
 
     @property

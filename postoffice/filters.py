@@ -8,6 +8,7 @@ already turns broken input into "no value".
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -18,7 +19,9 @@ from postoffice.message import ParsedMessage, domain_of
 
 DEFAULT_HOSTNAME_HEADERS = ("To", "Cc", "X-Original-To")
 ENVELOPE_HEADER = "x-original-to"
-_INLINE_COMMENT = re.compile(r"\s+[#;].*$")
+# An inline comment on a to_hostname line: ` #...`, or ` ;...` unless that is an
+# attribute (` ;headers=To`), which is refused or used, never silently dropped.
+_INLINE_COMMENT = re.compile(r"\s+(?:#|;(?!\s*[\w-]+\s*=)).*$", re.DOTALL)
 
 
 class Filter(Protocol):
@@ -29,6 +32,7 @@ class Filter(Protocol):
     def describe(self) -> str: ...
 
 
+@functools.lru_cache(maxsize=4096)
 def idna(domain: str) -> str:
     """A domain in the form two spellings of it compare equal: lower-case IDNA."""
     domain = domain.strip().strip(".").lower()
@@ -128,11 +132,15 @@ def _compile(pattern: str, flags: int, where: str) -> re.Pattern[str]:
 def _read_patterns(path: Path, flags: int) -> tuple[re.Pattern[str], ...]:
     """One regexp a line; blank and whitespace-only lines are skipped (SPEC 9)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        # utf-8-sig: a BOM left by a Windows editor must not become part of line 1.
+        text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"cannot read regexp file {path}: {exc}") from None
     patterns = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Only LF (or CRLF) ends a line: str.splitlines() would also split on
+    # form feeds and Unicode separators, which a regexp may contain.
+    for number, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         patterns.append(_compile(line, flags, f"{path} line {number}"))
@@ -142,23 +150,23 @@ def _read_patterns(path: Path, flags: int) -> tuple[re.Pattern[str], ...]:
 def _to_hostname(argument: str, base: Path) -> ToHostname:
     argument = _INLINE_COMMENT.sub("", argument)
     spec, _, attrs = argument.partition(";")
-    headers = DEFAULT_HOSTNAME_HEADERS
+    headers: tuple[str, ...] = DEFAULT_HOSTNAME_HEADERS
     if attrs:
         for attr in attrs.split(";"):
             key, sep, value = attr.partition("=")
-            if key.strip() != "headers" or not sep:
+            if key.strip().lower() != "headers" or not sep:
                 raise ValueError(f"unknown to_hostname attribute {attr.strip()!r} (only headers=)")
             headers = tuple(h.strip() for h in value.split(",") if h.strip())
             if not headers:
                 raise ValueError("headers= names no header")
-    hosts, wildcards = [], []
+    hosts: list[str] = []
+    wildcards: list[str] = []
     for host in spec.split():
-        if host.startswith("*."):
-            wildcards.append(idna(host[2:]))
-        elif host.startswith("."):
-            wildcards.append(idna(host[1:]))
-        else:
-            hosts.append(idna(host))
+        wildcard = host.startswith((".", "*."))
+        name = idna(host[2:] if host.startswith("*.") else host.lstrip("."))
+        if not name or "@" in name or "*" in name:
+            raise ValueError(f"to_hostname: {host!r} is not a host name")
+        (wildcards if wildcard else hosts).append(name)
     if not hosts and not wildcards:
         raise ValueError("to_hostname names no host")
     return ToHostname(hosts=tuple(hosts), wildcards=tuple(wildcards), headers=headers)
