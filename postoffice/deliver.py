@@ -198,7 +198,12 @@ class Depot:
             return self._commit_batch(settings, deliveries, parsed, now)
         except StorageUnavailable as exc:
             log.warning("storage unavailable, deferring %d messages: %s", len(deliveries), exc)
-            return [self._all(d, deferred(f"storage unavailable: {exc}")) for d in deliveries]
+            # The details (a URI may hold a password) stay in our log; Postfix
+            # would put the reply text into delay warnings sent outside.
+            return [
+                self._all(d, deferred("storage temporarily unavailable, try again later"))
+                for d in deliveries
+            ]
         except Exception as exc:
             log.exception("commit failed, deferring %d messages", len(deliveries))
             return [

@@ -307,6 +307,9 @@ class PostfixInstance:
         """Start Postfix and wait until smtpd answers; raise RuntimeError saying why not."""
         if self.running:
             return
+        # Another pytest session may have reset /tmp/pytest-of-<user> to 0700
+        # since __init__: Postfix's own users must still reach the instance.
+        make_traversable(self.base_dir)
         code, output = self._run_visible(self._postfix("start"))
         self.running = True  # even a failed start may leave a master behind
         try:

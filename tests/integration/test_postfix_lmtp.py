@@ -1,0 +1,464 @@
+"""End to end through a real Postfix: smtpd in, ``lmtp:unix:`` out to ``postoffice serve``.
+
+Each test configures and starts a private Postfix instance in its temporary
+folder (smtpd on a loopback port, the application domains routed to our
+socket) and runs ``postoffice -C FILE serve`` as a subprocess. What is
+checked is what a mail administrator sees: where Postfix's message ends up,
+what Postfix writes in its log for our replies, that a 5xx becomes a bounce
+to the sender and a 4xx a deferral that Postfix retries until the depot is
+back. The last test loads the files of ``postfix-examples/`` into an
+instance (``postfix check``, the chrooted lmtp client, the socket in the
+queue directory with mode 0660 and group ``postfix``) and delivers through
+them, so the examples are known to work as written.
+
+The queues are read after ``serve`` has stopped, straight from the
+FileStorage: that works whatever URI ``serve`` offers consumers while it runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from email import policy
+from email.message import EmailMessage
+from email.parser import BytesParser
+from email.utils import formatdate
+from pathlib import Path
+
+import pytest
+
+from postoffice import open_queue
+from tests.integration.conftest import PostfixFactory
+from tests.integration.postfix_instance import (
+    MAX_SOCKET_PATH,
+    PostfixInstance,
+    SmtpSink,
+    make_traversable,
+    require_root,
+    require_tool,
+)
+
+pytestmark = pytest.mark.integration
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "postfix-examples"
+
+SENDER = "sender@sender.test"
+# Every wait for Postfix, the server or ZEO is bounded by this.
+WAIT = 60.0
+
+# Routed by the envelope recipient alone: the default also reads To and Cc, so
+# both recipients of a message to both domains would go to the first queue.
+QUEUES = """\
+[queue:App]
+filters =
+    to_hostname: app.test;headers=X-Original-To
+
+[queue:Other]
+filters =
+    to_hostname: other.test;headers=X-Original-To
+"""
+# Routed to postoffice: two domains with a queue, one without.
+POSTOFFICE_DOMAINS = ("app.test", "other.test", "unknown.test")
+
+
+def socket_path(folder: Path, name: str) -> Path:
+    """A unix socket path in ``folder``, refused up front when the kernel would refuse it."""
+    path = folder / name
+    if len(str(path)) > MAX_SOCKET_PATH:
+        pytest.fail(f"unix socket path longer than {MAX_SOCKET_PATH} bytes: {path}")
+    return path
+
+
+def file_uri(folder: Path) -> str:
+    return f"file://{folder}/var/Data.fs?blobstorage_dir={folder}/var/blobs"
+
+
+def write_config(folder: Path, zodb_uri: str, lmtp_section: str) -> Path:
+    """postoffice.ini with the two test queues; ``lmtp_section`` is the whole [lmtp] text."""
+    path = folder / "postoffice.ini"
+    path.write_text(f"[post office]\nzodb_uri = {zodb_uri}\n\n{lmtp_section}\n{QUEUES}")
+    return path
+
+
+def lmtp_section(sock: Path) -> str:
+    # 0666 only because this socket is in a test folder; production uses 0660
+    # with the group postfix (postfix-examples/lmtp-postoffice.ini).
+    return f"[lmtp]\nlisten = unix:{sock}\nsocket_mode = 0666\n"
+
+
+def make_message(to: str, token: str) -> bytes:
+    return (
+        f"From: Sender <{SENDER}>\r\n"
+        f"To: {to}\r\n"
+        f"Subject: order {token}\r\n"
+        f"Message-Id: <{token}@sender.test>\r\n"
+        f"Date: {formatdate()}\r\n"
+        "\r\n"
+        f"Body of {token}.\r\n"
+    ).encode()
+
+
+class Serve:
+    """``postoffice -C FILE serve`` as a subprocess, its output in files for diagnostics."""
+
+    def __init__(self, config_path: Path) -> None:
+        self.config_path = config_path
+        self.out = config_path.parent / "serve.out"
+        self.err = config_path.parent / "serve.err"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Serve:
+        with self.out.open("ab") as stdout, self.err.open("ab") as stderr:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "postoffice.cli", "-C", str(self.config_path), "serve"],
+                stdin=subprocess.DEVNULL,
+                stdout=stdout,
+                stderr=stderr,
+                cwd=self.config_path.parent,
+            )
+        deadline = time.monotonic() + WAIT
+        while "listening on" not in self.out.read_text():
+            assert self.process.poll() is None, f"serve exited: {self.output()}"
+            assert time.monotonic() < deadline, f"serve did not start: {self.output()}"
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        """SIGTERM, as an init system stops it; a clean stop exits 0."""
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(WAIT) == 0, self.output()
+
+    def kill(self) -> None:
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait(WAIT)
+
+    def output(self) -> str:
+        return f"\n--- serve stdout ---\n{self.out.read_text()}\n--- stderr ---\n" + (
+            self.err.read_text()
+        )
+
+
+@pytest.fixture
+def servers() -> Iterator[list[Serve]]:
+    """Collects the servers a test starts; kills any it left running."""
+    started: list[Serve] = []
+    yield started
+    for server in started:
+        server.kill()
+
+
+def start_serve(servers: list[Serve], config_path: Path) -> Serve:
+    server = Serve(config_path)
+    servers.append(server)
+    return server.start()
+
+
+class ZeoServer:
+    """``python -m ZEO.runzeo`` on a unix socket, with a FileStorage and blobs.
+
+    runzeo only takes a blob folder from a configuration file, hence ``zeo.conf``.
+    """
+
+    def __init__(self, sock: Path, folder: Path) -> None:
+        self.sock = sock
+        self.folder = folder
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        conf = self.folder / "zeo.conf"
+        conf.write_text(
+            f"<zeo>\n  address {self.sock}\n</zeo>\n"
+            f"<filestorage>\n  path {self.folder / 'Data.fs'}\n"
+            f"  blob-dir {self.folder / 'blobs'}\n</filestorage>\n"
+        )
+        with (self.folder / "zeo.log").open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "ZEO.runzeo", "-C", str(conf)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + WAIT
+        while True:
+            assert self.process.poll() is None, (self.folder / "zeo.log").read_text()
+            with socket.socket(socket.AF_UNIX) as probe, contextlib.suppress(OSError):
+                probe.connect(str(self.sock))
+                return
+            assert time.monotonic() < deadline, "the ZEO server did not start"
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(WAIT)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(WAIT)
+
+
+def delivery_status(pf: PostfixInstance, recipient: str, status: str) -> str:
+    """The text in parentheses of Postfix's delivery log line for ``recipient``."""
+    match = pf.wait_for_log(
+        rf"to=<{re.escape(recipient)}>.*, status={status} \((.*)\)$", timeout=WAIT
+    )
+    return match.group(1)
+
+
+def stored(uri: str, queue_name: str) -> list[bytes]:
+    with open_queue(uri, queue_name) as queue:
+        return [raw for _key, raw, _arrived in queue.messages()]
+
+
+def parse(raw: bytes) -> EmailMessage:
+    message = BytesParser(policy=policy.default).parsebytes(raw)
+    assert isinstance(message, EmailMessage)
+    return message
+
+
+def test_message_lands_in_the_queue_of_each_recipient(
+    postfix_factory: PostfixFactory, servers: list[Serve], tmp_path: Path
+) -> None:
+    sock = socket_path(tmp_path, "po.sock")
+    server = start_serve(servers, write_config(tmp_path, file_uri(tmp_path), lmtp_section(sock)))
+    pf = postfix_factory({domain: f"lmtp:unix:{sock}" for domain in POSTOFFICE_DOMAINS})
+
+    message = make_message("alice@app.test, bob@other.test", "m1")
+    assert pf.send(SENDER, ["alice@app.test", "bob@other.test"], message) == {}
+
+    assert "queued in App" in delivery_status(pf, "alice@app.test", "sent")
+    assert "queued in Other" in delivery_status(pf, "bob@other.test", "sent")
+    pf.wait_until_queue_empty(WAIT)
+    server.stop()
+
+    for queue_name, recipient in (("App", "alice@app.test"), ("Other", "bob@other.test")):
+        (raw,) = stored(file_uri(tmp_path), queue_name)
+        # Our three lines on top, in this order, then what Postfix sent.
+        assert raw.startswith(
+            f"Return-Path: <{SENDER}>\r\nX-Original-To: {recipient}\r\nX-Postoffice-Date: ".encode()
+        )
+        copy = parse(raw)
+        assert copy["Return-Path"] == f"<{SENDER}>"
+        assert copy["X-Original-To"] == recipient
+        assert copy["Message-Id"] == "<m1@sender.test>"
+        assert copy["Subject"] == "order m1"
+        assert "postfix.test" in copy["Received"]  # it really came through Postfix
+        # The bytes as they came over LMTP: CRLF line ends, the body untouched.
+        assert raw.endswith(b"\r\n\r\nBody of m1.\r\n")
+
+
+def test_unknown_recipient_is_bounced_with_our_reply(
+    postfix_factory: PostfixFactory, servers: list[Serve], tmp_path: Path
+) -> None:
+    sock = socket_path(tmp_path, "po.sock")
+    server = start_serve(servers, write_config(tmp_path, file_uri(tmp_path), lmtp_section(sock)))
+    # The sender's domain goes to smtp-sink, which catches the bounce.
+    with SmtpSink(tmp_path / "sink", socket_path=socket_path(tmp_path, "sink.sock")) as sink:
+        transports = {domain: f"lmtp:unix:{sock}" for domain in POSTOFFICE_DOMAINS}
+        transports["sender.test"] = sink.transport
+        pf = postfix_factory(transports)
+
+        # One message, one good and one unknown recipient: one LMTP transaction
+        # whose replies Postfix must match to the right recipients.
+        message = make_message("alice@app.test, nobody@unknown.test", "m2")
+        assert pf.send(SENDER, ["alice@app.test", "nobody@unknown.test"], message) == {}
+
+        assert "queued in App" in delivery_status(pf, "alice@app.test", "sent")
+        reason = delivery_status(pf, "nobody@unknown.test", "bounced")
+        assert "said: 550 5.1.1 <nobody@unknown.test>: no queue for this recipient" in reason
+
+        (bounce,) = sink.wait_for_messages(1, timeout=WAIT)
+        pf.wait_until_queue_empty(WAIT)
+    server.stop()
+
+    # The bounce goes to the envelope sender, from the null sender, and says why.
+    assert bounce.mail_from == ""
+    assert bounce.rcpt_to == [SENDER]
+    text = re.sub(rb"\s+", b" ", bounce.data)
+    assert b"Subject: Undelivered Mail Returned to Sender" in text
+    # The delivery report names the refused recipient only, with our reply.
+    assert b"Final-Recipient: rfc822; nobody@unknown.test Original-Recipient" in text
+    assert b"Status: 5.1.1" in text
+    assert b"Diagnostic-Code: smtp; 550 5.1.1 <nobody@unknown.test>: no queue for this" in text
+    assert b"Final-Recipient: rfc822; alice@app.test" not in text
+    assert b"Message-Id: <m2@sender.test>" in text  # the returned original
+
+    (raw,) = stored(file_uri(tmp_path), "App")
+    assert parse(raw)["X-Original-To"] == "alice@app.test"
+    assert stored(file_uri(tmp_path), "Other") == []
+
+
+def test_unreachable_depot_defers_until_zeo_is_back(
+    postfix_factory: PostfixFactory, servers: list[Serve], tmp_path: Path
+) -> None:
+    sock = socket_path(tmp_path, "po.sock")
+    zeo_sock = socket_path(tmp_path, "zeo.sock")
+    depot = tmp_path / "depot"
+    depot.mkdir()
+    zeo_uri = f"zeo://{zeo_sock}?wait_timeout=1&blob_dir={depot}/blobs&shared_blob_dir=true"
+    server = start_serve(servers, write_config(tmp_path, zeo_uri, lmtp_section(sock)))
+    pf = postfix_factory({domain: f"lmtp:unix:{sock}" for domain in POSTOFFICE_DOMAINS})
+
+    assert pf.send(SENDER, ["alice@app.test"], make_message("alice@app.test", "m3")) == {}
+
+    reason = delivery_status(pf, "alice@app.test", "deferred")
+    assert "said: 451 4.3.0" in reason
+    # Postfix keeps the message, for this recipient, and has not bounced it.
+    (entry,) = pf.queue()
+    recipients = entry["recipients"]
+    assert isinstance(recipients, list)
+    assert [r["address"] for r in recipients] == ["alice@app.test"]
+    assert "status=bounced" not in pf.maillog()
+
+    zeo = ZeoServer(zeo_sock, depot)
+    try:
+        zeo.start()
+        pf.flush()
+        assert "queued in App" in delivery_status(pf, "alice@app.test", "sent")
+        pf.wait_until_queue_empty(WAIT)
+        server.stop()
+    finally:
+        zeo.stop()
+
+    # Every 451 stored nothing: the message is in the depot exactly once.
+    depot_uri = f"file://{depot}/Data.fs?blobstorage_dir={depot}/blobs"
+    (raw,) = stored(depot_uri, "App")
+    copy = parse(raw)
+    assert copy["X-Original-To"] == "alice@app.test"
+    assert copy["Message-Id"] == "<m3@sender.test>"
+
+
+def test_mail_waits_in_postfix_while_serve_is_down(
+    postfix_factory: PostfixFactory, servers: list[Serve], tmp_path: Path
+) -> None:
+    sock = socket_path(tmp_path, "po.sock")
+    config_path = write_config(tmp_path, file_uri(tmp_path), lmtp_section(sock))
+    pf = postfix_factory({domain: f"lmtp:unix:{sock}" for domain in POSTOFFICE_DOMAINS})
+
+    assert pf.send(SENDER, ["alice@app.test"], make_message("alice@app.test", "m4")) == {}
+    reason = delivery_status(pf, "alice@app.test", "deferred")
+    assert reason.startswith("connect to ") and f"[{sock}]: No such file or directory" in reason
+
+    server = start_serve(servers, config_path)
+    pf.flush()
+    assert "queued in App" in delivery_status(pf, "alice@app.test", "sent")
+    pf.wait_until_queue_empty(WAIT)
+    server.stop()
+
+    (raw,) = stored(file_uri(tmp_path), "App")
+    assert parse(raw)["Message-Id"] == "<m4@sender.test>"
+
+
+# --- the files of postfix-examples/, as written ---------------------------------------
+
+
+def main_cf_settings(text: str) -> dict[str, str]:
+    """``name = value`` settings of a main.cf fragment, continuation lines joined."""
+    settings: dict[str, str] = {}
+    name = None
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if line[0].isspace():
+            assert name is not None, f"continuation without a setting: {line!r}"
+            settings[name] += " " + line.strip()
+            continue
+        name, _, value = line.partition("=")
+        name = name.strip()
+        settings[name] = value.strip()
+    return settings
+
+
+def master_cf_services(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+class ExampleInstance(PostfixInstance):
+    """The harness's instance, with the lmtp service line of lmtp-master.cf instead of its own."""
+
+    example_services: list[str] = master_cf_services((EXAMPLES / "lmtp-master.cf").read_text())
+
+    def master_cf(self) -> str:
+        names = {line.split()[0] for line in self.example_services}
+        own = [line for line in super().master_cf().splitlines() if line.split()[0] not in names]
+        return "\n".join([*own, *self.example_services]) + "\n"
+
+
+def postfix_check(pf: PostfixInstance) -> str:
+    """``postfix check`` under script(1), since postfix only says why it fails on a tty."""
+    command = f"{require_tool('postfix')} -c {pf.etc_dir} check"
+    script = shutil.which("script")
+    argv = [script, "-qec", command, "/dev/null"] if script else command.split()
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=WAIT, check=False)
+    output = (proc.stdout + proc.stderr).replace("\r", "").strip()
+    assert proc.returncode == 0, output
+    return output
+
+
+def test_the_lmtp_examples_deliver_through_a_chrooted_client(
+    servers: list[Serve], tmp_path: Path
+) -> None:
+    require_tool("postfix")
+    require_tool("postqueue")
+    require_root()
+    make_traversable(tmp_path)
+    main_cf = main_cf_settings((EXAMPLES / "lmtp-main.cf").read_text())
+    # The stock line, chrooted: the case the socket's place in the spool is for.
+    assert [line.split() for line in ExampleInstance.example_services] == [
+        ["lmtp", "unix", "-", "-", "y", "-", "-", "lmtp"]
+    ]
+
+    pf = ExampleInstance(tmp_path / "pf", {}, extra_main_cf=main_cf)
+    # What docs/postfix.md tells the administrator to create, in this instance's spool.
+    spool_socket_dir = pf.spool_dir / "postoffice"
+    spool_socket_dir.mkdir()
+    os.chown(spool_socket_dir, os.geteuid(), grp.getgrnam("postfix").gr_gid)
+    spool_socket_dir.chmod(0o2750)
+    sock = socket_path(spool_socket_dir, "lmtp.sock")
+    assert postfix_check(pf) == ""  # no warning either
+
+    ini_lmtp = (EXAMPLES / "lmtp-postoffice.ini").read_text()
+    ini_lmtp = ini_lmtp.replace("/var/spool/postfix", str(pf.spool_dir))
+    assert "socket_mode = 0660" in ini_lmtp
+    queues = "[queue:Customer A]\nfilters =\n    to_hostname: app.customera.example\n"
+    config_path = tmp_path / "postoffice.ini"
+    config_path.write_text(
+        f"[post office]\nzodb_uri = {file_uri(tmp_path)}\n\n{ini_lmtp}\n{queues}"
+    )
+    server = start_serve(servers, config_path)
+    info = sock.stat()
+    assert oct(info.st_mode & 0o777) == oct(0o660)
+    assert info.st_gid == grp.getgrnam("postfix").gr_gid  # from the setgid folder
+
+    with pf:
+        recipient = "orders@app.customera.example"
+        # The lmtp client runs as the postfix user: without the group bits it
+        # cannot connect, and Postfix keeps the mail (the mistake docs/postfix.md warns of).
+        sock.chmod(0o600)
+        assert pf.send(SENDER, [recipient], make_message(recipient, "m5")) == {}
+        reason = delivery_status(pf, recipient, "deferred")
+        assert reason == "connect to postfix.test[postoffice/lmtp.sock]: Permission denied"
+        # With the example's mode it connects through the group postfix alone.
+        sock.chmod(0o660)
+        pf.flush()
+        assert "queued in Customer A" in delivery_status(pf, recipient, "sent")
+        pf.wait_until_queue_empty(WAIT)
+    server.stop()
+
+    (raw,) = stored(file_uri(tmp_path), "Customer A")
+    assert parse(raw)["X-Original-To"] == recipient
