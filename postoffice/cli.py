@@ -160,11 +160,22 @@ def open_folder(settings: config.Settings, create: bool = False) -> Iterator[Any
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    """The LMTP server; with file:// (and ``share``), behind an embedded ZEO server."""
     from postoffice import lmtp
+    from postoffice.embedded import shared
+    from postoffice.store import open_db
 
     path = config.find_config(args.config)
-    config.load(path)  # refuse a bad file before anything starts
-    return lmtp.serve(path, args.listen)
+    settings = config.load(path)  # refuse a bad file before anything starts
+    with shared(settings.zodb_uri, share=settings.share) as uri:
+        if uri == settings.zodb_uri:
+            return lmtp.serve(path, args.listen)
+        print(f"postoffice: consumers use {uri}", flush=True)
+        db = open_db(uri)
+        try:
+            return lmtp.serve(path, args.listen, db=db)
+        finally:
+            db.close()  # before the ZEO server stops
 
 
 # --- import-maildir -------------------------------------------------------------

@@ -43,12 +43,15 @@ _MAIN_OPTIONS = frozenset(
         "reject_filters",
         "maildir",
         "dead_letter_max",
+        "share",
     }
 )
 _LMTP_OPTIONS = frozenset(
     {"listen", "socket_mode", "max_sessions", "idle_timeout", "allow_remote", "commit_batch"}
 )
 _QUEUE_OPTIONS = frozenset({"filters"})
+_TRUE = frozenset({"yes", "true", "on", "1"})
+_FALSE = frozenset({"no", "false", "off", "0"})
 
 # ` #` or ` ;` starts an inline comment on scalar options (the old docs used them).
 _INLINE_COMMENT = re.compile(r"\s+[#;].*$")
@@ -95,6 +98,9 @@ class Settings:
     source: Path | None = None
     # Messages kept in the dead-letter area before the oldest is dropped.
     dead_letter_max: int = 1000
+    # With file://, `serve` runs a ZEO server so consumers can read while it
+    # runs; `share = no` opens the file directly (faster, nobody else can open it).
+    share: bool = True
 
     @property
     def queue_names(self) -> tuple[str, ...]:
@@ -249,6 +255,17 @@ class _Reader:
             raise self.error(section, option, f"must not be negative: {value!r}")
         return number
 
+    def boolean(self, section: str, option: str, default: bool) -> bool:
+        value = self.scalar(section, option)
+        if value is None:
+            return default
+        lowered = value.lower()
+        if lowered in _TRUE:
+            return True
+        if lowered in _FALSE:
+            return False
+        raise self.error(section, option, f"not yes or no: {value!r}")
+
     def filters(self, section: str, option: str) -> tuple[Filter, ...]:
         if not self.parser.has_option(section, option):
             return ()
@@ -326,6 +343,7 @@ class _Reader:
             lmtp=self.lmtp(),
             source=self.path,
             dead_letter_max=dead_max,
+            share=self.boolean(main, "share", True),
         )
 
     def lmtp(self) -> LmtpSettings:
@@ -351,9 +369,7 @@ class _Reader:
             raise self.error(section, "max_sessions", "must be at least 1")
         idle = float(self.number(section, "idle_timeout", float, DEFAULT_IDLE_TIMEOUT))
         batch = int(self.number(section, "commit_batch", int, 64))
-        remote_text = (self.scalar(section, "allow_remote") or "no").lower()
-        if remote_text not in ("yes", "no", "true", "false", "on", "off", "1", "0"):
-            raise self.error(section, "allow_remote", f"not yes or no: {remote_text!r}")
+        allow_remote = self.boolean(section, "allow_remote", False)
         try:
             parse_listen(listen)
         except ValueError as exc:
@@ -363,7 +379,7 @@ class _Reader:
             socket_mode=mode,
             max_sessions=sessions,
             idle_timeout=idle,
-            allow_remote=remote_text in ("yes", "true", "on", "1"),
+            allow_remote=allow_remote,
             commit_batch=max(1, batch),
         )
 

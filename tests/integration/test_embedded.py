@@ -1,0 +1,382 @@
+"""The embedded default serves applications too (SPEC 8): a real ZEO server beside Data.fs.
+
+A FileStorage can be opened by one process only.  These tests start the
+ZEO server that ``postoffice serve`` runs for a ``file://`` depot, deliver
+through it as ``serve`` does, and consume from other processes with the
+printed URI, the way applications on the same host do.  After the server
+stops, the same data is read from the file directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import transaction
+
+from postoffice import open_queue
+from postoffice.config import Settings, loads
+from postoffice.deliver import Delivery, Depot
+from postoffice.embedded import (
+    EmbeddedZeo,
+    EmbeddedZeoError,
+    FileDepot,
+    running_client_uri,
+    shared,
+    sharing_uri,
+)
+from postoffice.errors import ConfigError
+from postoffice.store import BLOB_THRESHOLD, open_db
+
+pytestmark = pytest.mark.integration
+
+QUEUE = "Customer A"
+# Every wait in this file is bounded by this.
+WAIT = 60.0
+
+CONFIG = """\
+[post office]
+zodb_uri = {uri}
+
+[queue:Customer A]
+filters =
+    to_hostname: app.customera.example
+"""
+
+# A consumer as an application writes it: pop, work, commit; it stops at
+# the message whose Subject is "stop", and prints the Message-Ids it got.
+CONSUMER = textwrap.dedent(
+    """
+    import json, sys, time
+    import transaction
+    from postoffice import QueueEmpty, open_queue
+
+    uri, name = sys.argv[1], sys.argv[2]
+    got = []
+    deadline = time.monotonic() + float(sys.argv[3])
+    with open_queue(uri, name) as queue:
+        while time.monotonic() < deadline:
+            try:
+                message = queue.pop_next()
+            except QueueEmpty:
+                transaction.abort()
+                time.sleep(0.02)
+                continue
+            subject = message["Subject"]
+            body = message.get_payload(decode=True)
+            transaction.commit()
+            if subject == "stop":
+                break
+            got.append([message["Message-Id"], len(body)])
+    print(json.dumps(got))
+    """
+)
+
+
+def file_uri(folder: Path) -> str:
+    return f"file://{folder}/Data.fs?blobstorage_dir={folder}/blobs"
+
+
+def settings(uri: str, folder: Path) -> Settings:
+    return loads(CONFIG.format(uri=uri), folder / "postoffice.ini")
+
+
+def message(number: int, subject: str = "hello", body: bytes = b"Hello.\r\n") -> bytes:
+    head = (
+        "From: Sender <sender@outside.example>\r\n"
+        "To: someone@app.customera.example\r\n"
+        f"Message-Id: <{number}@outside.example>\r\n"
+        f"Subject: {subject}\r\n"
+        "\r\n"
+    )
+    return head.encode() + body
+
+
+def deliver(depot: Depot, numbers: range, subject: str = "hello", body: bytes = b"Hi.\r\n") -> None:
+    """Deliver a batch as the LMTP server does; every recipient must be queued (250)."""
+    batch = [
+        Delivery(
+            "sender@outside.example", ("someone@app.customera.example",), message(n, subject, body)
+        )
+        for n in numbers
+    ]
+    for outcomes in depot.deliver_batch(batch):
+        assert [o.reply[:3] for o in outcomes] == ["250"], [o.reply for o in outcomes]
+
+
+def gone(pid: int) -> bool:
+    """True once ``pid`` has exited (a zombie waiting for its reaper counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            return any(line.startswith("State:") and "Z" in line for line in status)
+    except FileNotFoundError:
+        return True
+
+
+def wait_for(condition: object, what: str, timeout: float = WAIT) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def var(tmp_path: Path) -> Path:
+    return tmp_path / "var"
+
+
+@pytest.fixture
+def zeo(var: Path) -> Iterator[EmbeddedZeo]:
+    server = EmbeddedZeo(file_uri(var))
+    with server:
+        yield server
+
+
+# --- sharing one depot between processes ------------------------------------------
+
+
+def test_consumers_in_other_processes_get_every_message_exactly_once(
+    zeo: EmbeddedZeo, var: Path, tmp_path: Path
+) -> None:
+    """serve delivers through the ZEO client URI while two applications consume."""
+    depot = Depot(settings(zeo.client_uri, tmp_path))
+    depot.prepare()
+    consumers = [
+        subprocess.Popen(
+            [sys.executable, "-c", CONSUMER, zeo.client_uri, QUEUE, str(WAIT)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    try:
+        big = b"B" * (BLOB_THRESHOLD + 1000)  # a blob, in the shared blob folder
+        deliver(depot, range(0, 1), body=big)
+        for start in range(1, 50, 7):
+            deliver(depot, range(start, min(start + 7, 50)))
+        deliver(depot, range(1000, 1002), subject="stop")  # one for each consumer
+        results = []
+        for consumer in consumers:
+            out, err = consumer.communicate(timeout=WAIT)
+            assert consumer.returncode == 0, err
+            results.extend(json.loads(out))
+        # Left in the queue: two messages, one a blob, for after the server stops.
+        deliver(depot, range(2000, 2001), body=big)
+        deliver(depot, range(2001, 2002))
+    finally:
+        depot.close()
+        for consumer in consumers:
+            consumer.kill()
+            consumer.wait()
+
+    ids = [message_id for message_id, _ in results]
+    assert len(ids) == 50
+    assert sorted(ids) == sorted(f"<{n}@outside.example>" for n in range(50))
+    assert dict(results)["<0@outside.example>"] == len(big)
+
+    pid = zeo.pid
+    assert pid is not None
+    zeo.stop()
+    assert not zeo.socket_path.exists()
+    wait_for(lambda: gone(pid), "the ZEO server to exit")
+
+    # The data is in Data.fs: the file opened directly, as with share = no.
+    with open_queue(file_uri(var), QUEUE) as queue:
+        assert len(queue) == 2
+        first = queue.pop_next()
+        second = queue.pop_next()
+        assert [first["Message-Id"], second["Message-Id"]] == [
+            "<2000@outside.example>",
+            "<2001@outside.example>",
+        ]
+        assert first.get_payload(decode=True) == big
+        transaction.abort()
+
+
+def test_running_client_uri_finds_the_server_while_it_runs(zeo: EmbeddedZeo, var: Path) -> None:
+    """``postoffice queues`` and friends use the ZEO while serve holds the file."""
+    assert running_client_uri(file_uri(var)) == zeo.client_uri
+    zeo.stop()
+    assert running_client_uri(file_uri(var)) is None
+
+
+def test_the_socket_is_not_for_everyone(zeo: EmbeddedZeo, var: Path) -> None:
+    mode = os.stat(zeo.socket_path).st_mode
+    assert stat.S_ISSOCK(mode)
+    assert stat.S_IMODE(mode) == 0o660
+    assert stat.S_IMODE(os.stat(var / "Data.fs").st_mode) & 0o007 == 0
+
+
+def test_a_private_socket_mode(var: Path) -> None:
+    with EmbeddedZeo(file_uri(var), socket_mode=0o600) as server:
+        assert stat.S_IMODE(os.stat(server.socket_path).st_mode) == 0o600
+
+
+# --- one server per Data.fs ---------------------------------------------------------
+
+
+def test_a_second_server_for_the_same_data_fs_is_refused(
+    zeo: EmbeddedZeo, var: Path, tmp_path: Path
+) -> None:
+    pid = zeo.pid
+    with pytest.raises(EmbeddedZeoError, match="already shared by a running ZEO server"):
+        EmbeddedZeo(file_uri(var)).start()
+    # The first one is untouched and still serves.
+    assert zeo.pid == pid
+    depot = Depot(settings(zeo.client_uri, tmp_path))
+    try:
+        deliver(depot, range(1))
+    finally:
+        depot.close()
+    with open_queue(zeo.client_uri, QUEUE) as queue:
+        assert len(queue) == 1
+
+
+def test_a_data_fs_locked_by_another_process_is_a_clear_error(var: Path) -> None:
+    """Someone opened the file:// URI directly (share = no, a consumer, postoffice-deliver)."""
+    db = open_db(file_uri(var))
+    try:
+        server = EmbeddedZeo(file_uri(var))
+        with pytest.raises(EmbeddedZeoError, match=r"Data\.fs is locked by another process"):
+            server.start()
+        assert not server.running()
+        assert not server.socket_path.exists()
+    finally:
+        db.close()
+    # Once the other process lets go, the server starts.
+    with EmbeddedZeo(file_uri(var)) as server:
+        assert server.running()
+
+
+def test_a_stale_socket_is_replaced(var: Path) -> None:
+    """A server killed with SIGKILL (or a crash of the host) leaves zeo.sock behind."""
+    var.mkdir()
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(var / "zeo.sock"))
+    stale.close()
+    with EmbeddedZeo(file_uri(var)) as server:
+        db = open_db(server.client_uri)
+        try:
+            assert db.storage.is_connected()
+        finally:
+            db.close()
+
+
+def test_a_file_where_the_socket_goes_is_left_alone(var: Path) -> None:
+    var.mkdir()
+    (var / "zeo.sock").write_text("not a socket")
+    with pytest.raises(EmbeddedZeoError, match="not a socket"):
+        EmbeddedZeo(file_uri(var)).start()
+    assert (var / "zeo.sock").read_text() == "not a socket"
+
+
+# --- a server that dies ---------------------------------------------------------------
+
+
+def test_a_dead_server_is_started_again_and_serve_delivers_on(
+    zeo: EmbeddedZeo, tmp_path: Path
+) -> None:
+    depot = Depot(settings(zeo.client_uri, tmp_path))
+    try:
+        deliver(depot, range(1))
+        first = zeo.pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        wait_for(lambda: zeo.pid not in (None, first), "the ZEO server to be restarted")
+        # The client reconnects by itself; until then a delivery gets 451 (retried by Postfix).
+        deadline = time.monotonic() + WAIT
+        while True:
+            replies = depot.deliver(
+                "s@outside.example", ["someone@app.customera.example"], message(2)
+            )
+            if replies[0].reply.startswith("250"):
+                break
+            assert replies[0].reply.startswith("451"), replies[0].reply
+            assert time.monotonic() < deadline, "no delivery after the restart"
+            time.sleep(0.1)
+    finally:
+        depot.close()
+    with open_queue(zeo.client_uri, QUEUE) as queue:
+        assert len(queue) == 2
+
+
+def test_the_server_stops_when_its_parent_is_killed(var: Path) -> None:
+    """serve killed with SIGKILL must not leave a ZEO server holding Data.fs."""
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from postoffice.embedded import EmbeddedZeo\n"
+            "server = EmbeddedZeo(sys.argv[1]).start()\n"
+            "print(server.pid, flush=True)\n"
+            "time.sleep(120)\n",
+            file_uri(var),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        assert running_client_uri(file_uri(var)) is not None
+    finally:
+        parent.kill()
+        parent.wait()
+    wait_for(lambda: gone(child), "the orphaned ZEO server to stop")
+    assert not (var / "zeo.sock").exists()
+    # The lock is free again: the file opens directly.
+    open_db(file_uri(var)).close()
+
+
+# --- what serve opens --------------------------------------------------------------------
+
+
+def test_file_uris_are_shared_and_others_are_not(var: Path) -> None:
+    uri = file_uri(var)
+    client_uri, server = sharing_uri(uri)
+    assert server is not None and not server.running()
+    assert client_uri == (f"zeo://{var}/zeo.sock?shared_blob_dir=true&blob_dir={var}/blobs")
+    assert sharing_uri(uri, share=False) == (uri, None)
+    for other in ("zeo://localhost:8100", "memory://", "postgres://db/postoffice"):
+        assert sharing_uri(other) == (other, None)
+
+
+def test_shared_runs_the_server_only_for_the_block(var: Path) -> None:
+    with shared(file_uri(var)) as uri:
+        assert uri.startswith("zeo://")
+        assert running_client_uri(file_uri(var)) == uri
+    assert running_client_uri(file_uri(var)) is None
+    with shared(file_uri(var), share=False) as uri:
+        assert uri == file_uri(var)
+        assert not (var / "zeo.sock").exists()
+
+
+def test_database_options_follow_the_uri_and_storage_options_stay_with_the_server(
+    var: Path,
+) -> None:
+    depot = FileDepot.parse(
+        f"file://{var}/Data.fs?blobstorage_dir={var}/blobs&quota=1g&database_name=main"
+        "&connection_cache_size=5000"
+    )
+    assert depot.client_uri.endswith("&database_name=main&connection_cache_size=5000")
+    assert "quota 1g" in depot.zeo_config()
+    with pytest.raises(ConfigError, match="demostorage"):
+        FileDepot.parse(f"file://{var}/Data.fs?demostorage=true")
+
+
+def test_a_socket_path_too_long_for_unix_sockets_is_a_config_error(tmp_path: Path) -> None:
+    deep = tmp_path / ("x" * 120)
+    with pytest.raises(ConfigError, match="at most 107 bytes"):
+        EmbeddedZeo(file_uri(deep))
