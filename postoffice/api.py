@@ -13,6 +13,7 @@ from types import TracebackType
 from typing import Any
 
 import ZODB
+from ZODB.POSException import ConnectionStateError
 
 from postoffice.store import Queue, QueuesFolder, find_folder, open_db
 
@@ -27,15 +28,20 @@ class Closer:
         self.db = db
 
     def __call__(self) -> None:
+        """Close; work not committed through this connection is abandoned (aborted)."""
         connection, self.connection = self.connection, None
-        if connection is not None:
-            try:
-                connection.transaction_manager.abort()
-            finally:
-                connection.close()
-        db, self.db = self.db, None
-        if db is not None:
-            db.close()
+        try:
+            if connection is not None:
+                try:
+                    connection.close()
+                except ConnectionStateError:
+                    # It has uncommitted changes: abandon them, as closing means.
+                    connection.transaction_manager.abort()
+                    connection.close()
+        finally:
+            db, self.db = self.db, None
+            if db is not None:
+                db.close()
 
     close = __call__
 

@@ -407,9 +407,9 @@ def parse_listen(text: str) -> ListenAddress:
         path = text[len("unix:") :]
         if not path:
             raise ValueError("unix: needs a socket path")
-        return ListenAddress(path=Path(path))
+        return ListenAddress(path=Path(os.path.normpath(path)))
     if text.startswith("/"):
-        return ListenAddress(path=Path(text))
+        return ListenAddress(path=Path(os.path.normpath(text)))
     match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\[\]]+):(\d+)", text)
     if not match:
         raise ValueError(f"not an address: {text!r} (unix:/path, HOST:PORT or [IPv6]:PORT)")

@@ -9,6 +9,8 @@ Layout under ``zodb_path`` (``/postoffice`` by default)::
     Queue
       _messages:   LOBTree   key -> MessageRecord    (FIFO by key)
       _length:     Length    messages waiting (not claimed by a consumer)
+      _holders:    LOBTree   key -> (lease end, holder id) of claimed messages
+      _claims:     OOTreeSet (lease end, key), the same claims by age (leases, cleanup)
       _quarantine: LOBTree   key -> QuarantineRecord
       _ledger:     OOBTree   "message-id NUL recipient" -> arrival   (duplicates, 24 h)
       _ledger_by_time: OOTreeSet (arrival, key)   for O(log n) pruning
@@ -19,11 +21,22 @@ Keys of ``_messages`` come from the clock, not from ``max(keys) + 1`` (SPEC
 9): ``microseconds << 10 | salt``, the salt random per process, so two
 writers in different processes practically never pick the same key, and when
 they do the BTree's conflict makes one of them retry.
+
+Consuming (SPEC 6): ``pop_next`` claims the oldest waiting message in a
+private connection with its own transaction manager, committed at once (its
+conflicts retried there, never surfaced), so two consumers in different
+processes never hold one message.  The consumer's own transaction then only
+marks the record ``done``: the claims live in the queue's ``_holders`` and
+``_claims`` trees, which only claimers write, so the consumer's commit never
+conflicts with a claim (and needs no conflict resolution, which
+MappingStorage does not do).  A claim is a lease of ``CLAIM_LEASE`` seconds: a
+message popped by a consumer that crashed comes back when the lease ends.
 """
 
 from __future__ import annotations
 
 import contextlib
+import email.policy
 import itertools
 import logging
 import os
@@ -35,6 +48,7 @@ import uuid
 import weakref
 from collections.abc import Callable, Iterator
 from email.message import EmailMessage, Message
+from email.parser import BytesParser
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +66,6 @@ from ZODB.POSException import ConflictError
 
 from postoffice.decide import DUPLICATE_WINDOW, ThrottleView, throttle_window
 from postoffice.errors import ConfigError, QueueEmpty, StorageUnavailable, TemporaryError
-from postoffice.message import to_email_message
 
 log = logging.getLogger("postoffice.store")
 
@@ -64,8 +77,13 @@ CLAIM_LEASE = 3600.0
 # Bounded work per write, so pruning never makes one delivery slow.
 PRUNE_BATCH = 64
 CLAIM_ATTEMPTS = 20
+# Consumed records are removed once this many claims have piled up.
+CLEANUP_AT = 2 * PRUNE_BATCH
 # How many waiting messages one pop looks at to find one nobody holds.
 CANDIDATES = 64
+
+# The clock of claims and leases; tests replace it (``store.clock = ...``).
+clock: Callable[[], float] = time.time
 
 _SALT = random.SystemRandom().getrandbits(10)
 _key_lock = threading.Lock()
@@ -75,7 +93,7 @@ _last_key = 0
 def new_key(now: float | None = None) -> int:
     """A FIFO key: the arrival time in microseconds, shifted, plus this process's salt."""
     global _last_key
-    micros = int((time.time() if now is None else now) * 1_000_000)
+    micros = int((clock() if now is None else now) * 1_000_000)
     with _key_lock:
         base = max(micros, (_last_key >> 10) + 1)
         _last_key = (base << 10) | _SALT
@@ -86,7 +104,16 @@ def new_key(now: float | None = None) -> int:
 
 
 def open_db(uri: str) -> ZODB.DB:
-    """Open a database by zodburi URI; StorageUnavailable when it cannot be reached."""
+    """Open a database by zodburi URI; StorageUnavailable when it cannot be reached.
+
+    A ``file://`` depot that a running ``postoffice serve`` is sharing (its
+    embedded ZEO server answers beside ``Data.fs``) is opened through that
+    server: the file itself is locked by it.
+    """
+    if uri.startswith("file://"):
+        from postoffice.embedded import running_client_uri
+
+        uri = running_client_uri(uri) or uri
     try:
         factory, dbkw = zodburi.resolve_uri(uri)
     except Exception as exc:
@@ -127,20 +154,18 @@ def has_blobs(db: ZODB.DB) -> bool:
 
 
 class MessageRecord(Persistent):
-    """One queued message: bytes inline, or a blob for big ones.
+    """One queued message: bytes inline, or a blob for big ones, and ``done``.
 
-    Two writers touch a record: the claim (``claimed_until``, ``holder``,
-    in the claimer's own transaction) and the consumer marking it ``done``
-    in the application's transaction.  :meth:`_p_resolveConflict` merges
-    those two, so the application's commit never sees a ConflictError for
-    a message it popped.
+    After it is stored only one transaction ever writes a record: the one
+    of the consumer holding the claim on it, setting ``done``.  Claims live
+    in the queue's own trees, written by the claimers, so a consumer's commit
+    never conflicts with anybody's claim, on any storage (MappingStorage
+    resolves no conflicts at all).
     """
 
     data: bytes | None = None
     blob: Blob | None = None
     arrived: float = 0.0
-    claimed_until: float = 0.0
-    holder: str = ""
     done: bool = False
 
     def __init__(self, raw: bytes, arrived: float, use_blob: bool) -> None:
@@ -164,31 +189,33 @@ class MessageRecord(Persistent):
         with self.blob.open("r") as handle:
             return handle.read()
 
-    @property
-    def claimed(self) -> bool:
-        return self.claimed_until > 0
-
-    def _p_resolveConflict(
-        self, old: dict[str, Any], saved: dict[str, Any], new: dict[str, Any]
-    ) -> dict[str, Any]:
-        result = dict(saved)
-        for name in ("done",):
-            if new.get(name) != old.get(name):
-                result[name] = new.get(name)
-        for name in ("claimed_until", "holder"):
-            ours, theirs = new.get(name), saved.get(name)
-            if ours != old.get(name):
-                if theirs != old.get(name) and theirs != ours:
-                    raise ConflictError("two claims of one message")
-                result[name] = ours
-        return result
-
 
 class QuarantineRecord(Persistent):
-    def __init__(self, raw: bytes, error: str, when: float) -> None:
+    """A message set aside with its error; a big one shares its record's blob."""
+
+    data: bytes | None = None
+    blob: Blob | None = None
+
+    def __init__(self, raw: bytes | None, error: str, when: float) -> None:
         self.data = raw
         self.error = error
         self.when = when
+
+    @classmethod
+    def from_record(cls, record: MessageRecord, error: str, when: float) -> QuarantineRecord:
+        if record.data is not None:
+            return cls(record.data, error, when)
+        kept = cls(None, error, when)
+        kept.blob = record.blob
+        return kept
+
+    @property
+    def raw(self) -> bytes:
+        if self.data is not None:
+            return self.data
+        assert self.blob is not None
+        with self.blob.open("r") as handle:
+            return handle.read()
 
 
 class DeadLetter(Persistent):
@@ -257,6 +284,8 @@ class Queue(Persistent):
     def __init__(self) -> None:
         self._messages = LOBTree()
         self._length = Length()
+        self._holders = LOBTree()
+        self._claims = OOTreeSet()
         self._quarantine = LOBTree()
         self._quarantine_length = Length()
         self._ledger = OOBTree()
@@ -264,14 +293,68 @@ class Queue(Persistent):
         self._senders = OOBTree()
         self._senders_by_time = OOTreeSet()
 
+    # Queues made before claims had their trees get them at their first claim.
+    _holders: LOBTree | None = None
+    _claims: OOTreeSet | None = None
+
+    def _holder_of(self, key: int) -> tuple[float, str] | None:
+        """(lease end, holder) of the claim on a message, in this snapshot."""
+        holders = self._holders
+        return None if holders is None else holders.get(key)
+
+    def _is_waiting(self, key: int, record: MessageRecord, now: float) -> bool:
+        """Poppable: not consumed, and not held by a consumer whose lease still runs."""
+        if record.done:
+            return False
+        claim = self._holder_of(key)
+        return claim is None or claim[0] <= now
+
     # -- size ---------------------------------------------------------------
 
     def __len__(self) -> int:
-        """Messages waiting to be popped, in O(1)."""
-        return self._length()
+        """Messages waiting to be popped, as this consumer sees them.
+
+        O(1) in the usual case: the ``Length`` counter of unclaimed messages
+        in this transaction's snapshot, less what this connection popped in
+        this transaction, plus what it popped in a transaction that was
+        aborted (given back at its next pop), plus claims whose lease ran out
+        (their consumer died; normally none, found in O(log n)).
+        """
+        now = clock()
+        count: int = self._length()
+        jar = self._p_jar
+        claimer = _claimers.get(jar) if jar is not None else None
+        # Messages this consumer claimed or gave back since the snapshot began
+        # look in it as they were; what the claimer knows now is what counts.
+        mine = claimer.now_waiting(self._p_oid) if claimer is not None else {}
+        count += len(self._expired_claims(now) - mine.keys())
+        for key, waiting in mine.items():
+            record = self._messages.get(key)
+            if record is None:
+                continue
+            if self._holder_of(key) is None:
+                count -= 1  # unclaimed in the snapshot: its Length counts it
+            if waiting and not record.done:
+                count += 1
+        return max(count, 0)
 
     def __bool__(self) -> bool:
-        return self._length() > 0
+        return len(self) > 0
+
+    def _expired_claims(self, now: float) -> set[int]:
+        """Keys whose lease ended before ``now`` (read only, in this snapshot)."""
+        found: set[int] = set()
+        claims = self._claims
+        if not claims:
+            return found
+        for until, key in claims:
+            if until > now:
+                break
+            record = self._messages.get(key)
+            claim = self._holder_of(key)
+            if record is not None and not record.done and claim and claim[0] == until:
+                found.add(key)
+        return found
 
     # -- writing ------------------------------------------------------------
 
@@ -287,7 +370,7 @@ class Queue(Persistent):
     def add(self, message: Message | bytes, now: float | None = None) -> int:
         """Append a message given as an email Message or bytes (old API)."""
         raw = message if isinstance(message, bytes) else _as_bytes(message)
-        return self.store(raw, time.time() if now is None else now)
+        return self.store(raw, clock() if now is None else now)
 
     # -- the duplicate ledger -----------------------------------------------
 
@@ -324,7 +407,7 @@ class Queue(Persistent):
         """Old API: is this Message-Id already here for its X-Original-To?"""
         message_id = (message.get("Message-Id") or "").strip()
         recipient = (message.get("X-Original-To") or "").strip()
-        now = time.time() if now is None else now
+        now = clock() if now is None else now
         return bool(message_id) and self.has_delivered(
             message_id, recipient, now - DUPLICATE_WINDOW
         )
@@ -388,7 +471,7 @@ class Queue(Persistent):
         user = _sender_of(message)
         values = tuple((message.get(h) or "").strip() for h in headers or ())
         self.record_arrival(
-            _user_key(user, values), time.time() if now is None else now, window=24 * 3600
+            _user_key(user, values), clock() if now is None else now, window=24 * 3600
         )
 
     def get_instantaneous_frequency(
@@ -422,28 +505,32 @@ class Queue(Persistent):
         The message leaves the queue for good when the caller's transaction
         commits; if it aborts, the message is given back at the head of the
         queue (at this consumer's next pop, or when the connection closes).
+        Raises :class:`postoffice.QueueEmpty` (an IndexError) when nothing waits.
         """
         jar = self._p_jar
         if jar is None:
             return self._pop_unattached()
         claimer = _claimer_for(jar)
-        claimer.release_pending()
-        candidates = list(
-            itertools.islice(
-                (key for key, record in self._messages.items() if not record.done), CANDIDATES
-            )
-        )
+        given_back = claimer.release_pending(self._p_oid)
+        if given_back:
+            txn = jar.transaction_manager.get()
+            txn.addAfterCommitHook(claimer.forget_released)
+            txn.addAfterAbortHook(claimer.forget_released)
+        now = clock()
+        # Candidates come from this connection's snapshot; the claim looks at
+        # the newest state and skips what others took meanwhile.
+        waiting = (k for k, record in self._messages.items() if self._is_waiting(k, record, now))
+        candidates = list(itertools.islice(waiting, CANDIDATES))
+        # What this consumer just gave back may still look claimed in its snapshot.
+        candidates.extend(key for key in given_back if key not in candidates)
         if not candidates:
             raise QueueEmpty("the queue is empty")
+        candidates.sort()
         key, raw = claimer.claim(self._p_oid, candidates)
         record = self._messages[key]
         record.done = True
-        txn = jar.transaction_manager.get()
-        txn.addAfterCommitHook(_after_commit, (claimer, key, self._p_oid))
-        txn.addAfterAbortHook(_after_abort, (claimer, key, self._p_oid))
-        message = to_email_message(raw)
-        message.postoffice_id = key  # type: ignore[attr-defined]
-        return message
+        claimer.hold_in(jar.transaction_manager.get(), self._p_oid, key)
+        return stored_message(raw, key)
 
     def _pop_unattached(self) -> EmailMessage:
         """A queue not yet in a database (tests, scripts): plain FIFO."""
@@ -451,20 +538,22 @@ class Queue(Persistent):
             if not record.done:
                 del self._messages[key]
                 self._length.change(-1)
-                message = to_email_message(record.raw)
-                message.postoffice_id = key  # type: ignore[attr-defined]
-                return message
+                return stored_message(record.raw, key)
         raise QueueEmpty("the queue is empty")
 
     def messages(self) -> Iterator[tuple[int, bytes, float]]:
         """(key, raw, arrival) of each waiting message, oldest first (read only)."""
+        now = clock()
         for key, record in self._messages.items():
-            if not record.done and not record.claimed:
+            if self._is_waiting(key, record, now):
                 yield key, record.raw, record.arrived
 
     def oldest_arrival(self) -> float | None:
-        for _key, _raw, arrived in self.messages():
-            return arrived
+        """Arrival time of the oldest waiting message (reads no message bytes)."""
+        now = clock()
+        for key, record in self._messages.items():
+            if self._is_waiting(key, record, now):
+                return record.arrived
         return None
 
     # -- bounce and quarantine ------------------------------------------------
@@ -472,13 +561,13 @@ class Queue(Persistent):
     def bounce(
         self,
         message: Message,
-        send: Callable[[str, list[str], bytes], Any],
+        send: Callable[[str, list[str], Message], Any],
         bounce_from_addr: str,
         bounce_reason: str | None = None,
         bounce_message: Message | None = None,
     ) -> None:
         """Tell the sender the message bounced, once this transaction commits."""
-        from postoffice.notices import make_bounce, message_sender
+        from postoffice.notices import make_bounce, mark_ours, message_sender
 
         if bounce_reason is not None and bounce_message is not None:
             raise ValueError("give bounce_reason or bounce_message, not both")
@@ -486,69 +575,79 @@ class Queue(Persistent):
         if to_addr is None:
             log.warning("bounce: message has no From address; nothing sent")
             return
-        bounce = bounce_message or make_bounce(message, bounce_from_addr, bounce_reason)
-        _mark_ours(bounce)
+        if bounce_message is not None:
+            bounce = bounce_message
+            mark_ours(bounce)
+        else:
+            bounce = make_bounce(message, bounce_from_addr, bounce_reason, to_addr)
         _send_after_commit(self, send, bounce_from_addr, [to_addr], bounce)
 
     def quarantine(
         self,
         message: Message,
         error: Any,
-        send: Callable[[str, list[str], bytes], Any] | None = None,
+        send: Callable[[str, list[str], Message], Any] | None = None,
         notice_from: str | None = None,
     ) -> int:
-        """Move a message out of the queue, with the error, for a person to look at."""
+        """Move a message out of the queue, with the error, for a person to look at.
+
+        Meant for the message ``pop_next`` returned, also after the
+        transaction that popped it was aborted (SPEC 6 loop): this consumer
+        still holds it, so it goes to the quarantine and never back into the
+        queue once this transaction commits.  Any other message is kept as a
+        copy.  Returns the quarantine id (also set as ``message.__name__``).
+        """
         from postoffice.notices import format_error, make_notice, message_sender
 
         if send is not None and notice_from is None:
             raise ValueError("notice_from is required when send is given")
-        key = _postoffice_id(message)
-        raw = None
-        if key is not None:
-            record = self._messages.get(key)
-            if record is not None:
-                raw = record.raw
-                record.done = True
-                jar = self._p_jar
-                if jar is not None:
-                    claimer = _claimer_for(jar)
-                    claimer.adopt(key)
-                    txn = jar.transaction_manager.get()
-                    txn.addAfterCommitHook(_after_commit, (claimer, key, self._p_oid))
-                    txn.addAfterAbortHook(_after_abort, (claimer, key, self._p_oid))
-        if raw is None:
-            raw = _as_bytes(message)
-        qkey = key if key is not None and key not in self._quarantine else new_key()
-        self._quarantine[qkey] = QuarantineRecord(raw, format_error(error), time.time())
+        key = getattr(message, "postoffice_id", None)
+        record: MessageRecord | None = None
+        jar = self._p_jar
+        if isinstance(key, int) and jar is not None:
+            claimer = _claimers.get(jar)
+            if claimer is not None and claimer.holds(self._p_oid, key):
+                record = self._messages.get(key)
+                if record is not None:
+                    record.done = True
+                    claimer.hold_in(jar.transaction_manager.get(), self._p_oid, key)
+        qkey = key if isinstance(key, int) and key not in self._quarantine else new_key()
+        if record is not None:
+            kept = QuarantineRecord.from_record(record, format_error(error), clock())
+        else:
+            kept = QuarantineRecord(_as_bytes(message), format_error(error), clock())
+        self._quarantine[qkey] = kept
         self._quarantine_length.change(1)
+        with contextlib.suppress(AttributeError, TypeError):
+            message.__name__ = qkey  # type: ignore[attr-defined]
         if send is not None and notice_from is not None:
             to_addr = message_sender(message)
             if to_addr is not None:
-                notice = make_notice(message, notice_from)
-                _mark_ours(notice)
+                notice = make_notice(message, notice_from, to_addr)
                 _send_after_commit(self, send, notice_from, [to_addr], notice)
+            else:
+                log.warning("quarantine: message has no From address; no notice sent")
         return qkey
 
     def get_quarantined_messages(self) -> Iterator[tuple[EmailMessage, str]]:
+        """(message, error text) of each quarantined message, oldest first."""
         for key, record in self._quarantine.items():
-            message = to_email_message(record.data)
-            message.postoffice_id = key  # type: ignore[attr-defined]
-            yield message, record.error
+            yield stored_message(record.raw, key, quarantined=True), record.error
 
     def get_quarantined_message(self, message_id: int) -> EmailMessage:
+        """One quarantined message by its id; KeyError when there is none."""
         record = self._quarantine[int(message_id)]
-        message = to_email_message(record.data)
-        message.postoffice_id = int(message_id)  # type: ignore[attr-defined]
-        return message
+        return stored_message(record.raw, int(message_id), quarantined=True)
 
     def get_quarantine_error(self, message_id: int) -> str:
-        return self._quarantine[int(message_id)].error
+        return str(self._quarantine[int(message_id)].error)
 
     def count_quarantined_messages(self) -> int:
-        return self._quarantine_length()
+        return int(self._quarantine_length())
 
     def remove_from_quarantine(self, message: Message | int) -> None:
-        key = message if isinstance(message, int) else _postoffice_id(message)
+        """Forget a quarantined message (given as itself or by id); ValueError if absent."""
+        key = message if isinstance(message, int) else _quarantine_id(message)
         if key is None or key not in self._quarantine:
             raise ValueError("message is not in quarantine")
         del self._quarantine[key]
@@ -562,19 +661,46 @@ class Queue(Persistent):
         return len(keys)
 
     def requeue_quarantined_message(self, key: int) -> int:
-        record = self._quarantine[key]
-        del self._quarantine[key]
+        record = self._quarantine[int(key)]
+        del self._quarantine[int(key)]
         self._quarantine_length.change(-1)
-        return self.store(record.data, time.time())
+        return self.store(record.raw, clock())
 
-    def cleanup(self, limit: int = PRUNE_BATCH) -> int:
-        """Remove up to ``limit`` consumed records from the head of the queue."""
+    def cleanup(self, holder: str = "", now: float | None = None, limit: int = PRUNE_BATCH) -> int:
+        """Remove up to ``limit`` consumed records, oldest claims first.
+
+        Only records this claimer (``holder``) claimed, or whose lease has
+        ended, so two consumers cleaning at once do not fight over one record.
+        Runs in a claimer's transaction: it writes only what claimers write.
+        """
+        claims, holders = self._claims, self._holders
+        if claims is None or holders is None:
+            return 0
+        now = clock() if now is None else now
         removed = 0
-        for key, record in list(self._messages.items()[: limit * 4]):
-            if record.done and removed < limit:
+        for until, key in list(itertools.islice(claims, limit * 4)):
+            if removed >= limit:
+                break
+            claim = holders.get(key)
+            if claim is None or claim[0] != until:
+                claims.remove((until, key))  # a stale index entry
+                continue
+            if claim[1] != holder and until > now:
+                continue
+            record = self._messages.get(key)
+            if record is not None and not record.done:
+                continue
+            if record is not None:
                 del self._messages[key]
                 removed += 1
+            del holders[key]
+            claims.remove((until, key))
         return removed
+
+
+def _waiting_record(queue: Queue, key: int) -> bool:
+    record = queue._messages.get(key)
+    return record is not None and not record.done
 
 
 _MAX_ARRIVALS = 1000
@@ -602,53 +728,124 @@ def _sender_of(message: Message) -> str:
 
 
 def _as_bytes(message: Message) -> bytes:
-    from email import policy
-
+    """Bytes of a message to store: as popped when unchanged, else generated."""
     try:
-        return message.as_bytes(policy=policy.compat32)
-    except Exception:
         return message.as_bytes()
+    except Exception:
+        # Hostile headers can defeat the modern policy's folding; compat32 copes.
+        return message.as_bytes(policy=email.policy.compat32)
 
 
-def _postoffice_id(message: Message) -> int | None:
-    key = getattr(message, "postoffice_id", None)
-    if isinstance(key, int):
-        return key
-    header = message.get("X-Postoffice-Id")
-    try:
-        return int(str(header).strip()) if header is not None else None
-    except ValueError:
-        return None
-
-
-def _mark_ours(message: Message) -> None:
-    """Our own mail says so: loops back are discarded (rule 2) and not answered."""
-    for name, value in (("X-Postoffice", "Bounced"), ("Auto-Submitted", "auto-replied")):
-        del message[name]
-        message[name] = value
+def _quarantine_id(message: Message) -> int | None:
+    """The quarantine id of a message: ``__name__`` (old API) or ``postoffice_id``."""
+    for name in ("__name__", "postoffice_id"):
+        key = getattr(message, name, None)
+        if isinstance(key, int):
+            return key
+    return None
 
 
 def _send_after_commit(
     queue: Queue,
-    send: Callable[[str, list[str], bytes], Any],
+    send: Callable[[str, list[str], Message], Any],
     from_addr: str,
     to_addrs: list[str],
     message: Message,
 ) -> None:
-    """Side effects wait for the commit, so an aborted or retried one sends nothing."""
+    """Side effects wait for the commit, so an aborted or retried one sends nothing.
+
+    ``send`` gets the message object, as in the old package (repoze.sendmail's
+    mailers take one); :class:`postoffice.SMTPSender` takes bytes too.
+    """
     jar = queue._p_jar
     manager = jar.transaction_manager if jar is not None else transaction.manager
-    data = _as_bytes(message)
 
     def hook(status: bool) -> None:
         if not status:
             return
         try:
-            send(from_addr, to_addrs, data)
+            send(from_addr, list(to_addrs), message)
         except Exception:
             log.exception("sending to %s failed after commit", to_addrs)
 
     manager.get().addAfterCommitHook(hook)
+
+
+# --- the consumer's view of a stored message -----------------------------------
+
+
+class StoredMessage(EmailMessage):
+    """What ``pop_next`` returns: header values decoded, and the stored bytes.
+
+    ``as_bytes()`` (and ``bytes()``) of a message nobody changed give back
+    exactly the bytes stored, which ``email``'s generator does not (it
+    refolds headers, rewrites line ends and multipart boundaries).  Once any
+    part is changed, the message is generated as ``email`` always does.
+    """
+
+    postoffice_id: int | None = None
+    _stored: bytes | None = None
+    _pristine: tuple[Any, ...] | None = None
+
+    def as_bytes(self, unixfrom: bool = False, policy: Any = None) -> bytes:
+        stored = self._stored
+        if stored is not None and not unixfrom and policy is None and self._unchanged():
+            return stored
+        return super().as_bytes(unixfrom=unixfrom, policy=policy)
+
+    def __bytes__(self) -> bytes:
+        return self.as_bytes()
+
+    def _unchanged(self) -> bool:
+        return self._pristine is not None and _same_shape(_shape(self), self._pristine)
+
+
+def _shape(message: Message) -> tuple[Any, ...]:
+    """Every part with what the generator reads from it, for an identity comparison."""
+    parts = []
+    for part in message.walk():
+        payload = part._payload  # type: ignore[attr-defined]
+        parts.append(
+            (
+                part,
+                tuple(part._headers),  # type: ignore[attr-defined]
+                tuple(payload) if isinstance(payload, list) else payload,
+                part.preamble,
+                part.epilogue,
+                part._unixfrom,  # type: ignore[attr-defined]
+                part._charset,  # type: ignore[attr-defined]
+                part._default_type,  # type: ignore[attr-defined]
+                part.policy,
+            )
+        )
+    return tuple(parts)
+
+
+def _same_shape(now: tuple[Any, ...], then: tuple[Any, ...]) -> bool:
+    if len(now) != len(then):
+        return False
+    for a, b in zip(now, then, strict=True):
+        if len(a) != len(b):
+            return False
+        for x, y in zip(a, b, strict=True):
+            if isinstance(x, tuple) and isinstance(y, tuple):
+                if len(x) != len(y) or any(i is not j for i, j in zip(x, y, strict=True)):
+                    return False
+            elif x is not y:
+                return False
+    return True
+
+
+def stored_message(raw: bytes, key: int | None = None, quarantined: bool = False) -> EmailMessage:
+    """The consumer's view of stored bytes (``postoffice_id`` names the record)."""
+    message = BytesParser(_class=StoredMessage, policy=email.policy.default).parsebytes(raw)
+    assert isinstance(message, StoredMessage)
+    message._stored = raw
+    message._pristine = _shape(message)
+    message.postoffice_id = key
+    if quarantined and key is not None:
+        message.__name__ = key  # type: ignore[attr-defined]
+    return message
 
 
 # --- claims: exclusive pops across processes --------------------------------
@@ -659,15 +856,27 @@ class _Claimer:
 
     The claim commits at once (retrying conflicts), so two consumers never
     hold the same message; the consumer's own transaction then only marks
-    the record done, which :meth:`MessageRecord._p_resolveConflict` merges.
+    the record done, an object no claimer writes.
+
+    ``held`` are the (queue oid, key) this consumer claimed and whose
+    transaction has not committed yet; ``pending`` those among them whose
+    transaction was aborted.  Pending messages stay claimed until this
+    consumer's next pop (or the connection's close) gives them back, so that
+    ``quarantine`` after ``abort`` can still take them (SPEC 6 loop) without
+    another consumer popping them in between.
     """
 
     def __init__(self, db: ZODB.DB) -> None:
         self.manager = transaction.TransactionManager()
         self.connection = db.open(transaction_manager=self.manager)
         self.holder = uuid.uuid4().hex
+        self.held: set[tuple[bytes, int]] = set()
         self.pending: set[tuple[bytes, int]] = set()
+        self.released: set[tuple[bytes, int]] = set()
         self.lock = threading.Lock()
+        self.closed = False
+
+    # -- claiming --------------------------------------------------------------
 
     def claim(self, queue_oid: bytes, candidates: list[int]) -> tuple[int, bytes]:
         """Claim the first candidate nobody else holds; conflicts are retried here."""
@@ -675,66 +884,136 @@ class _Claimer:
             try:
                 self.manager.begin()
                 queue = self.connection.get(queue_oid)
-                found = self._claim_one(queue, candidates, time.time())
+                found = self._claim_one(queue, candidates, clock())
                 self.manager.commit()
-                return found
             except ConflictError:
                 self.manager.abort()
                 time.sleep(random.uniform(0, 0.005) * (number + 1))
+                continue
             except BaseException:
                 self.manager.abort()
                 raise
+            with self.lock:
+                self.held.add((queue_oid, found[0]))
+            return found
         raise TemporaryError("the queue is too busy to claim a message; try again")
 
     def _claim_one(self, queue: Queue, candidates: list[int], now: float) -> tuple[int, bytes]:
-        queue.cleanup()
+        if queue._holders is None or queue._claims is None:
+            queue._holders = LOBTree()
+            queue._claims = OOTreeSet()
+        holders, claims = queue._holders, queue._claims
+        if len(claims) >= CLEANUP_AT:
+            # In batches: deleting the head of a bucket conflicts with any
+            # other change to that bucket (a writer appending to a short queue).
+            queue.cleanup(self.holder, now, CLEANUP_AT)
         for key in candidates:
             record = queue._messages.get(key)
             if record is None or record.done:
                 continue
-            if record.claimed_until > now and record.holder != self.holder:
+            claim = holders.get(key)
+            if claim is not None and claim[0] > now and claim[1] != self.holder:
                 continue
-            if not record.claimed:
+            if claim is not None:
+                # A lease that ran out (its consumer is gone) or our own: move it.
+                claims.discard((claim[0], key))
+            else:
                 queue._length.change(-1)
-            record.claimed_until = now + CLAIM_LEASE
-            record.holder = self.holder
+            until = now + CLAIM_LEASE
+            holders[key] = (until, self.holder)
+            claims.add((until, key))
+            # Should a late consumer mark it done meanwhile, this claim conflicts.
+            self.connection.readCurrent(record)
             return key, record.raw
         raise QueueEmpty("every waiting message is taken by another consumer")
 
-    def adopt(self, key: int) -> None:
+    # -- what this consumer holds -------------------------------------------------
+
+    def holds(self, queue_oid: bytes, key: int) -> bool:
         with self.lock:
-            self.pending = {p for p in self.pending if p[1] != key}
+            return (queue_oid, key) in self.held
 
-    def give_back(self, queue_oid: bytes, key: int) -> None:
+    def now_waiting(self, queue_oid: bytes) -> dict[int, bool]:
+        """Keys of a queue this consumer touched, and whether each waits now.
+
+        Held (popped, transaction open): no.  Popped in an aborted
+        transaction, or given back since the consumer's transaction began: yes.
+        """
         with self.lock:
-            self.pending.add((queue_oid, key))
+            state = {key: False for oid, key in self.held if oid == queue_oid}
+            for oid, key in self.pending | self.released:
+                if oid == queue_oid and (oid, key) not in self.held - self.pending:
+                    state[key] = True
+        return state
 
-    def forget(self, key: int) -> None:
-        self.adopt(key)
+    def forget_released(self, *_args: object) -> None:
+        """The consumer's transaction ended: its next snapshot shows what we gave back."""
+        with self.lock:
+            self.released.clear()
 
-    def release_pending(self) -> None:
-        """Give back messages popped in transactions that did not commit."""
+    def hold_in(self, txn: Any, queue_oid: bytes, key: int) -> None:
+        """The message is consumed if ``txn`` commits, given back if it aborts."""
+        with self.lock:
+            self.pending.discard((queue_oid, key))
+            self.held.add((queue_oid, key))
+        txn.addAfterCommitHook(self._after_commit, (queue_oid, key))
+        txn.addAfterAbortHook(self._after_abort, (queue_oid, key))
+
+    def _after_commit(self, status: bool, queue_oid: bytes, key: int) -> None:
+        with self.lock:
+            if status:
+                self.held.discard((queue_oid, key))
+                self.pending.discard((queue_oid, key))
+            elif (queue_oid, key) in self.held:
+                self.pending.add((queue_oid, key))
+
+    def _after_abort(self, queue_oid: bytes, key: int) -> None:
+        with self.lock:
+            if (queue_oid, key) in self.held:
+                self.pending.add((queue_oid, key))
+
+    def release_pending(self, queue_oid: bytes | None = None) -> list[int]:
+        """Give back messages popped in transactions that did not commit.
+
+        Returns the keys given back in the queue ``queue_oid``.
+        """
         with self.lock:
             pending, self.pending = self.pending, set()
         if not pending:
-            return
+            return []
+        given: set[tuple[bytes, int]] = set()
         try:
             for attempt in self.manager.attempts(CLAIM_ATTEMPTS):
                 with attempt:
-                    for queue_oid, key in sorted(pending):
-                        queue = self.connection.get(queue_oid)
-                        record = queue._messages.get(key)
-                        if record is None or record.done or record.holder != self.holder:
-                            continue
-                        if record.claimed:
-                            record.claimed_until = 0.0
-                            queue._length.change(1)
+                    given = set()
+                    for oid, key in sorted(pending):
+                        if self._give_back(self.connection.get(oid), key):
+                            given.add((oid, key))
         except Exception:
             log.exception(
                 "could not give back %d popped messages; their lease will expire", len(pending)
             )
+            with self.lock:
+                self.pending |= pending
+            return []
+        with self.lock:
+            self.held -= pending
+            self.released |= given
+        return sorted(key for oid, key in given if oid == queue_oid)
+
+    def _give_back(self, queue: Queue, key: int) -> bool:
+        record = queue._messages.get(key)
+        claim = queue._holder_of(key)
+        if record is None or record.done or claim is None or claim[1] != self.holder:
+            return False
+        assert queue._holders is not None and queue._claims is not None
+        del queue._holders[key]
+        queue._claims.discard((claim[0], key))
+        queue._length.change(1)
+        return True
 
     def close(self) -> None:
+        self.closed = True
         try:
             self.release_pending()
         finally:
@@ -750,24 +1029,22 @@ _claimers_lock = threading.Lock()
 
 
 def _claimer_for(jar: Any) -> _Claimer:
+    """The claimer of a consumer's connection, made at its first pop."""
     with _claimers_lock:
         claimer = _claimers.get(jar)
-        if claimer is None:
+        if claimer is None or claimer.closed:
             claimer = _Claimer(jar.db())
             _claimers[jar] = claimer
-            jar.onCloseCallback(claimer.close)
+            jar.onCloseCallback(lambda: _close_claimer(jar, claimer))
         return claimer
 
 
-def _after_commit(status: bool, claimer: _Claimer, key: int, queue_oid: bytes) -> None:
-    if status:
-        claimer.forget(key)
-    else:
-        claimer.give_back(queue_oid, key)
-
-
-def _after_abort(claimer: _Claimer, key: int, queue_oid: bytes) -> None:
-    claimer.give_back(queue_oid, key)
+def _close_claimer(jar: Any, claimer: _Claimer) -> None:
+    """The consumer's connection closes (back to the pool): its claims go back too."""
+    with _claimers_lock:
+        if _claimers.get(jar) is claimer:
+            del _claimers[jar]
+    claimer.close()
 
 
 # --- the folder at zodb_path ---------------------------------------------------

@@ -1,0 +1,483 @@
+"""The store under consumers: claims, leases, counts, blobs, reconcile, old-API state.
+
+Every test runs on a real FileStorage with a blob folder in ``tmp_path``
+(a few on storages without blob support), messages put in with
+``Depot.deliver`` or ``Queue.add``.  Where durability matters the database
+is closed and opened again from disk.  The only thing replaced is the
+store's clock, to make a claim's lease run out without waiting an hour.
+"""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import transaction
+import ZODB
+from ZODB.POSException import ConflictError
+
+from postoffice import QueueEmpty, open_queue, store
+from postoffice.config import loads
+from postoffice.deliver import Depot
+from postoffice.store import (
+    BLOB_THRESHOLD,
+    CLAIM_LEASE,
+    CLEANUP_AT,
+    Queue,
+    find_folder,
+    open_db,
+    reconcile,
+)
+
+CONFIG = """\
+[post office]
+zodb_uri = {uri}
+
+[queue:A]
+filters =
+    to_hostname: a.example
+
+[queue:B]
+filters =
+    to_hostname: b.example
+"""
+
+
+def uri_for(folder: Path) -> str:
+    return f"file://{folder}/Data.fs?blobstorage_dir={folder}/blobs"
+
+
+def message(number: int, size: int = 0, to: str = "rcpt@a.example") -> bytes:
+    body = f"Body {number}.\r\n" + ("x" * 76 + "\r\n") * (size // 78)
+    return (
+        "From: Sender <sender@outside.example>\r\n"
+        f"To: {to}\r\n"
+        f"Message-Id: <{number}@outside.example>\r\n"
+        f"Subject: number {number}\r\n"
+        "\r\n" + body
+    ).encode()
+
+
+def fill(folder: Path, count: int, size: int = 0, uri: str | None = None, start: int = 0) -> None:
+    """Deliver ``count`` messages to queue A the way the LMTP server does."""
+    depot = Depot(loads(CONFIG.format(uri=uri or uri_for(folder)), folder / "postoffice.ini"))
+    try:
+        depot.prepare()
+        for number in range(start, start + count):
+            raw = message(number, size)
+            outcomes = depot.deliver("sender@outside.example", ["rcpt@a.example"], raw)
+            assert outcomes[0].reply.startswith("250 "), outcomes[0].reply
+    finally:
+        depot.close()
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[ZODB.DB]:
+    fill(tmp_path, 0)  # creates the queues
+    opened = open_db(uri_for(tmp_path))
+    yield opened
+    opened.close()
+
+
+def subjects_left(uri_or_db: object, queue: str = "A") -> list[str]:
+    """Subjects of the waiting messages, oldest first, read in a fresh connection."""
+    with open_queue(uri_or_db, queue) as opened:  # type: ignore[arg-type]
+        return [store.stored_message(raw)["Subject"] for _key, raw, _arrived in opened.messages()]
+
+
+class Consumer:
+    """One consumer: its own connection and transaction manager, as a second process has."""
+
+    def __init__(self, db: ZODB.DB, name: str = "A") -> None:
+        self.manager = transaction.TransactionManager()
+        self.connection = db.open(transaction_manager=self.manager)
+        self.queue: Queue = find_folder(self.connection.root(), "/postoffice")[name]
+
+    def pop(self) -> str:
+        return str(self.queue.pop_next()["Subject"])
+
+    def close(self) -> None:
+        self.manager.abort()
+        self.connection.close()
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[float]]:
+    """The store's clock, settable: ``clock[0] += CLAIM_LEASE`` ends every lease."""
+    now = [store.clock()]
+    monkeypatch.setattr(store, "clock", lambda: now[0])
+    yield now
+
+
+# --- FIFO, len, truthiness -------------------------------------------------------------
+
+
+def test_queue_add_keeps_fifo_order_even_within_one_clock_tick(db: ZODB.DB) -> None:
+    consumer = Consumer(db)
+    for number in range(20):
+        consumer.queue.add(message(number), now=1_700_000_000.0)  # one timestamp for all
+    consumer.manager.commit()
+    assert [consumer.pop() for _ in range(20)] == [f"number {n}" for n in range(20)]
+    consumer.manager.commit()
+    consumer.close()
+
+
+def test_len_and_truth_follow_pops_commits_and_aborts(tmp_path: Path, db: ZODB.DB) -> None:
+    consumer = Consumer(db)
+    assert len(consumer.queue) == 0
+    assert not consumer.queue
+    consumer.close()
+    db.close()
+    fill(tmp_path, 3)
+    db = open_db(uri_for(tmp_path))
+    consumer = Consumer(db)
+    assert len(consumer.queue) == 3 and consumer.queue
+    consumer.pop()
+    assert len(consumer.queue) == 2  # popped in this transaction: no longer waiting
+    consumer.manager.abort()
+    assert len(consumer.queue) == 3  # given back
+    consumer.pop()
+    consumer.pop()
+    consumer.manager.commit()
+    assert len(consumer.queue) == 1
+    consumer.pop()
+    assert len(consumer.queue) == 0 and not consumer.queue
+    consumer.manager.commit()
+    consumer.close()
+    db.close()
+
+
+def test_pop_from_an_empty_queue_raises_queue_empty_an_index_error(db: ZODB.DB) -> None:
+    consumer = Consumer(db)
+    with pytest.raises(QueueEmpty) as raised:
+        consumer.queue.pop_next()
+    assert isinstance(raised.value, IndexError)
+    consumer.close()
+
+
+# --- exclusive pops, conflicts, leases ---------------------------------------------------
+
+
+def test_two_consumers_never_get_the_same_message_and_both_commit(
+    tmp_path: Path, db: ZODB.DB
+) -> None:
+    db.close()
+    fill(tmp_path, 4, size=BLOB_THRESHOLD + 1000)  # blob records: resolution must cope
+    db = open_db(uri_for(tmp_path))
+    first, second = Consumer(db), Consumer(db)
+    assert first.pop() == "number 0"
+    assert second.pop() == "number 1"  # 0 is held by the first, uncommitted
+    assert first.pop() == "number 2"
+    first.manager.commit()  # each commit conflicts with the other's claims: resolved
+    second.manager.commit()
+    first.close()
+    second.close()
+    db.close()
+    assert subjects_left(uri_for(tmp_path)) == ["number 3"]
+
+
+def test_many_threads_consume_every_message_once_without_conflict_errors(
+    tmp_path: Path, db: ZODB.DB
+) -> None:
+    db.close()
+    fill(tmp_path, 120)
+    db = open_db(uri_for(tmp_path))
+    seen: list[list[str]] = [[], [], []]
+    errors: list[BaseException] = []
+
+    def work(number: int) -> None:
+        consumer = Consumer(db)
+        try:
+            while consumer.queue:
+                try:
+                    subject = consumer.pop()
+                except QueueEmpty:
+                    consumer.manager.abort()
+                    continue
+                consumer.manager.commit()
+                seen[number].append(subject)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            consumer.close()
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    everything = [s for part in seen for s in part]
+    assert sorted(everything) == sorted(f"number {n}" for n in range(120))
+    assert len(set(everything)) == 120
+    db.close()
+    assert subjects_left(uri_for(tmp_path)) == []
+
+
+def test_popped_and_committed_is_gone_after_reopening_from_disk(
+    tmp_path: Path, db: ZODB.DB
+) -> None:
+    db.close()
+    fill(tmp_path, 2)
+    with open_queue(uri_for(tmp_path), "A") as queue:
+        assert queue.pop_next()["Subject"] == "number 0"
+        transaction.commit()
+    assert subjects_left(uri_for(tmp_path)) == ["number 1"]
+
+
+def test_popped_and_aborted_comes_back_first_also_to_another_consumer(
+    tmp_path: Path, db: ZODB.DB
+) -> None:
+    db.close()
+    fill(tmp_path, 3)
+    db = open_db(uri_for(tmp_path))
+    first = Consumer(db)
+    assert first.pop() == "number 0"
+    first.manager.abort()
+    assert first.pop() == "number 0"  # this consumer's next pop
+    first.manager.abort()
+    first.close()  # closing gives it back to everybody
+    second = Consumer(db)
+    assert second.pop() == "number 0"
+    second.manager.commit()
+    second.close()
+    db.close()
+    assert subjects_left(uri_for(tmp_path)) == ["number 1", "number 2"]
+
+
+CRASHING_CONSUMER = textwrap.dedent(
+    """
+    import os, sys
+    from postoffice import open_queue
+    queue, closer = open_queue(sys.argv[1], "A")
+    print(queue.pop_next()["Subject"], flush=True)
+    os._exit(0)  # dies holding the message: no commit, no abort, no close
+    """
+)
+
+
+def test_a_message_held_by_a_consumer_that_died_comes_back_after_the_lease(
+    tmp_path: Path, db: ZODB.DB, clock: list[float]
+) -> None:
+    db.close()
+    fill(tmp_path, 2)
+    died = subprocess.run(
+        [sys.executable, "-c", CRASHING_CONSUMER, uri_for(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert died.stdout.strip() == "number 0", died.stderr
+    db = open_db(uri_for(tmp_path))
+    consumer = Consumer(db)
+    assert len(consumer.queue) == 1  # number 0 is still held by the dead consumer
+    assert consumer.pop() == "number 1"
+    consumer.manager.commit()
+    assert not consumer.queue
+    with pytest.raises(QueueEmpty):
+        consumer.queue.pop_next()
+    consumer.manager.abort()
+    clock[0] += CLAIM_LEASE + 1
+    assert len(consumer.queue) == 1 and consumer.queue  # `while queue:` sees it again
+    assert len(list(consumer.queue.messages())) == 1  # the CLI's depth and oldest see it too
+    assert consumer.pop() == "number 0"
+    consumer.manager.commit()
+    assert len(consumer.queue) == 0
+    consumer.close()
+    db.close()
+    assert subjects_left(uri_for(tmp_path)) == []
+
+
+def test_a_consumer_whose_lease_ran_out_cannot_commit_a_message_another_took(
+    tmp_path: Path, db: ZODB.DB, clock: list[float]
+) -> None:
+    db.close()
+    fill(tmp_path, 1)
+    db = open_db(uri_for(tmp_path))
+    slow, fast = Consumer(db), Consumer(db)
+    assert slow.pop() == "number 0"
+    clock[0] += CLAIM_LEASE + 1
+    assert fast.pop() == "number 0"
+    fast.manager.commit()
+    # Processed twice would be wrong: the slow consumer is told, and its work undone.
+    with pytest.raises(ConflictError):
+        slow.manager.commit()
+    slow.manager.abort()
+    assert len(slow.queue) == 0
+    slow.close()
+    fast.close()
+    db.close()
+    assert subjects_left(uri_for(tmp_path)) == []
+
+
+def test_len_matches_the_waiting_messages_through_a_random_run(tmp_path: Path, db: ZODB.DB) -> None:
+    """A model of the queue against len(), messages() and a reopened database."""
+    db.close()
+    fill(tmp_path, 30)
+    db = open_db(uri_for(tmp_path))
+    consumer = Consumer(db)
+    rng = random.Random(20240601)
+    waiting = 30  # in the database
+    unseen = 0  # added by a writer after this consumer's transaction began
+    popped_now = 0
+    added = 0
+    for _step in range(150):
+        action = rng.choice(["pop", "pop", "commit", "abort", "quarantine", "add"])
+        if action == "pop":
+            try:
+                last = consumer.queue.pop_next()
+            except QueueEmpty:
+                assert waiting - unseen - popped_now == 0
+                continue
+            popped_now += 1
+        elif action == "commit":
+            consumer.manager.commit()
+            waiting -= popped_now
+            popped_now = unseen = 0
+        elif action == "abort":
+            consumer.manager.abort()
+            popped_now = unseen = 0
+        elif action == "quarantine" and popped_now:
+            consumer.manager.abort()
+            consumer.queue.quarantine(last, "broken")
+            consumer.manager.commit()
+            waiting -= 1
+            popped_now = unseen = 0
+        elif action == "add":  # a writer's transaction, as the LMTP server's
+            writer = Consumer(db)
+            writer.queue.add(message(1000 + added))
+            writer.manager.commit()
+            writer.close()
+            added += 1
+            waiting += 1
+            unseen += 1
+        assert len(consumer.queue) == waiting - unseen - popped_now
+        assert bool(consumer.queue) == (waiting - unseen - popped_now > 0)
+    consumer.manager.commit()
+    waiting -= popped_now
+    consumer.close()
+    db.close()
+    assert len(subjects_left(uri_for(tmp_path))) == waiting
+    with open_queue(uri_for(tmp_path), "A") as queue:
+        assert len(queue) == waiting
+
+
+def test_consumed_records_are_cleaned_up_so_the_queue_does_not_grow(
+    tmp_path: Path, db: ZODB.DB
+) -> None:
+    db.close()
+    fill(tmp_path, 3 * CLEANUP_AT)
+    with open_queue(uri_for(tmp_path), "A") as queue:
+        while queue:
+            queue.pop_next()
+            transaction.commit()
+        assert len(queue._messages) <= CLEANUP_AT  # consumed records do not pile up
+        assert len(queue._claims) <= CLEANUP_AT
+
+
+# --- blobs and inline bytes ----------------------------------------------------------------
+
+
+def test_large_messages_go_to_blobs_small_ones_stay_inline(tmp_path: Path, db: ZODB.DB) -> None:
+    db.close()
+    fill(tmp_path, 1, size=100)
+    fill(tmp_path, 1, size=BLOB_THRESHOLD + 1, start=1)
+    with open_queue(uri_for(tmp_path), "A") as queue:
+        small, large = list(queue._messages.values())
+        assert small.blob is None and small.data is not None
+        assert large.data is None and large.blob is not None
+        raw = large.raw
+        assert len(raw) > BLOB_THRESHOLD
+        assert any(path.suffix == ".blob" for path in (tmp_path / "blobs").rglob("*"))
+        assert queue.pop_next()["Subject"] == "number 0"
+        popped = queue.pop_next()
+        assert popped["Subject"] == "number 1"
+        assert popped.as_bytes() == raw
+        transaction.commit()
+
+
+@pytest.mark.parametrize("kind", ["memory", "file without blobstorage_dir"])
+def test_large_messages_are_stored_inline_without_blob_support(tmp_path: Path, kind: str) -> None:
+    uri = "memory://" if kind == "memory" else f"file://{tmp_path}/Data.fs"
+    db = open_db(uri)
+    try:
+        big = message(1, size=BLOB_THRESHOLD * 2)
+        with open_queue_created(db) as queue:
+            queue.add(big)
+            transaction.commit()
+            (record,) = queue._messages.values()
+            assert record.blob is None
+            assert queue.pop_next().as_bytes() == big
+            transaction.commit()
+            assert not queue
+    finally:
+        db.close()
+
+
+class open_queue_created:
+    """open_queue on a database whose queues folder this test makes first."""
+
+    def __init__(self, db: ZODB.DB) -> None:
+        connection = db.open()
+        reconcile(find_folder(connection.root(), "/postoffice", create=True), ("A",))
+        transaction.commit()
+        connection.close()
+        self.opened = open_queue(db, "A")
+
+    def __enter__(self) -> Queue:
+        return self.opened.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self.opened.__exit__(None, None, None)
+
+
+# --- reconcile ---------------------------------------------------------------------------
+
+
+def test_reconcile_creates_and_retires_queues_but_keeps_ones_with_mail(db: ZODB.DB) -> None:
+    connection = db.open()
+    folder = find_folder(connection.root(), "/postoffice")
+    assert reconcile(folder, ("A", "B", "C")) == []
+    assert folder.names() == ["A", "B", "C"]
+    folder["A"].add(message(1))
+    folder["B"].quarantine(store.stored_message(message(2)), "broken")
+    transaction.commit()
+    warnings = reconcile(folder, ("D",))
+    assert folder.names() == ["A", "B", "D"]  # C was empty: retired
+    assert len(warnings) == 2
+    assert "'A'" in warnings[0] and "1 messages" in warnings[0]
+    assert "'B'" in warnings[1] and "1 quarantined" in warnings[1]
+    transaction.commit()
+    connection.close()
+
+
+# --- the old API's frequency and throttle methods --------------------------------------------
+
+
+def test_frequency_and_throttle_methods_of_the_old_api(db: ZODB.DB) -> None:
+    consumer = Consumer(db)
+    queue = consumer.queue
+    t0 = 1_700_000_000.0
+    mail = store.stored_message(message(1))
+    for offset in (0.0, 10.0, 20.0, 30.0):
+        queue.collect_frequency_data(mail, now=t0 + offset)
+    consumer.manager.commit()
+    user = "sender@outside.example"
+    assert queue.get_instantaneous_frequency(user, t0 + 40.0) == pytest.approx(6.0)
+    assert queue.get_average_frequency(user, t0 + 40.0, 60.0) == pytest.approx(4.0)
+    assert queue.get_instantaneous_frequency("nobody@example.org", t0) == 0.0
+    # With discriminator headers, another To is another key.
+    queue.collect_frequency_data(mail, headers=("To",), now=t0)
+    assert queue.get_average_frequency(user, t0 + 1, 60.0, headers=("rcpt@a.example",)) == 1.0
+    assert not queue.is_throttled(user, t0 + 40.0)
+    queue.throttle(user, t0 + 300.0)
+    consumer.manager.commit()
+    assert queue.is_throttled(user, t0 + 299.0)
+    assert not queue.is_throttled(user, t0 + 300.0)
+    consumer.close()
