@@ -1,0 +1,195 @@
+"""The embedded default as the README runs it: `postoffice serve` on the example config.
+
+While `serve` runs on its `file://` depot, an application in another
+process reads the queues through the URI `serve` printed, and Postfix's own
+LMTP client keeps delivering: every message is consumed exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from postoffice import open_queue
+from tests.integration.postfix_instance import require_tool
+
+REPO = Path(__file__).resolve().parents[2]
+MESSAGES = 240
+SESSIONS = 4
+
+CONSUMER = textwrap.dedent(
+    """
+    import json, sys, time
+    import transaction
+    from postoffice import QueueEmpty, open_queue
+
+    uri, name, expected, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    seen, errors = [], []
+    deadline = time.monotonic() + 90
+    with open_queue(uri, name) as queue:
+        while len(seen) < expected and time.monotonic() < deadline:
+            transaction.begin()
+            if not queue:
+                time.sleep(0.05)
+                continue
+            try:
+                message = queue.pop_next()
+            except QueueEmpty:
+                continue
+            except Exception as exc:
+                errors.append(repr(exc))
+                transaction.abort()
+                continue
+            try:
+                transaction.commit()
+            except Exception as exc:
+                errors.append(repr(exc))
+                transaction.abort()
+                continue
+            seen.append(message["Message-Id"])
+    with open(out, "w") as handle:
+        json.dump({"seen": seen, "errors": errors}, handle)
+    """
+)
+
+
+def start_serve(config: Path) -> tuple[subprocess.Popen[bytes], str, Path]:
+    """Start `postoffice serve`; return it, the consumer URI and the socket it printed.
+
+    Its output goes to a file: a pipe nobody reads would fill with the log
+    lines (one per recipient) and stop the server.
+    """
+    log = config.parent / "serve.log"
+    with log.open("wb") as handle:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "postoffice.cli", "-C", str(config), "serve"],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+        )
+    uri = socket = None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (uri is None or socket is None):
+        text = log.read_text(errors="replace")
+        if match := re.search(r"^postoffice: consumers use (\S+)", text, re.M):
+            uri = match.group(1)
+        if match := re.search(r"^postoffice: listening on unix:(\S+)", text, re.M):
+            socket = Path(match.group(1))
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    if uri is None or socket is None:
+        proc.kill()
+        pytest.fail(f"serve did not print its URI and socket: {log.read_text()}")
+    return proc, uri, socket
+
+
+def stop(proc: subprocess.Popen[bytes]) -> int:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+    return proc.returncode
+
+
+@pytest.mark.timeout(240)
+def test_consumer_reads_while_smtp_source_delivers(tmp_path: Path) -> None:
+    smtp_source = require_tool("smtp-source")
+    shutil.copytree(REPO / "etc", tmp_path / "etc")
+    config = tmp_path / "etc" / "postoffice.ini"
+    proc, uri, socket = start_serve(config)
+    try:
+        assert socket == tmp_path / "var" / "lmtp.sock"
+        assert uri.startswith("zeo://") and str(tmp_path / "var" / "zeo.sock") in uri
+        out = tmp_path / "consumed.json"
+        consumer = subprocess.Popen(
+            [sys.executable, "-c", CONSUMER, uri, "Customer A", str(MESSAGES), str(out)],
+            cwd=REPO,
+        )
+        time.sleep(0.5)  # the consumer is polling before the first message comes
+        sent = subprocess.run(
+            [
+                smtp_source,
+                "-L",
+                "-s",
+                str(SESSIONS),
+                "-m",
+                str(MESSAGES),
+                "-f",
+                "sender@example.org",
+                "-t",
+                "user@app.customera.example",
+                "-M",
+                "embedded.example",
+                f"unix:{socket}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert sent.returncode == 0, sent.stderr
+        assert consumer.wait(timeout=120) == 0
+        result = json.loads(out.read_text())
+    finally:
+        code = stop(proc)
+    assert code == 0
+    assert result["errors"] == []
+    seen = result["seen"]
+    assert len(seen) == MESSAGES
+    assert len(set(seen)) == MESSAGES, "a message was consumed twice"
+    assert all(m.endswith("@embedded.example>") for m in seen)
+    # After serve stopped, the file itself is free again and holds nothing left over.
+    assert not (tmp_path / "var" / "zeo.sock").exists()
+    with open_queue(
+        f"file://{tmp_path}/var/Data.fs?blobstorage_dir={tmp_path}/var/blobs", "Customer A"
+    ) as queue:
+        assert len(queue) == 0
+
+
+def test_commands_work_while_serve_runs(tmp_path: Path) -> None:
+    """`postoffice queues` and postoffice-deliver find the running server by themselves."""
+    shutil.copytree(REPO / "etc", tmp_path / "etc")
+    config = tmp_path / "etc" / "postoffice.ini"
+    proc, _uri, _socket = start_serve(config)
+    try:
+        message = (
+            b"From: a@example.org\nTo: x@app.customera.example\n"
+            b"Message-Id: <pipe-1@example.org>\nSubject: by pipe\n\nhello\n"
+        )
+        piped = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "postoffice.pipe",
+                "-C",
+                str(config),
+                "-f",
+                "a@example.org",
+                "x@app.customera.example",
+            ],
+            input=message,
+            capture_output=True,
+            timeout=60,
+        )
+        assert piped.returncode == 0, piped.stderr
+        listed = subprocess.run(
+            [sys.executable, "-m", "postoffice.cli", "-C", str(config), "queues", "--json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert listed.returncode == 0, listed.stderr
+        depths = {row["name"]: row["depth"] for row in json.loads(listed.stdout)}
+        assert depths == {"Customer A": 1, "Customer B": 0}
+    finally:
+        assert stop(proc) == 0
