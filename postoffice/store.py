@@ -499,7 +499,7 @@ class Queue(Persistent):
 
     # -- consuming ------------------------------------------------------------
 
-    def pop_next(self) -> EmailMessage:
+    def pop_next(self) -> StoredMessage:
         """Take the oldest waiting message, for this consumer only.
 
         The message leaves the queue for good when the caller's transaction
@@ -532,7 +532,7 @@ class Queue(Persistent):
         claimer.hold_in(jar.transaction_manager.get(), self._p_oid, key)
         return stored_message(raw, key)
 
-    def _pop_unattached(self) -> EmailMessage:
+    def _pop_unattached(self) -> StoredMessage:
         """A queue not yet in a database (tests, scripts): plain FIFO."""
         for key, record in self._messages.items():
             if not record.done:
@@ -629,12 +629,12 @@ class Queue(Persistent):
                 log.warning("quarantine: message has no From address; no notice sent")
         return qkey
 
-    def get_quarantined_messages(self) -> Iterator[tuple[EmailMessage, str]]:
+    def get_quarantined_messages(self) -> Iterator[tuple[StoredMessage, str]]:
         """(message, error text) of each quarantined message, oldest first."""
         for key, record in self._quarantine.items():
             yield stored_message(record.raw, key, quarantined=True), record.error
 
-    def get_quarantined_message(self, message_id: int) -> EmailMessage:
+    def get_quarantined_message(self, message_id: int) -> StoredMessage:
         """One quarantined message by its id; KeyError when there is none."""
         record = self._quarantine[int(message_id)]
         return stored_message(record.raw, int(message_id), quarantined=True)
@@ -836,7 +836,7 @@ def _same_shape(now: tuple[Any, ...], then: tuple[Any, ...]) -> bool:
     return True
 
 
-def stored_message(raw: bytes, key: int | None = None, quarantined: bool = False) -> EmailMessage:
+def stored_message(raw: bytes, key: int | None = None, quarantined: bool = False) -> StoredMessage:
     """The consumer's view of stored bytes (``postoffice_id`` names the record)."""
     message = BytesParser(_class=StoredMessage, policy=email.policy.default).parsebytes(raw)
     assert isinstance(message, StoredMessage)
