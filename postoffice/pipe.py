@@ -1,0 +1,379 @@
+"""``postoffice-deliver``: the front door for Postfix's pipe(8) transport (SPEC 7).
+
+::
+
+    postoffice-deliver [-C FILE] [-f SENDER] [--] RECIPIENT...
+
+One message on standard input, the envelope on the command line, and the
+same ``Depot.deliver`` call the LMTP server makes: same decisions, same
+stored bytes (with the LF line ends pipe(8) writes), same duplicate ledger.
+This module only translates: bytes in, outcomes out as an exit status
+(sysexits, the worst recipient's) and one line per refused recipient on
+standard error.
+
+What Postfix does with them (``pipe_command.c``): exit 0 is delivered,
+whatever the output.  On any other exit, when the output starts with an
+RFC 3463 code such as ``5.7.1``, that code decides (4.x.x defers, 5.x.x
+bounces) and the rest of the output is the reason in the log and the
+bounce; Postfix keeps about 4 KB of it, newlines turned into spaces.  So
+every line we print starts with the enhanced status of its outcome, the
+worst one first, so that it always agrees with the exit status.  An exit
+status of 75 (EX_TEMPFAIL) defers; 67 and 69 bounce.
+
+Anything that is not a decision about the message (a configuration that
+cannot be read, a database that cannot be reached, a bug of ours) exits 75
+so that Postfix keeps the message and retries, and never prints a
+traceback: Postfix would mail that to the sender.  Tracebacks go to the
+log (see :func:`configure_logging`).
+
+The message is read in chunks into one buffer, and reading stops as soon
+as it is larger than ``max_message_size``: a huge message costs at most
+the limit in memory, and the rest is never read.  Postfix writes into a
+pipe whose reader is gone, gets EPIPE, and goes by our exit status.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getopt
+import io
+import logging
+import logging.handlers
+import os
+import stat
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import BinaryIO
+
+import ZODB
+
+from postoffice import config
+from postoffice.cli import consumer_uri
+from postoffice.decide import Rule, deferred, reject
+from postoffice.deliver import Depot, Outcome
+from postoffice.errors import ConfigError, StorageUnavailable
+from postoffice.store import open_db
+
+PROG = "postoffice-deliver"
+USAGE = f"usage: {PROG} [-C FILE] [-f SENDER] [--] RECIPIENT..."
+
+EX_OK = 0
+EX_USAGE = 64
+EX_NOUSER = 67
+EX_UNAVAILABLE = 69
+EX_TEMPFAIL = 75
+
+# Which exit status wins when recipients fare differently (SPEC 7).
+SEVERITY = {EX_OK: 0, EX_NOUSER: 1, EX_UNAVAILABLE: 2, EX_TEMPFAIL: 3}
+
+CHUNK = 256 * 1024
+# Postfix keeps the first 4096 bytes of the command's output; stay well within.
+MAX_OUTPUT = 3000
+MAX_LINES = 10
+# Another process (a consumer, ``postoffice queues``) may hold a FileStorage's
+# lock for a moment: wait that long for it before deferring the message.
+LOCK_WAIT = 10.0
+LOCK_POLL = 0.2
+
+LOG_ENV = "POSTOFFICE_LOG"
+SYSLOG_SOCKET = "/dev/log"
+
+# The lines Postfix gets when we cannot even look at the message.  Details
+# stay in our log: Postfix copies these into delay warnings and bounces that
+# go to the outside world, and a configuration error may quote a database
+# URI with its password.
+CONFIG_FAILED = "4.3.0 postoffice configuration error (see its log, or run postoffice check)"
+INTERNAL_ERROR = "4.3.0 postoffice internal error (see its log)"
+STORAGE_DOWN = "storage temporarily unavailable, try again later"
+
+log = logging.getLogger("postoffice.pipe")
+
+
+class UsageError(Exception):
+    """The command line is wrong: exit 64 with the usage line."""
+
+
+@dataclass(frozen=True)
+class Arguments:
+    """The command line, parsed."""
+
+    config: str | None
+    sender: str
+    recipients: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TooBig:
+    """Standard input ran past the size limit after ``seen`` bytes; the rest was not read."""
+
+    seen: int
+    limit: int
+
+
+def parse_args(argv: Sequence[str]) -> Arguments:
+    """getopt, as mail delivery agents do: ``-f`` takes the next word whatever it is.
+
+    Postfix passes the null sender as an empty word (``null_sender=`` in
+    master.cf) and ``--`` keeps a recipient that starts with ``-`` from
+    being read as an option.  Options and recipients may be mixed.
+    """
+    try:
+        options, recipients = getopt.gnu_getopt(list(argv), "C:f:h", ["config=", "help"])
+    except getopt.GetoptError as exc:
+        raise UsageError(str(exc)) from None
+    config_path: str | None = None
+    sender = ""
+    for name, value in options:
+        if name in ("-h", "--help"):
+            raise UsageError("")
+        if name in ("-C", "--config"):
+            config_path = value
+        elif name == "-f":
+            sender = value
+    if not recipients:
+        raise UsageError("at least one RECIPIENT is required")
+    return Arguments(config_path, sender, tuple(recipients))
+
+
+def read_message(stream: BinaryIO, limit: int | None, chunk: int = CHUNK) -> bytes | TooBig:
+    """All of ``stream``, or TooBig as soon as it holds more than ``limit`` bytes.
+
+    One buffer grows as chunks arrive; ``getvalue()`` hands that buffer over
+    without copying it, so the message is in memory once.  Past the limit we
+    stop reading: memory stays bounded by the limit, whatever comes in.
+    """
+    buffer = io.BytesIO()
+    size = 0
+    while True:
+        data = stream.read(chunk)
+        if not data:
+            break
+        size += len(data)
+        if limit is not None and size > limit:
+            return TooBig(size, limit)
+        buffer.write(data)
+    return buffer.getvalue()
+
+
+def worst_exit_code(outcomes: Sequence[Outcome]) -> int:
+    """75 over 69 over 67 over 0; an unknown status counts as a deferral."""
+    codes = [o.exit_code for o in outcomes] or [EX_TEMPFAIL]
+    return max(codes, key=lambda code: SEVERITY.get(code, SEVERITY[EX_TEMPFAIL]))
+
+
+def report_lines(outcomes: Sequence[Outcome]) -> list[str]:
+    """What Postfix gets on stderr: one line per refused recipient, worst first.
+
+    Each line is the enhanced status and the reason (``5.1.1 <rcpt>: no
+    queue for this recipient``), the way pipe(8) reads a command's output.
+    With several recipients, pipe(8) gives every one of them the status of
+    the whole run, so each line names its recipient, unless all of them
+    were refused for the same reason (a deferral): then one line says it.
+    The whole stays short enough for Postfix's bounce.
+    """
+    refused = [o for o in outcomes if o.exit_code != EX_OK]
+    refused.sort(key=lambda o: -SEVERITY.get(o.exit_code, SEVERITY[EX_TEMPFAIL]))
+    # reply is "CODE X.Y.Z text", already one line of printable ASCII.
+    plain = [o.reply.partition(" ")[2] for o in refused]
+    alike = len(refused) == len(outcomes) and len(set(plain)) == 1
+    lines: list[str] = []
+    for outcome, line in zip(refused, plain, strict=True):
+        status, _, text = line.partition(" ")
+        if not alike and f"<{outcome.recipient}>".lower() not in text.lower():
+            line = f"{status} <{outcome.recipient}>: {text}"
+        if line not in lines:
+            lines.append(line)
+    kept: list[str] = []
+    for line in lines:
+        if len(kept) == MAX_LINES or sum(len(k) + 1 for k in kept) + len(line) > MAX_OUTPUT:
+            kept.append(f"(and {len(lines) - len(kept)} more)")
+            break
+        kept.append(line)
+    return kept
+
+
+def configure_logging(environ: dict[str, str] | None = None) -> None:
+    """Send our log where an administrator finds it, and never to stderr.
+
+    ``$POSTOFFICE_LOG`` names a file to append to; otherwise syslog through
+    ``/dev/log`` with the ``mail`` facility (beside Postfix's own lines);
+    where neither works, nowhere.  A program that already configured
+    logging (a wrapper, the tests) keeps its own setup.
+    """
+    root = logging.getLogger()
+    if root.handlers:
+        return
+    environ = dict(os.environ) if environ is None else environ
+    handler = _file_handler(environ.get(LOG_ENV, "")) or _syslog_handler()
+    if handler is None:
+        handler = logging.NullHandler()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    for noisy in ("ZODB", "ZEO", "txn"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # A handler that fails (disk full) must not print its own traceback on stderr.
+    logging.raiseExceptions = False
+    logging.captureWarnings(True)
+
+
+def _file_handler(path: str) -> logging.Handler | None:
+    if not path:
+        return None
+    try:
+        handler = logging.FileHandler(path, encoding="utf-8")
+    except OSError:
+        return None
+    handler.setFormatter(
+        logging.Formatter(f"%(asctime)s {PROG}[%(process)d] %(levelname)s %(name)s: %(message)s")
+    )
+    return handler
+
+
+def _syslog_handler() -> logging.Handler | None:
+    try:
+        if not stat.S_ISSOCK(os.stat(SYSLOG_SOCKET).st_mode):
+            return None
+        handler = logging.handlers.SysLogHandler(
+            SYSLOG_SOCKET, facility=logging.handlers.SysLogHandler.LOG_MAIL
+        )
+    except OSError:
+        return None
+    handler.setFormatter(logging.Formatter(f"{PROG}[%(process)d]: %(levelname)s %(message)s"))
+    return handler
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Deliver stdin to the recipients; the exit status tells Postfix what became of it."""
+    args_list = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = parse_args(args_list)
+    except UsageError as exc:
+        if not str(exc):
+            print(USAGE)
+            return EX_OK
+        print(f"{USAGE}\n{PROG}: {exc}", file=sys.stderr)
+        return EX_USAGE
+
+    configure_logging()
+    # Libraries may write to stdout or stderr (warnings, a thread's traceback):
+    # Postfix would put that into a bounce.  It goes to the log instead.
+    real_stderr = sys.stderr
+    stray = io.StringIO()
+    with contextlib.redirect_stdout(stray), contextlib.redirect_stderr(stray):
+        try:
+            code, lines = _deliver(args)
+        except BaseException:
+            # A bug of ours, or SIGINT: Postfix keeps the message and retries.
+            log.exception("delivery failed; exit %d so that Postfix retries", EX_TEMPFAIL)
+            code, lines = EX_TEMPFAIL, [INTERNAL_ERROR]
+    if stray.getvalue().strip():
+        log.warning("output of the libraries we use:\n%s", stray.getvalue().rstrip())
+    if lines:
+        # pipe(8) turns each newline into a space: no newline after the last
+        # line, or the reason in Postfix's log and bounce ends in a blank.
+        with contextlib.suppress(OSError, ValueError):
+            end = "\n" if real_stderr.isatty() else ""
+            real_stderr.write("\n".join(lines) + end)
+            real_stderr.flush()
+    return code
+
+
+def _deliver(args: Arguments) -> tuple[int, list[str]]:
+    try:
+        settings = config.load(config.find_config(args.config))
+    except ConfigError as exc:
+        log.error("configuration error, deferring the message: %s", exc)
+        return EX_TEMPFAIL, [CONFIG_FAILED]
+
+    stdin = sys.stdin.buffer if sys.stdin is not None else None
+    if stdin is None:
+        raise OSError("standard input is closed")
+    received = read_message(stdin, settings.max_message_size)
+    if isinstance(received, TooBig):
+        outcomes = _too_big(args.recipients, received)
+        size = f"more than {received.limit}"
+    else:
+        outcomes = _store(settings, args, received)
+        size = str(len(received))
+    for outcome in outcomes:
+        log.info(
+            "from=<%s> to=<%s> message-id=%s size=%s: %s",
+            args.sender,
+            outcome.recipient,
+            outcome.message_id or "-",
+            size,
+            outcome.reply,
+        )
+    return worst_exit_code(outcomes), report_lines(outcomes)
+
+
+def _too_big(recipients: Sequence[str], received: TooBig) -> list[Outcome]:
+    """Rule 1, decided before the whole message is read (``decide`` needs it all)."""
+    decision = reject(
+        Rule.SIZE,
+        552,
+        "5.3.4",
+        f"message size exceeds the limit of {received.limit} bytes",
+    )
+    return [Outcome(rcpt, decision) for rcpt in recipients]
+
+
+def _store(settings: config.Settings, args: Arguments, raw: bytes) -> list[Outcome]:
+    """``Depot.deliver`` on a database opened for this one message."""
+    settings = replace(settings, zodb_uri=_shared_uri(settings.zodb_uri))
+    try:
+        db = open_db_waiting(settings.zodb_uri)
+    except StorageUnavailable as exc:
+        log.warning("storage unavailable, deferring the message: %s", exc)
+        return [Outcome(rcpt, deferred(STORAGE_DOWN)) for rcpt in args.recipients]
+    depot = Depot(settings, db=db)
+    try:
+        return depot.deliver(args.sender, args.recipients, raw)
+    finally:
+        depot.close()
+        db.close()
+
+
+def _shared_uri(uri: str) -> str:
+    """While ``postoffice serve`` shares a ``file://`` depot, go through its ZEO server.
+
+    A FileStorage opens in one process only; without this, every delivery
+    would find the file locked for as long as ``serve`` runs.
+    """
+    return consumer_uri(config.Settings(zodb_uri=uri))
+
+
+def open_db_waiting(
+    uri: str,
+    wait: float = LOCK_WAIT,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> ZODB.DB:
+    """``open_db``, waiting up to ``wait`` seconds while another process holds the file lock."""
+    deadline = clock() + wait
+    while True:
+        try:
+            return open_db(uri)
+        except StorageUnavailable as exc:
+            if not _is_lock_error(exc) or clock() >= deadline:
+                raise
+            log.info("database locked by another process, waiting: %s", exc)
+        sleep(LOCK_POLL)
+
+
+def _is_lock_error(exc: BaseException) -> bool:
+    """zc.lockfile's LockError somewhere in the chain: FileStorage is busy, not broken."""
+    seen: BaseException | None = exc
+    for _ in range(10):
+        if seen is None:
+            return False
+        if type(seen).__name__ == "LockError":
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+if __name__ == "__main__":
+    sys.exit(main())
