@@ -15,6 +15,7 @@ reached, or the commit fails, every recipient gets a deferral (451 / 75).
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 import traceback
@@ -63,7 +64,7 @@ class Outcome:
             text = f"<{self.recipient}> accepted, not queued: {d.reason}"
         else:
             text = d.reason
-        return f"{d.code} {d.status} {_ascii_line(text)}"
+        return f"{d.code} {d.status} {ascii_line(text)}"
 
     @property
     def exit_code(self) -> int:
@@ -79,10 +80,19 @@ class Delivery:
     raw: bytes
 
 
-def _ascii_line(text: str) -> str:
-    """Replies are one line of printable ASCII, whatever the reason quoted."""
+def ascii_line(text: str) -> str:
+    """Replies are one line of printable ASCII, whatever the reason or address quoted.
+
+    An envelope address may hold a NUL or another control character
+    (aiosmtpd takes them in ``RCPT TO``); in a reply line it would cut or
+    garble what Postfix logs and puts in the bounce, so it is escaped.
+    """
     text = " ".join(text.split())
-    return text.encode("ascii", "backslashreplace").decode("ascii")[:400]
+    text = text.encode("ascii", "backslashreplace").decode("ascii")
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)[:400]
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _unique(recipients: Sequence[str]) -> list[str]:

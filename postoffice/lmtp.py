@@ -54,7 +54,7 @@ from aiosmtpd.smtp import DATA_SIZE_DEFAULT, SMTP, Envelope, Session, syntax
 from postoffice import config
 from postoffice.config import ListenAddress, Settings
 from postoffice.decide import deferred, too_big
-from postoffice.deliver import Delivery, Depot, Outcome
+from postoffice.deliver import Delivery, Depot, Outcome, ascii_line
 from postoffice.errors import ConfigError, PostofficeError
 from postoffice.message import ParsedMessage
 
@@ -380,6 +380,7 @@ class LmtpSession(LMTP):
         self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
         self._lmtp = lmtp
         self.busy = False  # from 354 until the replies after the final dot are out
+        self.receiving = False  # from 354 until the final dot
         self.refused = False
 
     # -- connection -------------------------------------------------------------
@@ -405,6 +406,17 @@ class LmtpSession(LMTP):
         if self.refused:
             return False
         return super().eof_received()
+
+    def data_received(self, data: bytes) -> None:
+        """Any octets of DATA restart the idle timer: a slow link is not an idle one.
+
+        ``_receive`` only wakes up for a final dot or a full read buffer,
+        so a client trickling less than that within ``idle_timeout`` would
+        otherwise be cut off while it is still sending.
+        """
+        super().data_received(data)
+        if self.receiving and self.transport is not None:
+            self._reset_timeout()
 
     def _timeout_cb(self) -> None:
         if self.transport is None:
@@ -444,6 +456,7 @@ class LmtpSession(LMTP):
         try:
             await self.push("354 End data with <CR><LF>.<CR><LF>")
             try:
+                self.receiving = True
                 received = await self._receive()
             except (asyncio.CancelledError, ConnectionError):
                 raise
@@ -452,6 +465,8 @@ class LmtpSession(LMTP):
                 log.exception("reading DATA failed; closing the session")
                 self.say_goodbye("421 4.3.0 internal error, closing")
                 return
+            finally:
+                self.receiving = False
             replies = await self._replies(sender, recipients, received)
             self._set_post_data_state()
             await self.push("\r\n".join(replies))
@@ -471,7 +486,8 @@ class LmtpSession(LMTP):
                 reason = f"size: {decision.reason}"
             else:
                 replies = [
-                    f"500 5.5.2 <{rcpt}> line too long (over 1000 octets)" for rcpt in recipients
+                    f"500 5.5.2 {ascii_line(f'<{rcpt}> line too long (over 1000 octets)')}"
+                    for rcpt in recipients
                 ]
                 reason = "line over 1000 octets (RFC 5321 4.5.3.1.6)"
             message_id = _message_id(received.head)
@@ -491,7 +507,10 @@ class LmtpSession(LMTP):
             raise
         except Exception:
             log.exception("delivery failed; deferring %d recipients", len(recipients))
-            replies = [f"451 4.3.0 <{rcpt}> internal error, try again later" for rcpt in recipients]
+            replies = [
+                f"451 4.3.0 {ascii_line(f'<{rcpt}> internal error, try again later')}"
+                for rcpt in recipients
+            ]
         return replies
 
     async def _receive(self) -> _Received:
@@ -570,7 +589,12 @@ def _first_bytes(chunks: Sequence[bytes], count: int) -> bytes:
 
 
 def check_remote(address: ListenAddress, allow_remote: bool) -> None:
-    """LMTP has no authentication: TCP beyond loopback only with ``allow_remote = yes``."""
+    """LMTP has no authentication: TCP beyond loopback only with ``allow_remote = yes``.
+
+    A name is resolved as the listening socket will resolve it
+    (``AI_PASSIVE``, as asyncio's ``create_server`` does): without it, glibc
+    reads ``*`` as loopback here, and then binds ``*`` to every interface.
+    """
     if address.path is not None or allow_remote:
         return
     host = address.host or ""
@@ -578,7 +602,9 @@ def check_remote(address: ListenAddress, allow_remote: bool) -> None:
         addresses = [ipaddress.ip_address(host)]
     except ValueError:
         try:
-            infos = socket.getaddrinfo(host, address.port, type=socket.SOCK_STREAM)
+            infos = socket.getaddrinfo(
+                host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )
         except OSError as exc:
             raise ConfigError(f"listen {address}: cannot resolve {host!r}: {exc}") from None
         addresses = [ipaddress.ip_address(info[4][0]) for info in infos]

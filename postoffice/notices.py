@@ -41,6 +41,7 @@ you do not need to send it again.
 """
 
 _LINE_ENDS = re.compile(rb"\r\n|\r|\n")
+_ENCODED_WORD = re.compile(r"=\?[^?\s]*\?[bBqQ]\?[^?\s]*\?=")
 
 
 def message_sender(message: Message) -> str | None:
@@ -48,12 +49,16 @@ def message_sender(message: Message) -> str | None:
 
     Parsed from the header as it was received, before any RFC 2047
     decoding: a display name that decodes to ``a@b, c@d`` cannot add a
-    recipient to our reply.
+    recipient to our reply.  Encoded-words belong in display names and
+    comments only, never in an address, so each is read as one opaque
+    word: ``=?utf-8?q?x:victim@example.org,?= <a@b>`` holds a colon and a
+    comma that would otherwise make a group and a second address of it,
+    and our reply would go to ``victim@example.org``.
     """
     try:
         items = message.raw_items()
         values = [str(value) for name, value in items if name.lower() == "from"][:1]
-        pairs = email.utils.getaddresses(values)
+        pairs = email.utils.getaddresses([_ENCODED_WORD.sub("word", v) for v in values])
     except Exception:
         return None
     for _name, addr in pairs:
