@@ -26,6 +26,7 @@ import transaction
 import ZODB
 from ZODB.POSException import ConflictError
 
+from postoffice import retry
 from postoffice.config import Settings
 from postoffice.decide import (
     Action,
@@ -42,7 +43,11 @@ from postoffice.store import FolderState, QueuesFolder, find_folder, open_db, re
 
 log = logging.getLogger("postoffice.deliver")
 
-COMMIT_ATTEMPTS = 5
+# Conflicts with other writers and consumers are retried (postoffice.retry)
+# for at least this many attempts and this many seconds before the
+# deliveries are deferred (451 / 75) for Postfix to retry.
+COMMIT_ATTEMPTS = 10
+COMMIT_PATIENCE = 30.0
 
 
 @dataclass(frozen=True)
@@ -235,7 +240,7 @@ class Depot:
         connection = self._open(manager)
         try:
             last_conflict: Exception | None = None
-            for _number in range(COMMIT_ATTEMPTS):
+            for _number in retry.attempts(COMMIT_ATTEMPTS, COMMIT_PATIENCE):
                 try:
                     manager.begin()
                     folder = find_folder(connection.root(), settings.zodb_path, create=False)

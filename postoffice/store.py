@@ -64,6 +64,7 @@ from ZODB.blob import Blob
 from ZODB.interfaces import IBlobStorage
 from ZODB.POSException import ConflictError
 
+from postoffice import retry
 from postoffice.decide import DUPLICATE_WINDOW, ThrottleView, throttle_window
 from postoffice.errors import ConfigError, QueueEmpty, StorageUnavailable, TemporaryError
 
@@ -77,6 +78,8 @@ CLAIM_LEASE = 3600.0
 # Bounded work per write, so pruning never makes one delivery slow.
 PRUNE_BATCH = 64
 CLAIM_ATTEMPTS = 20
+# Seconds a pop keeps retrying conflicting claims before TemporaryError.
+CLAIM_PATIENCE = 30.0
 # Consumed records are removed once this many claims have piled up.
 CLEANUP_AT = 2 * PRUNE_BATCH
 # How many waiting messages one pop looks at to find one nobody holds.
@@ -880,7 +883,7 @@ class _Claimer:
 
     def claim(self, queue_oid: bytes, candidates: list[int]) -> tuple[int, bytes]:
         """Claim the first candidate nobody else holds; conflicts are retried here."""
-        for number in range(CLAIM_ATTEMPTS):
+        for _number in retry.attempts(CLAIM_ATTEMPTS, CLAIM_PATIENCE):
             try:
                 self.manager.begin()
                 queue = self.connection.get(queue_oid)
@@ -888,7 +891,6 @@ class _Claimer:
                 self.manager.commit()
             except ConflictError:
                 self.manager.abort()
-                time.sleep(random.uniform(0, 0.005) * (number + 1))
                 continue
             except BaseException:
                 self.manager.abort()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ from tests.integration.postfix_instance import (
     require_root,
     require_tool,
 )
+from tests.integration.servers import Serve, ZeoServer
 
 PostfixFactory = Callable[..., PostfixInstance]
 
@@ -50,3 +53,39 @@ def postfix_factory(tmp_path: Path) -> Iterator[PostfixFactory]:
     finally:
         for instance in reversed(instances):
             instance.stop()
+
+
+@pytest.fixture
+def servers() -> Iterator[list[Serve]]:
+    """Collects the ``postoffice serve`` processes a test starts; kills any it left running."""
+    started: list[Serve] = []
+    yield started
+    for server in started:
+        server.kill()
+
+
+@pytest.fixture
+def zeo_servers() -> Iterator[list[ZeoServer]]:
+    """Collects the ZEO servers a test starts; stops any it left running."""
+    started: list[ZeoServer] = []
+    yield started
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def public_dir() -> Iterator[Path]:
+    """A folder outside pytest's tree for sockets that other users (postfix) connect to.
+
+    Whenever a pytest session starts, it resets ``/tmp/pytest-of-<user>`` to
+    0700. Another session started while a test runs (a second terminal, a
+    benchmark) then cuts the postfix user off from every socket below it:
+    Postfix defers with "Permission denied". A folder directly in /tmp stays
+    reachable, and its name is short (unix socket paths are limited).
+    """
+    folder = Path(tempfile.mkdtemp(prefix="po-", dir="/tmp"))
+    folder.chmod(0o755)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

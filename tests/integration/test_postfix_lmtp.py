@@ -17,17 +17,11 @@ FileStorage: that works whatever URI ``serve`` offers consumers while it runs.
 
 from __future__ import annotations
 
-import contextlib
 import grp
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
-import sys
-import time
-from collections.abc import Iterator
 from email import policy
 from email.message import EmailMessage
 from email.parser import BytesParser
@@ -39,21 +33,19 @@ import pytest
 from postoffice import open_queue
 from tests.integration.conftest import PostfixFactory
 from tests.integration.postfix_instance import (
-    MAX_SOCKET_PATH,
     PostfixInstance,
     SmtpSink,
     make_traversable,
     require_root,
     require_tool,
 )
+from tests.integration.servers import WAIT, Serve, ZeoServer, socket_path, start_serve
 
 pytestmark = pytest.mark.integration
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "postfix-examples"
 
 SENDER = "sender@sender.test"
-# Every wait for Postfix, the server or ZEO is bounded by this.
-WAIT = 60.0
 
 # Routed by the envelope recipient alone: the default also reads To and Cc, so
 # both recipients of a message to both domains would go to the first queue.
@@ -68,14 +60,6 @@ filters =
 """
 # Routed to postoffice: two domains with a queue, one without.
 POSTOFFICE_DOMAINS = ("app.test", "other.test", "unknown.test")
-
-
-def socket_path(folder: Path, name: str) -> Path:
-    """A unix socket path in ``folder``, refused up front when the kernel would refuse it."""
-    path = folder / name
-    if len(str(path)) > MAX_SOCKET_PATH:
-        pytest.fail(f"unix socket path longer than {MAX_SOCKET_PATH} bytes: {path}")
-    return path
 
 
 def file_uri(folder: Path) -> str:
@@ -105,111 +89,6 @@ def make_message(to: str, token: str) -> bytes:
         "\r\n"
         f"Body of {token}.\r\n"
     ).encode()
-
-
-class Serve:
-    """``postoffice -C FILE serve`` as a subprocess, its output in files for diagnostics."""
-
-    def __init__(self, config_path: Path) -> None:
-        self.config_path = config_path
-        self.out = config_path.parent / "serve.out"
-        self.err = config_path.parent / "serve.err"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Serve:
-        with self.out.open("ab") as stdout, self.err.open("ab") as stderr:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "postoffice.cli", "-C", str(self.config_path), "serve"],
-                stdin=subprocess.DEVNULL,
-                stdout=stdout,
-                stderr=stderr,
-                cwd=self.config_path.parent,
-            )
-        deadline = time.monotonic() + WAIT
-        while "listening on" not in self.out.read_text():
-            assert self.process.poll() is None, f"serve exited: {self.output()}"
-            assert time.monotonic() < deadline, f"serve did not start: {self.output()}"
-            time.sleep(0.05)
-        return self
-
-    def stop(self) -> None:
-        """SIGTERM, as an init system stops it; a clean stop exits 0."""
-        process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(WAIT) == 0, self.output()
-
-    def kill(self) -> None:
-        process, self.process = self.process, None
-        if process is not None and process.poll() is None:
-            process.kill()
-            process.wait(WAIT)
-
-    def output(self) -> str:
-        return f"\n--- serve stdout ---\n{self.out.read_text()}\n--- stderr ---\n" + (
-            self.err.read_text()
-        )
-
-
-@pytest.fixture
-def servers() -> Iterator[list[Serve]]:
-    """Collects the servers a test starts; kills any it left running."""
-    started: list[Serve] = []
-    yield started
-    for server in started:
-        server.kill()
-
-
-def start_serve(servers: list[Serve], config_path: Path) -> Serve:
-    server = Serve(config_path)
-    servers.append(server)
-    return server.start()
-
-
-class ZeoServer:
-    """``python -m ZEO.runzeo`` on a unix socket, with a FileStorage and blobs.
-
-    runzeo only takes a blob folder from a configuration file, hence ``zeo.conf``.
-    """
-
-    def __init__(self, sock: Path, folder: Path) -> None:
-        self.sock = sock
-        self.folder = folder
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        conf = self.folder / "zeo.conf"
-        conf.write_text(
-            f"<zeo>\n  address {self.sock}\n</zeo>\n"
-            f"<filestorage>\n  path {self.folder / 'Data.fs'}\n"
-            f"  blob-dir {self.folder / 'blobs'}\n</filestorage>\n"
-        )
-        with (self.folder / "zeo.log").open("ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "ZEO.runzeo", "-C", str(conf)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + WAIT
-        while True:
-            assert self.process.poll() is None, (self.folder / "zeo.log").read_text()
-            with socket.socket(socket.AF_UNIX) as probe, contextlib.suppress(OSError):
-                probe.connect(str(self.sock))
-                return
-            assert time.monotonic() < deadline, "the ZEO server did not start"
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        process, self.process = self.process, None
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(WAIT)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(WAIT)
 
 
 def delivery_status(pf: PostfixInstance, recipient: str, status: str) -> str:

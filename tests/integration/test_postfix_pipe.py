@@ -18,15 +18,10 @@ nobody can run and hands it a copy of the installed packages.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
-import socket
 import subprocess
-import sys
-import time
-from collections.abc import Iterator
 from email import policy
 from email.message import EmailMessage
 from email.parser import BytesParser
@@ -45,6 +40,7 @@ from tests.integration.postfix_instance import (
     make_traversable,
     require_tool,
 )
+from tests.integration.servers import ZeoServer
 
 pytestmark = pytest.mark.integration
 
@@ -272,57 +268,6 @@ def test_refused_recipient_bounces_with_our_reason_and_status(
     assert b"Status: 5.3.4" in too_big
     assert f"message size exceeds the limit of {LIMIT} bytes".encode() in too_big
     assert depot.stored() == []
-
-
-class ZeoServer:
-    """``python -m ZEO.runzeo`` on a unix socket that user nobody may connect to."""
-
-    def __init__(self, sock: Path, folder: Path) -> None:
-        self.sock = sock
-        self.folder = folder
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        conf = self.folder / "zeo.conf"
-        conf.write_text(
-            f"<zeo>\n  address {self.sock}\n</zeo>\n"
-            f"<filestorage>\n  path {self.folder / 'Data.fs'}\n"
-            f"  blob-dir {self.folder / 'blobs'}\n</filestorage>\n"
-        )
-        with (self.folder / "zeo.log").open("ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "ZEO.runzeo", "-C", str(conf)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + WAIT
-        while True:
-            assert self.process.poll() is None, (self.folder / "zeo.log").read_text()
-            with socket.socket(socket.AF_UNIX) as probe, contextlib.suppress(OSError):
-                probe.connect(str(self.sock))
-                break
-            assert time.monotonic() < deadline, "the ZEO server did not start"
-            time.sleep(0.05)
-        self.sock.chmod(0o666)  # nobody needs write permission to connect
-
-    def stop(self) -> None:
-        process, self.process = self.process, None
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(WAIT)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(WAIT)
-
-
-@pytest.fixture
-def zeo_servers() -> Iterator[list[ZeoServer]]:
-    started: list[ZeoServer] = []
-    yield started
-    for server in started:
-        server.stop()
 
 
 def test_unreachable_database_defers_until_zeo_is_back(

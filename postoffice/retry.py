@@ -1,0 +1,39 @@
+"""Retrying ZODB transactions that conflict, without letting anyone see the conflict.
+
+Conflicts come from other writers and consumers of the same queues: several
+``serve`` processes on one ZEO server append to the same trees, and a leaf
+split by one fails the other's read-current check; two consumers reach for
+the same message.  ``transaction``'s own ``attempts()`` retries at once and
+a fixed number of times, which is right for a rare conflict and wrong for a
+busy depot, where the same writers meet again on the next attempt.  Here a
+retry waits a random pause that doubles up to ``BACKOFF_MAX``, so that
+writers fall out of step, and gives up only after ``minimum`` attempts *and*
+``patience`` seconds: a busy depot makes a delivery wait (Postfix waits ten
+minutes for the reply after DATA), it does not make it fail.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+from collections.abc import Iterator
+
+BACKOFF_FIRST = 0.005
+BACKOFF_MAX = 0.25
+
+
+def attempts(minimum: int, patience: float) -> Iterator[int]:
+    """Attempt numbers 0, 1, ...; each retry after a random, growing pause.
+
+    The caller breaks out of the loop when its transaction commits; when
+    the loop ends by itself, the conflicts won and the caller says so.
+    """
+    deadline = time.monotonic() + patience
+    for number in itertools.count():
+        if number:
+            if number >= minimum and time.monotonic() > deadline:
+                return
+            pause = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (number - 1))
+            time.sleep(random.uniform(0, pause))
+        yield number

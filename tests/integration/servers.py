@@ -1,0 +1,170 @@
+"""Our own servers as real processes, for integration tests: ``postoffice serve`` and ZEO.
+
+``Serve`` runs ``postoffice -C FILE serve`` with its output in files beside the
+configuration (``serve.out``, ``serve.err``: one log line per recipient
+decision goes to stderr). ``ZeoServer`` runs ``python -m ZEO.runzeo`` over a
+FileStorage with blobs on a unix socket. Both can be stopped and started again
+on the same files, which the fault tests do; the ``servers`` and
+``zeo_servers`` fixtures of ``conftest.py`` stop whatever a test left running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.integration.postfix_instance import MAX_SOCKET_PATH, in_ci
+
+__all__ = ["WAIT", "Serve", "ZeoServer", "require_zeo", "socket_path", "start_serve"]
+
+# Every wait for Postfix, the server or ZEO is bounded by this.
+WAIT = 60.0
+
+
+def socket_path(folder: Path, name: str) -> Path:
+    """A unix socket path in ``folder``, refused up front when the kernel would refuse it."""
+    path = folder / name
+    if len(str(path)) > MAX_SOCKET_PATH:
+        pytest.fail(f"unix socket path longer than {MAX_SOCKET_PATH} bytes: {path}")
+    return path
+
+
+def require_zeo() -> None:
+    """Skip the test locally when ZEO's server is not installed; fail it in CI."""
+    if importlib.util.find_spec("ZEO") is None:
+        reason = "ZEO is not installed (pip install ZEO)"
+        if in_ci():
+            pytest.fail(f"{reason} (CI=true: a missing part is a failure, not a skip)")
+        pytest.skip(reason)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+class Serve:
+    """``postoffice -C FILE serve`` as a subprocess, its output in files for diagnostics.
+
+    The files are appended to, so a server started again (after ``kill()``)
+    keeps the log of its earlier runs: ``log()`` is every run's stderr.
+    """
+
+    def __init__(self, config_path: Path) -> None:
+        self.config_path = config_path
+        self.out = config_path.parent / "serve.out"
+        self.err = config_path.parent / "serve.err"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Serve:
+        """Start it and wait until this run prints where it listens."""
+        offset = _size(self.out)
+        with self.out.open("ab") as stdout, self.err.open("ab") as stderr:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "postoffice.cli", "-C", str(self.config_path), "serve"],
+                stdin=subprocess.DEVNULL,
+                stdout=stdout,
+                stderr=stderr,
+                cwd=self.config_path.parent,
+            )
+        deadline = time.monotonic() + WAIT
+        while b"listening on" not in self.out.read_bytes()[offset:]:
+            assert self.process.poll() is None, f"serve exited: {self.output()}"
+            assert time.monotonic() < deadline, f"serve did not start: {self.output()}"
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        """SIGTERM, as an init system stops it; a clean stop exits 0."""
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(WAIT) == 0, self.output()
+
+    def kill(self) -> None:
+        """SIGKILL: no clean-up of any kind, as the OOM killer does it."""
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait(WAIT)
+
+    def log(self) -> str:
+        """What every run so far wrote on stderr (the log)."""
+        return self.err.read_text(errors="replace") if self.err.exists() else ""
+
+    def output(self) -> str:
+        out = self.out.read_text(errors="replace") if self.out.exists() else ""
+        return f"\n--- serve stdout ---\n{out}\n--- stderr ---\n{self.log()}"
+
+
+def start_serve(servers: list[Serve], config_path: Path) -> Serve:
+    """Start a ``Serve`` and add it to ``servers`` (the fixture that kills what is left)."""
+    server = Serve(config_path)
+    servers.append(server)
+    return server.start()
+
+
+class ZeoServer:
+    """``python -m ZEO.runzeo`` on a unix socket, with a FileStorage and blobs in ``folder``.
+
+    runzeo only takes a blob folder from a configuration file, hence ``zeo.conf``.
+    The socket is made 0666, so that other users (``nobody`` running a pipe
+    command) may connect too. ``stop()`` then ``start()`` again is an outage.
+    """
+
+    def __init__(self, sock: Path, folder: Path) -> None:
+        self.sock = sock
+        self.folder = folder
+        self.log_path = folder / "zeo.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        require_zeo()
+        conf = self.folder / "zeo.conf"
+        conf.write_text(
+            f"<zeo>\n  address {self.sock}\n</zeo>\n"
+            f"<filestorage>\n  path {self.folder / 'Data.fs'}\n"
+            f"  blob-dir {self.folder / 'blobs'}\n</filestorage>\n"
+        )
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "ZEO.runzeo", "-C", str(conf)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + WAIT
+        while True:
+            assert self.process.poll() is None, self.log_path.read_text(errors="replace")
+            with socket.socket(socket.AF_UNIX) as probe, contextlib.suppress(OSError):
+                probe.connect(str(self.sock))
+                break
+            assert time.monotonic() < deadline, "the ZEO server did not start"
+            time.sleep(0.05)
+        self.sock.chmod(0o666)
+
+    def stop(self) -> None:
+        """SIGTERM (SIGKILL if it does not end within WAIT)."""
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(WAIT)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(WAIT)
+
+    def file_uri(self) -> str:
+        """The depot as a file:// URI, for reading it after the server stopped."""
+        return f"file://{self.folder}/Data.fs?blobstorage_dir={self.folder}/blobs"
