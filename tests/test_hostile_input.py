@@ -709,7 +709,7 @@ def corpus_files(which: str) -> list[Path]:
     files = shared_corpus()
     if not files:
         # Skipped even under CI=true: it lives outside the repository.
-        pytest.skip(f"{SHARED_CORPUS} is not present (it is not part of the repository or CI)")
+        pytest.skip(f"{SHARED_CORPUS} is not present (set POSTOFFICE_CORPUS to its folder)")
     return files
 
 
