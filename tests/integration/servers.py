@@ -12,21 +12,80 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+from email import policy
+from email.message import EmailMessage
+from email.parser import BytesParser
+from email.utils import formatdate
 from pathlib import Path
 
 import pytest
 
-from tests.integration.postfix_instance import MAX_SOCKET_PATH, in_ci
+from tests.integration.postfix_instance import MAX_SOCKET_PATH, PostfixInstance, in_ci
 
-__all__ = ["WAIT", "Serve", "ZeoServer", "require_zeo", "socket_path", "start_serve"]
+__all__ = [
+    "QUEUES",
+    "SENDER",
+    "WAIT",
+    "Serve",
+    "ZeoServer",
+    "delivery_status",
+    "make_message",
+    "parse",
+    "require_zeo",
+    "socket_path",
+    "start_serve",
+]
 
 # Every wait for Postfix, the server or ZEO is bounded by this.
 WAIT = 60.0
+
+SENDER = "sender@sender.test"
+
+# Two queues routed by the envelope recipient alone: the default also reads
+# To and Cc, so both recipients of a message to both domains would go to the
+# first queue.
+QUEUES = """\
+[queue:App]
+filters =
+    to_hostname: app.test;headers=X-Original-To
+
+[queue:Other]
+filters =
+    to_hostname: other.test;headers=X-Original-To
+"""
+
+
+def make_message(to: str, token: str, body: str | None = None) -> bytes:
+    """A small message from SENDER with Message-Id ``<token@sender.test>``."""
+    return (
+        f"From: Sender <{SENDER}>\r\n"
+        f"To: {to}\r\n"
+        f"Subject: order {token}\r\n"
+        f"Message-Id: <{token}@sender.test>\r\n"
+        f"Date: {formatdate()}\r\n"
+        "\r\n"
+        f"{body if body is not None else f'Body of {token}.'}\r\n"
+    ).encode()
+
+
+def delivery_status(pf: PostfixInstance, recipient: str, status: str) -> str:
+    """The text in parentheses of Postfix's delivery log line for ``recipient``."""
+    match = pf.wait_for_log(
+        rf"to=<{re.escape(recipient)}>.*, status={status} \((.*)\)$", timeout=WAIT
+    )
+    return match.group(1)
+
+
+def parse(raw: bytes) -> EmailMessage:
+    message = BytesParser(policy=policy.default).parsebytes(raw)
+    assert isinstance(message, EmailMessage)
+    return message
 
 
 def socket_path(folder: Path, name: str) -> Path:

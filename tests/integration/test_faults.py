@@ -45,7 +45,7 @@ import pytest
 from postoffice.store import find_folder, open_db
 from tests.integration.conftest import PostfixFactory
 from tests.integration.postfix_instance import PostfixInstance, require_tool
-from tests.integration.servers import WAIT, Serve, ZeoServer, socket_path, start_serve
+from tests.integration.servers import QUEUES, WAIT, Serve, ZeoServer, socket_path, start_serve
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -57,16 +57,6 @@ DOWN = 2.0  # seconds without serve after SIGKILL
 DATA_DONE_TIMEOUT = 3
 # Every wait for the end of a phase (the load, Postfix's retries) is bounded by this.
 DRAIN = 120.0
-
-QUEUES = """\
-[queue:App]
-filters =
-    to_hostname: app.test;headers=X-Original-To
-
-[queue:Other]
-filters =
-    to_hostname: other.test;headers=X-Original-To
-"""
 
 
 # --- the parts ----------------------------------------------------------------------------

@@ -22,10 +22,6 @@ import os
 import re
 import shutil
 import subprocess
-from email import policy
-from email.message import EmailMessage
-from email.parser import BytesParser
-from email.utils import formatdate
 from pathlib import Path
 
 import pytest
@@ -39,25 +35,24 @@ from tests.integration.postfix_instance import (
     require_root,
     require_tool,
 )
-from tests.integration.servers import WAIT, Serve, ZeoServer, socket_path, start_serve
+from tests.integration.servers import (
+    QUEUES,
+    SENDER,
+    WAIT,
+    Serve,
+    ZeoServer,
+    delivery_status,
+    make_message,
+    parse,
+    socket_path,
+    start_serve,
+)
 
 pytestmark = pytest.mark.integration
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "postfix-examples"
 
-SENDER = "sender@sender.test"
 
-# Routed by the envelope recipient alone: the default also reads To and Cc, so
-# both recipients of a message to both domains would go to the first queue.
-QUEUES = """\
-[queue:App]
-filters =
-    to_hostname: app.test;headers=X-Original-To
-
-[queue:Other]
-filters =
-    to_hostname: other.test;headers=X-Original-To
-"""
 # Routed to postoffice: two domains with a queue, one without.
 POSTOFFICE_DOMAINS = ("app.test", "other.test", "unknown.test")
 
@@ -79,35 +74,9 @@ def lmtp_section(sock: Path) -> str:
     return f"[lmtp]\nlisten = unix:{sock}\nsocket_mode = 0666\n"
 
 
-def make_message(to: str, token: str) -> bytes:
-    return (
-        f"From: Sender <{SENDER}>\r\n"
-        f"To: {to}\r\n"
-        f"Subject: order {token}\r\n"
-        f"Message-Id: <{token}@sender.test>\r\n"
-        f"Date: {formatdate()}\r\n"
-        "\r\n"
-        f"Body of {token}.\r\n"
-    ).encode()
-
-
-def delivery_status(pf: PostfixInstance, recipient: str, status: str) -> str:
-    """The text in parentheses of Postfix's delivery log line for ``recipient``."""
-    match = pf.wait_for_log(
-        rf"to=<{re.escape(recipient)}>.*, status={status} \((.*)\)$", timeout=WAIT
-    )
-    return match.group(1)
-
-
 def stored(uri: str, queue_name: str) -> list[bytes]:
     with open_queue(uri, queue_name) as queue:
         return [raw for _key, raw, _arrived in queue.messages()]
-
-
-def parse(raw: bytes) -> EmailMessage:
-    message = BytesParser(policy=policy.default).parsebytes(raw)
-    assert isinstance(message, EmailMessage)
-    return message
 
 
 def test_message_lands_in_the_queue_of_each_recipient(

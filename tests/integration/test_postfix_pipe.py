@@ -22,10 +22,6 @@ import os
 import re
 import shutil
 import subprocess
-from email import policy
-from email.message import EmailMessage
-from email.parser import BytesParser
-from email.utils import formatdate
 from pathlib import Path
 
 import pytest
@@ -40,12 +36,11 @@ from tests.integration.postfix_instance import (
     make_traversable,
     require_tool,
 )
-from tests.integration.servers import ZeoServer
+from tests.integration.servers import SENDER, ZeoServer, delivery_status, make_message, parse
 
 pytestmark = pytest.mark.integration
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "postfix-examples"
-SENDER = "sender@sender.test"
 WAIT = 60.0
 LIMIT = 100 * 1024  # max_message_size of the test depot
 
@@ -148,32 +143,6 @@ def start_postfix(
     )
 
 
-def make_message(to: str, token: str, body: str = "Body.\r\n") -> bytes:
-    return (
-        f"From: Sender <{SENDER}>\r\n"
-        f"To: {to}\r\n"
-        f"Subject: order {token}\r\n"
-        f"Message-Id: <{token}@sender.test>\r\n"
-        f"Date: {formatdate()}\r\n"
-        "\r\n"
-        f"{body}"
-    ).encode()
-
-
-def delivery_status(pf: PostfixInstance, recipient: str, status: str) -> str:
-    """The text in parentheses of Postfix's delivery log line for ``recipient``."""
-    match = pf.wait_for_log(
-        rf"to=<{re.escape(recipient)}>.*, status={status} \((.*)\)$", timeout=WAIT
-    )
-    return match.group(1)
-
-
-def parse(raw: bytes) -> EmailMessage:
-    message = BytesParser(policy=policy.default).parsebytes(raw)
-    assert isinstance(message, EmailMessage)
-    return message
-
-
 def postfix_check(pf: PostfixInstance) -> str:
     """``postfix check`` under script(1), since postfix only says why it fails on a tty."""
     command = f"{require_tool('postfix')} -c {pf.etc_dir} check"
@@ -226,7 +195,7 @@ def test_pipe_examples_deliver_each_recipient_into_the_queue(
     )
     assert b"\r" not in raw
     assert raw.count(b"\nReturn-Path:") == 0
-    assert raw.endswith(b"\n\nBody.\n")
+    assert raw.endswith(b"\n\nBody of m1.\n")
     assert "postfix.test" in parse(raw)["Received"]  # it really came through Postfix
     bounce = by_token[("<m2@sender.test>", "alice@app.test")]
     assert bounce.startswith(b"Return-Path: <>\nX-Original-To: alice@app.test\n")
@@ -249,7 +218,9 @@ def test_refused_recipient_bounces_with_our_reason_and_status(
 
         # Over max_message_size: the command stops reading and exits 69; Postfix,
         # whose write then fails with EPIPE, goes by our status, not "Broken pipe".
-        big = make_message("alice@app.test", "m4", body=("y" * 998 + "\r\n") * 1000)  # 1 MB
+        big = make_message(
+            "alice@app.test", "m4", body=("y" * 998 + "\r\n") * 999 + "y" * 998
+        )  # 1 MB
         assert pf.send(SENDER, ["alice@app.test"], big) == {}
         reason = delivery_status(pf, "alice@app.test", "bounced")
         assert reason == f"message size exceeds the limit of {LIMIT} bytes"
