@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 
 import transaction
 import ZODB
+from persistent import Persistent
 from ZODB.POSException import ConflictError
 
 from postoffice import retry
@@ -153,8 +154,14 @@ class Depot:
                 self._db = open_db(self._settings.zodb_uri)
             return self._db
 
-    def prepare(self) -> list[str]:
-        """Create the queues folder and reconcile the queues with the config."""
+    def prepare(self, warm: bool = False) -> list[str]:
+        """Create the queues folder and reconcile the queues with the config.
+
+        With ``warm`` (the LMTP server, at start), the duplicate ledgers are
+        then read into the connection's object cache, up to half of it: the
+        deliveries that follow use that connection, and each would otherwise
+        wait for one read of a random leaf until the cache has them all.
+        """
         warnings: list[str] = []
         manager = transaction.TransactionManager()
         connection = self._open(manager)
@@ -163,6 +170,12 @@ class Depot:
                 with attempt:
                     folder = find_folder(connection.root(), self._settings.zodb_path, create=True)
                     warnings = reconcile(folder, self._settings.queue_names)
+            if warm:
+                manager.begin()
+                queues = [queue for _name, queue in folder.items()]
+                budget = self.db().getCacheSize() // 2 // max(1, len(queues))
+                for queue in queues:
+                    queue.warm_up(budget)
         except ConflictError as exc:
             raise StorageUnavailable(f"could not create the queues: {exc}") from None
         except StorageUnavailable:
@@ -244,11 +257,14 @@ class Depot:
                 try:
                     manager.begin()
                     folder = find_folder(connection.root(), settings.zodb_path, create=False)
+                    created: list[Persistent] = []
                     results = [
-                        self._apply(folder, settings, d, m, now)
+                        self._apply(folder, settings, d, m, now, created)
                         for d, m in zip(deliveries, parsed, strict=True)
                     ]
                     manager.commit()
+                    for record in created:
+                        record._p_deactivate()
                     return results
                 except ConflictError as exc:
                     manager.abort()
@@ -273,6 +289,7 @@ class Depot:
         delivery: Delivery,
         message: ParsedMessage,
         now: float,
+        created: list[Persistent] | None = None,
     ) -> list[Outcome]:
         """Decide every recipient against the state before this message, then store."""
         envelope = Envelope(delivery.sender, delivery.recipients)
@@ -308,7 +325,7 @@ class Depot:
             if decision.action is Action.ACCEPT and decision.queue is not None:
                 queue = folder[decision.queue]
                 raw = added_headers(delivery.sender, rcpt, int(now), eol) + delivery.raw
-                key = queue.store(raw, now)
+                key = queue.store(raw, now, created)
                 if message.message_id:
                     queue.record_delivery(message.message_id, rcpt, now)
             if decision.count_arrival and decision.queue and decision.throttle_key:

@@ -203,17 +203,30 @@ class CommitWriter:
         except Exception:
             log.exception("delivering %d messages failed; deferring them", len(deliveries))
             results = [_deferred_all(d, "internal error") for d in deliveries]
+        # One wake-up of the event loop for the whole batch, not one per session.
+        settled: dict[asyncio.AbstractEventLoop, list[tuple[Any, ...]]] = {}
         for job, delivery, outcomes in zip(batch, deliveries, results, strict=True):
             try:
                 log_outcomes(delivery, outcomes)
             except Exception:  # the thread must live on: every session waits on it
                 log.exception("logging a decision failed")
-            _resolve(job, outcomes, None)
+            settled.setdefault(job.loop, []).append((job.future, outcomes, None))
+        for loop, items in settled.items():
+            _call_on(loop, _settle_all, items)
+
+
+def _settle_all(items: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    for future, result, error in items:
+        _settle(future, result, error)
 
 
 def _resolve(job: _Job, result: Any, error: BaseException | None) -> None:
+    _call_on(job.loop, _settle, job.future, result, error)
+
+
+def _call_on(loop: asyncio.AbstractEventLoop, func: Callable[..., None], *args: Any) -> None:
     try:
-        job.loop.call_soon_threadsafe(_settle, job.future, result, error)
+        loop.call_soon_threadsafe(func, *args)
     except RuntimeError:  # the loop is closed: nobody waits any more
         log.debug("event loop closed before a result could be delivered")
 
@@ -817,7 +830,7 @@ class LmtpServer:
     async def _prepare(self) -> None:
         """Create the queues now if we can; an unreachable database is not fatal."""
         try:
-            await self.writer.call(self.depot.prepare)
+            await self.writer.call(lambda: self.depot.prepare(warm=True))
         except ConfigError:
             raise
         except PostofficeError as exc:

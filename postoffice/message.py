@@ -138,6 +138,7 @@ class ParsedMessage:
         self.raw = raw
         self.raw_headers, self.body_offset = split_headers(raw)
         self._addresses: dict[tuple[str, bool], list[str]] = {}
+        self._parsed: dict[str, list[str]] = {}
 
     def __len__(self) -> int:
         return len(self.raw)
@@ -175,7 +176,14 @@ class ParsedMessage:
             values = self.get_all_raw(name)
             if first_only:
                 values = values[:1]
-            found = self._addresses[key] = parse_addresses(values)
+            found = []
+            for value in values:
+                # Each value once: rule 3 asks for the first To, a filter for all of them.
+                parsed = self._parsed.get(value)
+                if parsed is None:
+                    parsed = self._parsed[value] = parse_addresses([value])
+                found.extend(parsed)
+            self._addresses[key] = found
         return list(found)
 
     @cached_property

@@ -7,13 +7,15 @@ Layout under ``zodb_path`` (``/postoffice`` by default)::
       dead_letters: LOBTree  id -> DeadLetter   (mail we failed to decide)
 
     Queue
-      _messages:   LOBTree   key -> MessageRecord    (FIFO by key)
+      _messages:   MessageTree (LOBTree)  key -> MessageRecord    (FIFO by key)
       _length:     Length    messages waiting (not claimed by a consumer)
       _holders:    LOBTree   key -> (lease end, holder id) of claimed messages
       _claims:     OOTreeSet (lease end, key), the same claims by age (leases, cleanup)
       _quarantine: LOBTree   key -> QuarantineRecord
-      _ledger:     OOBTree   "message-id NUL recipient" -> arrival   (duplicates, 24 h)
-      _ledger_by_time: OOTreeSet (arrival, key)   for O(log n) pruning
+      _ledger:     Ledger (LLBTree)  keyed hash of (message-id, recipient)
+                                 -> check bits << 32 | arrival   (duplicates, 24 h)
+      _ledger_by_time: LedgerTimes (LLBTree)  time key -> ledger key   (pruning)
+      _ledger_salt: bytes     the key of the ledger's hash, random per queue
       _senders:    OOBTree   throttle key -> (arrivals tuple, throttled until)
       _senders_by_time: OOTreeSet (last activity, key)
 
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import email.policy
+import hashlib
 import itertools
 import logging
 import os
@@ -56,6 +59,7 @@ import transaction
 import ZODB
 import zodburi
 from BTrees.Length import Length
+from BTrees.LLBTree import LLBTree
 from BTrees.LOBTree import LOBTree
 from BTrees.OOBTree import OOBTree, OOTreeSet
 from persistent import Persistent
@@ -84,6 +88,9 @@ CLAIM_PATIENCE = 30.0
 CLEANUP_AT = 2 * PRUNE_BATCH
 # How many waiting messages one pop looks at to find one nobody holds.
 CANDIDATES = 64
+# Entries in a leaf of the duplicate ledger (see ``Ledger``).
+LEDGER_LEAF_SIZE = 32
+LEDGER_INTERNAL_SIZE = 64
 
 # The clock of claims and leases; tests replace it (``store.clock = ...``).
 clock: Callable[[], float] = time.time
@@ -101,6 +108,27 @@ def new_key(now: float | None = None) -> int:
         base = max(micros, (_last_key >> 10) + 1)
         _last_key = (base << 10) | _SALT
         return _last_key
+
+
+_time_lock = threading.Lock()
+_last_time = -(1 << 62)
+
+
+def _time_key(now: float) -> int:
+    """A ledger time key: ``microseconds << 10 | salt``, ascending within a process.
+
+    Unlike :func:`new_key` it never runs ahead of ``now`` by more than the
+    keys of one second: a caller going back in time (tests do; a clock may)
+    gets keys at its own time, and ``record_delivery`` moves on from one
+    that is taken.
+    """
+    global _last_time
+    micros = int(now * 1_000_000)
+    with _time_lock:
+        if 0 <= _last_time - micros < 1_000_000:
+            micros = _last_time + 1
+        _last_time = micros
+    return micros << 10 | _SALT
 
 
 # --- opening the database -------------------------------------------------
@@ -281,18 +309,56 @@ class QueuesFolder(Persistent):
         return key
 
 
+class MessageTree(LOBTree):
+    """A queue's messages, FIFO by key: appended to at the end, consumed from the front.
+
+    Every commit writes its last leaf again, and at every split the node
+    above it: LOBTree's nodes of up to 500 children made that a write of
+    12 KiB every 30 messages once a queue held tens of thousands
+    (docs/performance.md).  Smaller nodes make both writes small.
+    """
+
+    max_leaf_size = 32
+    max_internal_size = 64
+
+
+class Ledger(LLBTree):
+    """The duplicate ledger's main tree: 64-bit key -> check and arrival.
+
+    Its keys are hashes, so every delivery adds to a random leaf, and the
+    whole leaf is written again at the commit.  Smaller leaves than
+    LLBTree's 120 entries make that write smaller (measured:
+    docs/performance.md, "What was changed").
+    """
+
+    max_leaf_size = LEDGER_LEAF_SIZE
+    max_internal_size = LEDGER_INTERNAL_SIZE
+
+
+class LedgerTimes(LLBTree):
+    """The ledger's time index: appended to in time order, pruned from the front.
+
+    Every commit writes its last leaf again, and the node above it at every
+    split; small nodes keep both writes small.
+    """
+
+    max_leaf_size = LEDGER_LEAF_SIZE
+    max_internal_size = LEDGER_INTERNAL_SIZE
+
+
 class Queue(Persistent):
     """One application's FIFO queue, with its duplicate ledger and throttle state."""
 
     def __init__(self) -> None:
-        self._messages = LOBTree()
+        self._messages = MessageTree()
         self._length = Length()
         self._holders = LOBTree()
         self._claims = OOTreeSet()
         self._quarantine = LOBTree()
         self._quarantine_length = Length()
-        self._ledger = OOBTree()
-        self._ledger_by_time = OOTreeSet()
+        self._ledger = Ledger()
+        self._ledger_by_time = LedgerTimes()
+        self._ledger_salt = os.urandom(16)
         self._senders = OOBTree()
         self._senders_by_time = OOTreeSet()
 
@@ -361,13 +427,22 @@ class Queue(Persistent):
 
     # -- writing ------------------------------------------------------------
 
-    def store(self, raw: bytes, now: float) -> int:
-        """Append raw bytes (already carrying our added lines); return the key."""
+    def store(self, raw: bytes, now: float, created: list[Persistent] | None = None) -> int:
+        """Append raw bytes (already carrying our added lines); return the key.
+
+        The new record is appended to ``created`` when given: the writer
+        turns them into ghosts after its commit, so that its object cache
+        keeps the trees it reads, not the bytes of messages it never reads
+        again (up to ``BLOB_THRESHOLD`` each, ten thousand of them).
+        """
         jar = self._p_jar
         use_blob = len(raw) > BLOB_THRESHOLD and jar is not None and has_blobs(jar.db())
         key = new_key(now)
-        self._messages[key] = MessageRecord(raw, now, use_blob)
+        record = MessageRecord(raw, now, use_blob)
+        self._messages[key] = record
         self._length.change(1)
+        if created is not None:
+            created.append(record)
         return key
 
     def add(self, message: Message | bytes, now: float | None = None) -> int:
@@ -376,32 +451,81 @@ class Queue(Persistent):
         return self.store(raw, clock() if now is None else now)
 
     # -- the duplicate ledger -----------------------------------------------
+    #
+    # One entry per (Message-Id, recipient) stored in the last 24 h, in two
+    # trees of integers (docs/performance.md measures them against the
+    # strings and tuples they replace):
+    #
+    # - ``_ledger``: ``key -> check << 32 | arrival``.  ``key`` and ``check``
+    #   are 64 and 31 bits of a BLAKE2b hash of the pair, keyed with the
+    #   queue's random ``_ledger_salt``; ``arrival`` is in whole seconds.
+    # - ``_ledger_by_time``: ``time key -> key``, oldest first, for pruning.
+    #   Time keys are the arrival in microseconds, shifted, plus the
+    #   process's salt, as the queue's own keys (:func:`new_key`): in arrival
+    #   order, so a commit appends to one leaf, and unique to this process,
+    #   so two writers never pick the same one.
+    #
+    # A different pair with the same 64-bit key is told apart by ``check``, so
+    # it is taken for a duplicate only when 95 bits agree; it replaces the
+    # older entry, which could then be delivered twice (a duplicate, never a
+    # loss), about once in 2**64 / entries deliveries.
+
+    # Queues written by a development version before this ledger had none.
+    _ledger_salt: bytes | None = None
+
+    def _ledger_entry(self, message_id: str, recipient: str) -> tuple[int, int]:
+        """(key, check) of a pair in this queue's ledger."""
+        salt = self._ledger_salt
+        if salt is None or not isinstance(self._ledger, Ledger):
+            # An older ledger (strings and tuples) starts again empty: a copy
+            # of a message stored in the last 24 h could be stored once more.
+            self._ledger, self._ledger_by_time = Ledger(), LedgerTimes()
+            salt = self._ledger_salt = os.urandom(16)
+        return _ledger_hash(salt, message_id, recipient)
 
     def has_delivered(self, message_id: str, recipient: str, since: float) -> bool:
-        arrival = self._ledger.get(_ledger_key(message_id, recipient))
-        return arrival is not None and arrival >= since
+        """Stored for this recipient at ``since`` or later (to the second)?"""
+        key, check = self._ledger_entry(message_id, recipient)
+        value = self._ledger.get(key)
+        if value is None or value >> 32 != check:
+            return False
+        return value & _ARRIVAL_MASK >= int(since)
 
     def record_delivery(self, message_id: str, recipient: str, now: float) -> None:
-        key = _ledger_key(message_id, recipient)
-        previous = self._ledger.get(key)
-        if previous is not None:
-            self._ledger_by_time.remove((previous, key))
-        self._ledger[key] = now
-        self._ledger_by_time.add((now, key))
+        key, check = self._ledger_entry(message_id, recipient)
+        self._ledger[key] = check << 32 | _seconds(now)
+        when = _time_key(now)
+        while not self._ledger_by_time.insert(when, key):
+            when += 1 << 10  # taken (the clock went back): the next microsecond
         self.prune_ledger(now - DUPLICATE_WINDOW)
 
     def prune_ledger(self, before: float, limit: int = PRUNE_BATCH) -> int:
-        """Forget up to ``limit`` entries older than ``before``: O(log n) each."""
-        removed = 0
-        while removed < limit and len(self._ledger_by_time):
-            arrival, key = self._ledger_by_time.minKey()
-            if arrival >= before:
-                break
-            self._ledger_by_time.remove((arrival, key))
-            if self._ledger.get(key) == arrival:
-                del self._ledger[key]
-            removed += 1
-        return removed
+        """Forget up to ``limit`` entries recorded before ``before``: O(log n) each."""
+        times, ledger = self._ledger_by_time, self._ledger
+        end = int(before * 1_000_000) << 10
+        # The truth of a tree is O(1); its len() would walk every leaf.
+        if not times or times.minKey() >= end:
+            return 0
+        old = list(itertools.islice(times.items(max=end, excludemax=True), limit))
+        cutoff = _seconds(before)
+        for when, key in old:
+            del times[when]
+            value = ledger.get(key)
+            # Unless it was recorded again since (its newer time key prunes it).
+            if value is not None and value & _ARRIVAL_MASK < cutoff:
+                del ledger[key]
+        return len(old)
+
+    def warm_up(self, budget: int) -> int:
+        """Load up to ``budget`` leaves of the ledger into the cache; how many it loaded."""
+        loaded = 0
+        with contextlib.suppress(AttributeError):  # an empty tree has no first leaf
+            leaf = self._ledger._firstbucket
+            while leaf is not None and loaded < budget:
+                leaf._p_activate()
+                loaded += 1
+                leaf = leaf._next
+        return loaded
 
     def ledger_size(self) -> int:
         return len(self._ledger)
@@ -456,7 +580,8 @@ class Queue(Persistent):
     def prune_senders(self, before: float, limit: int = PRUNE_BATCH) -> int:
         """Drop sender keys with no arrival and no throttle after ``before``."""
         removed = 0
-        while removed < limit and len(self._senders_by_time):
+        # The truth of a tree is O(1); its len() walks every bucket.
+        while removed < limit and self._senders_by_time:
             activity, key = self._senders_by_time.minKey()
             if activity >= before:
                 break
@@ -716,8 +841,21 @@ def _activity(arrivals: tuple[float, ...], until: float | None) -> float | None:
     return until if last is None else max(last, until)
 
 
-def _ledger_key(message_id: str, recipient: str) -> str:
-    return f"{message_id.strip()}\x00{recipient.strip().lower()}"
+_ARRIVAL_MASK = (1 << 32) - 1
+
+
+def _seconds(when: float) -> int:
+    """Whole seconds since the epoch, as the ledger keeps them (32 bits: until 2106)."""
+    return min(max(int(when), 0), _ARRIVAL_MASK)
+
+
+def _ledger_hash(salt: bytes, message_id: str, recipient: str) -> tuple[int, int]:
+    """(signed 64-bit key, 31-bit check) of a (Message-Id, recipient) pair."""
+    text = f"{message_id.strip()}\x00{recipient.strip().lower()}"
+    digest = hashlib.blake2b(
+        text.encode("utf-8", "surrogatepass"), digest_size=12, key=salt
+    ).digest()
+    return int.from_bytes(digest[:8], "big", signed=True), int.from_bytes(digest[8:], "big") >> 1
 
 
 def _user_key(user: str, headers: tuple[str, ...] | None) -> str:

@@ -481,3 +481,173 @@ def test_frequency_and_throttle_methods_of_the_old_api(db: ZODB.DB) -> None:
     assert queue.is_throttled(user, t0 + 299.0)
     assert not queue.is_throttled(user, t0 + 300.0)
     consumer.close()
+
+
+# --- the duplicate ledger's structures ---------------------------------------------------
+
+T = 1_800_000_000.0  # an arrival time, in seconds since the epoch
+DAY = 24 * 3600
+
+
+def test_ledger_remembers_pairs_for_the_window_per_recipient_case_blind() -> None:
+    queue = Queue()
+    queue.record_delivery(" <a@x> ", "Rcpt@A.example", T)
+    assert queue.has_delivered("<a@x>", "rcpt@a.example", T - DAY)
+    assert queue.has_delivered("<a@x>", " RCPT@a.example ", T)
+    assert not queue.has_delivered("<a@x>", "other@a.example", T - DAY)
+    assert not queue.has_delivered("<b@x>", "rcpt@a.example", T - DAY)
+    # Arrival times are kept to the second.
+    assert not queue.has_delivered("<a@x>", "rcpt@a.example", T + 1)
+    assert queue.ledger_size() == 1
+
+
+def test_ledger_pruning_forgets_only_entries_before_the_cutoff_oldest_first() -> None:
+    queue = Queue()
+    for n in range(10):
+        queue.record_delivery(f"<{n}@x>", "r@a.example", T + n)
+    assert queue.prune_ledger(T + 4, limit=3) == 3
+    assert queue.ledger_size() == 7
+    assert not queue.has_delivered("<0@x>", "r@a.example", 0)
+    assert not queue.has_delivered("<2@x>", "r@a.example", 0)
+    assert queue.has_delivered("<3@x>", "r@a.example", 0)
+    assert queue.prune_ledger(T + 4) == 1  # only <3@x> is older than T + 4
+    assert queue.prune_ledger(T + 4) == 0
+    assert [queue.has_delivered(f"<{n}@x>", "r@a.example", 0) for n in range(10)] == [False] * 4 + [
+        True
+    ] * 6
+    assert queue.prune_ledger(T + 100) == 6
+    assert queue.ledger_size() == 0 and len(queue._ledger_by_time) == 0
+
+
+def test_a_pair_recorded_again_is_pruned_by_its_newest_arrival_only() -> None:
+    queue = Queue()
+    queue.record_delivery("<a@x>", "r@a.example", T)
+    queue.record_delivery("<a@x>", "r@a.example", T + DAY)  # stored again after the window
+    queue.prune_ledger(T + 10)  # the first time entry goes, the pair stays
+    assert queue.has_delivered("<a@x>", "r@a.example", T + DAY)
+    assert queue.ledger_size() == 1
+    queue.prune_ledger(T + DAY + 10)
+    assert queue.ledger_size() == 0
+
+
+def test_ledger_time_keys_are_unique_also_when_the_clock_goes_back() -> None:
+    queue = Queue()
+    for n in range(50):
+        queue.record_delivery(f"<late-{n}@x>", "r@a.example", T + 100)
+    for n in range(50):  # earlier than what this process recorded before
+        queue.record_delivery(f"<early-{n}@x>", "r@a.example", T)
+    for n in range(50):  # the same instants again
+        queue.record_delivery(f"<again-{n}@x>", "r@a.example", T)
+    assert len(queue._ledger_by_time) == 150 == queue.ledger_size()
+    assert queue.prune_ledger(T + 50, limit=1000) == 100
+    assert queue.ledger_size() == 50
+    assert queue.has_delivered("<late-0@x>", "r@a.example", T)
+
+
+def test_ledger_keys_are_fixed_size_integers_keyed_per_queue() -> None:
+    one, two = Queue(), Queue()
+    one.record_delivery("<a@x>", "r@a.example", T)
+    two.record_delivery("<a@x>", "r@a.example", T)
+    (key_one,) = one._ledger.keys()
+    (key_two,) = two._ledger.keys()
+    assert isinstance(key_one, int) and -(2**63) <= key_one < 2**63
+    assert key_one != key_two  # each queue hashes with its own random salt
+    (value,) = one._ledger.values()
+    assert value & 0xFFFFFFFF == int(T)
+
+
+def test_a_hash_collision_is_never_taken_for_a_duplicate(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Force every pair onto the same 64-bit key, with a check that differs.
+    real = store._ledger_hash
+
+    def colliding(salt: bytes, message_id: str, recipient: str) -> tuple[int, int]:
+        return 42, real(salt, message_id, recipient)[1]
+
+    monkeypatch.setattr(store, "_ledger_hash", colliding)
+    queue = Queue()
+    queue.record_delivery("<a@x>", "r@a.example", T)
+    assert queue.has_delivered("<a@x>", "r@a.example", T)
+    # Another pair on the same key: not a duplicate, so it is stored...
+    assert not queue.has_delivered("<b@x>", "r@a.example", T)
+    queue.record_delivery("<b@x>", "r@a.example", T + 1)
+    # ...and takes the key over: the older pair could come once more (never a loss).
+    assert queue.has_delivered("<b@x>", "r@a.example", T)
+    assert not queue.has_delivered("<a@x>", "r@a.example", T)
+    # Pruning the older pair's time entry leaves the newer pair's entry alone.
+    assert queue.prune_ledger(T + 1) == 1
+    assert queue.has_delivered("<b@x>", "r@a.example", T)
+    assert queue.prune_ledger(T + 2) == 1
+    assert queue.ledger_size() == 0
+
+
+def test_ledger_survives_a_reopen_with_its_salt(tmp_path: Path) -> None:
+    fill(tmp_path, 3)
+    depot = Depot(loads(CONFIG.format(uri=uri_for(tmp_path)), tmp_path / "postoffice.ini"))
+    try:
+        outcomes = depot.deliver("sender@outside.example", ["rcpt@a.example"], message(1))
+        assert "duplicate" in outcomes[0].reply
+        outcomes = depot.deliver("sender@outside.example", ["other@a.example"], message(1))
+        assert outcomes[0].queue_key is not None
+    finally:
+        depot.close()
+
+
+def test_the_writer_keeps_no_message_bytes_in_its_cache_after_the_commit(tmp_path: Path) -> None:
+    depot = Depot(loads(CONFIG.format(uri=uri_for(tmp_path)), tmp_path / "postoffice.ini"))
+    try:
+        depot.prepare()
+        outcomes = depot.deliver("sender@outside.example", ["rcpt@a.example"], message(7, 4000))
+        assert outcomes[0].queue_key is not None
+        connection = depot.db().open()
+        try:
+            records = [
+                obj
+                for obj in connection._cache.lru_items()  # type: ignore[attr-defined]
+                if isinstance(obj[1], store.MessageRecord)
+            ]
+            assert records == []  # ghosts are not in the LRU list
+        finally:
+            connection.close()
+    finally:
+        depot.close()
+
+
+def test_the_servers_start_reads_the_ledger_into_the_writers_cache(tmp_path: Path) -> None:
+    fill(tmp_path, 300)
+
+    def leaf_states(warm: bool) -> list[bool | None]:
+        depot = Depot(loads(CONFIG.format(uri=uri_for(tmp_path)), tmp_path / "postoffice.ini"))
+        try:
+            depot.prepare(warm=warm)
+            connection = depot.db().open()  # the pool hands the prepared connection back
+            try:
+                states = []
+                leaf = find_folder(connection.root(), "/postoffice")["A"]._ledger._firstbucket
+                while leaf is not None:
+                    states.append(leaf._p_changed)  # None for a ghost; reading it loads nothing
+                    leaf = leaf._next
+                return states
+            finally:
+                connection.close()
+        finally:
+            depot.close()
+
+    cold, warm = leaf_states(False), leaf_states(True)
+    assert len(cold) == len(warm) > 5
+    assert None in cold
+    assert warm == [False] * len(warm)  # every leaf loaded, none of them changed
+
+
+def test_a_ledger_of_the_older_format_starts_again_empty() -> None:
+    from BTrees.OOBTree import OOBTree, OOTreeSet
+
+    queue = Queue()
+    queue._ledger, queue._ledger_by_time = OOBTree(), OOTreeSet()
+    queue._ledger["<a@x>\x00r@a.example"] = T
+    del queue._ledger_salt  # the class default (None) shows through, as for an old queue
+    assert not queue.has_delivered("<a@x>", "r@a.example", T - DAY)
+    queue.record_delivery("<a@x>", "r@a.example", T)
+    assert queue.has_delivered("<a@x>", "r@a.example", T - DAY)
+    assert isinstance(queue._ledger, store.Ledger) and queue.ledger_size() == 1
