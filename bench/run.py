@@ -657,6 +657,9 @@ class Plan:
     messages: int
     sink_messages: int
     prefill: int
+    # Messages of each scale run: a run of 3,000 lasts about 1.5 s, too short
+    # for a stable ratio between two runs (it moved from 0.77 to 0.93).
+    scale_messages: int
     rss_message: int
     rss_sessions: int
     consume: int
@@ -737,7 +740,7 @@ def scale(plan: Plan, base: Path, log: Callable[[str], None]) -> list[Sample]:
                     work,
                     KIB,
                     sessions,
-                    plan.messages,
+                    plan.scale_messages,
                     round_number,
                     prefilled=prefilled,
                     expect_extra=plan.prefill if prefilled else 0,
@@ -1442,6 +1445,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
         messages=args.messages or (1000 if quick else 3000),
         sink_messages=args.sink_messages or (5000 if quick else 20000),
         prefill=args.prefill or (5000 if quick else 100_000),
+        scale_messages=args.scale_messages or (1000 if quick else 10_000),
         rss_message=parse_sizes(args.rss_size)[0],
         rss_sessions=16,
         consume=args.consume or (1000 if quick else 3000),
@@ -1473,6 +1477,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sizes", default="1k,50k", help="message payload sizes (smtp-source -l)")
     parser.add_argument("--sessions", default="1,4,16", help="concurrent sessions (smtp-source -s)")
     parser.add_argument("--prefill", type=int, help="messages already queued (default 100000)")
+    parser.add_argument(
+        "--scale-messages", type=int, help="messages per run of the scale part (default 10000)"
+    )
     parser.add_argument("--rss-size", default="10m", help="message size of the peak-RSS run")
     parser.add_argument("--consume", type=int, help="messages the consumer pops (default 3000)")
     parser.add_argument(

@@ -25,6 +25,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from postoffice import config, open_queue
 from postoffice.lmtp import ListenError, LmtpServer
@@ -805,3 +807,62 @@ def test_writer_commits_sessions_in_groups(
         lmtp.quit()
     assert sum(sizes) == 6
     assert max(sizes) > 1, sizes
+
+
+# --- addresses: our parse is aiosmtpd's ------------------------------------------------
+
+ADDRESS_ARGS = [
+    "",
+    "<>",
+    "<a@b.test>",
+    " <a@b.test> SIZE=10",
+    "a@b.test",
+    "a@b.test BODY=8BITMIME",
+    '<"quoted local"@b.test>',
+    "<@relay.test:a@b.test>",
+    "<a@[127.0.0.1]>",
+    "<ü@bücher.test> SMTPUTF8",
+    "<a@b.test",
+    "a@",
+    "@b.test",
+    "<<a@b.test>>",
+    "<a b@c.test>",
+    "<" + "x" * 65 + "@b.test>",
+    "<" + "x" * 64 + "@b.test>",
+    "<a@b.test>\x00",
+    "(comment) a@b.test",
+    "<a@b.test> (comment)",
+]
+
+
+def _both_parses(arg: str, limit: int) -> tuple[object, object]:
+    from types import SimpleNamespace
+
+    from aiosmtpd.smtp import SMTP
+
+    from postoffice.lmtp import LmtpSession
+
+    holder = SimpleNamespace(local_part_limit=limit)
+    try:
+        theirs: object = SMTP._getaddr(holder, arg)  # type: ignore[arg-type]
+    except Exception as exc:  # the same exception, or none, on both sides
+        theirs = type(exc)
+    try:
+        ours: object = LmtpSession._getaddr(holder, arg)  # type: ignore[arg-type]
+    except Exception as exc:
+        ours = type(exc)
+    return ours, theirs
+
+
+@pytest.mark.parametrize("arg", ADDRESS_ARGS)
+@pytest.mark.parametrize("limit", [0, 64])
+def test_mail_and_rcpt_addresses_parse_as_aiosmtpd_parses_them(arg: str, limit: int) -> None:
+    ours, theirs = _both_parses(arg, limit)
+    assert ours == theirs
+
+
+@given(st.text(max_size=80))
+@settings(max_examples=300, deadline=None)
+def test_any_address_argument_parses_as_aiosmtpd_parses_it(arg: str) -> None:
+    ours, theirs = _both_parses(arg, 64)
+    assert ours == theirs
