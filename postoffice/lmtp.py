@@ -32,6 +32,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import functools
 import ipaddress
 import logging
 import os
@@ -376,6 +377,38 @@ class _Received:
     head: bytes  # the first octets, to name the Message-Id of a refused message
 
 
+@functools.lru_cache(maxsize=4096)
+def parse_address(arg: str, local_part_limit: int) -> tuple[str | None, str | None]:
+    """``SMTP._getaddr`` of aiosmtpd 1.4, without its per-call class, and remembered.
+
+    aiosmtpd defines a ``typing.Protocol`` class inside ``_getaddr`` for its
+    type checker, so every MAIL FROM and RCPT TO built a class: 38 us a
+    call, a fifth of the event loop's time under load (py-spy,
+    docs/performance.md).  The parse itself (the email package's header
+    parser) is the next largest cost of a session, and its result depends on
+    nothing but the argument: the same few recipient addresses of an
+    application domain come back in every transaction Postfix sends, so the
+    last 4096 are kept.  The parse is aiosmtpd's: ``get_angle_addr`` or
+    ``get_addr_spec``, then the limit on the local part (tests/test_lmtp.py
+    compares the two on hostile and generated arguments).
+    """
+    if not arg:
+        return "", ""
+    address: Any  # AngleAddr or AddrSpec: both have addr_spec
+    try:
+        if arg.lstrip().startswith("<"):
+            address, rest = get_angle_addr(arg)
+        else:
+            address, rest = get_addr_spec(arg)
+    except HeaderParseError:
+        return None, None
+    addr: str = address.addr_spec
+    localpart, _at, _domain = addr.rpartition("@")
+    if local_part_limit and len(localpart) > local_part_limit:
+        return None, None
+    return addr, rest
+
+
 class LmtpSession(LMTP):
     """aiosmtpd's LMTP protocol with our DATA, session limit and timeouts."""
 
@@ -399,30 +432,8 @@ class LmtpSession(LMTP):
         self.refused = False
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        """aiosmtpd's own parse of a MAIL or RCPT address, without its per-call class.
-
-        aiosmtpd 1.4 defines a ``typing.Protocol`` class inside ``_getaddr``
-        for its type checker, so every MAIL FROM and RCPT TO builds a class:
-        38 us a call, a fifth of the event loop's time under load (measured
-        with py-spy, docs/performance.md).  The parse is the same: the email
-        package's ``get_angle_addr``/``get_addr_spec``, the same limit on the
-        local part (tests/test_lmtp.py compares the two on hostile input).
-        """
-        if not arg:
-            return "", ""
-        address: Any  # AngleAddr or AddrSpec: both have addr_spec
-        try:
-            if arg.lstrip().startswith("<"):
-                address, rest = get_angle_addr(arg)
-            else:
-                address, rest = get_addr_spec(arg)
-        except HeaderParseError:
-            return None, None
-        addr: str = address.addr_spec
-        localpart, _at, _domain = addr.rpartition("@")
-        if self.local_part_limit and len(localpart) > self.local_part_limit:
-            return None, None
-        return addr, rest
+        """aiosmtpd's own parse of a MAIL or RCPT address, faster (see ``parse_address``)."""
+        return parse_address(arg, self.local_part_limit)
 
     # -- connection -------------------------------------------------------------
 
