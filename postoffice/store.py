@@ -88,9 +88,11 @@ CLAIM_PATIENCE = 30.0
 CLEANUP_AT = 2 * PRUNE_BATCH
 # How many waiting messages one pop looks at to find one nobody holds.
 CANDIDATES = 64
-# Entries in a leaf of the duplicate ledger (see ``Ledger``).
-LEDGER_LEAF_SIZE = 32
-LEDGER_INTERNAL_SIZE = 64
+# Node sizes of the trees every delivery writes to (``MessageTree``,
+# ``Ledger``, ``LedgerTimes``): a commit writes a whole leaf again, and the
+# node above it at a split, so small nodes keep those writes small.
+SMALL_LEAF_SIZE = 32
+SMALL_INTERNAL_SIZE = 64
 
 # The clock of claims and leases; tests replace it (``store.clock = ...``).
 clock: Callable[[], float] = time.time
@@ -318,8 +320,8 @@ class MessageTree(LOBTree):
     (docs/performance.md).  Smaller nodes make both writes small.
     """
 
-    max_leaf_size = 32
-    max_internal_size = 64
+    max_leaf_size = SMALL_LEAF_SIZE
+    max_internal_size = SMALL_INTERNAL_SIZE
 
 
 class Ledger(LLBTree):
@@ -331,8 +333,8 @@ class Ledger(LLBTree):
     docs/performance.md, "What was changed").
     """
 
-    max_leaf_size = LEDGER_LEAF_SIZE
-    max_internal_size = LEDGER_INTERNAL_SIZE
+    max_leaf_size = SMALL_LEAF_SIZE
+    max_internal_size = SMALL_INTERNAL_SIZE
 
 
 class LedgerTimes(LLBTree):
@@ -342,8 +344,8 @@ class LedgerTimes(LLBTree):
     split; small nodes keep both writes small.
     """
 
-    max_leaf_size = LEDGER_LEAF_SIZE
-    max_internal_size = LEDGER_INTERNAL_SIZE
+    max_leaf_size = SMALL_LEAF_SIZE
+    max_internal_size = SMALL_INTERNAL_SIZE
 
 
 class Queue(Persistent):
@@ -473,26 +475,30 @@ class Queue(Persistent):
     # Queues written by a development version before this ledger had none.
     _ledger_salt: bytes | None = None
 
-    def _ledger_entry(self, message_id: str, recipient: str) -> tuple[int, int]:
-        """(key, check) of a pair in this queue's ledger."""
+    def _current_salt(self) -> bytes | None:
+        """The key of the ledger's hash; None while the queue has an older ledger."""
         salt = self._ledger_salt
-        if salt is None or not isinstance(self._ledger, Ledger):
-            # An older ledger (strings and tuples) starts again empty: a copy
-            # of a message stored in the last 24 h could be stored once more.
-            self._ledger, self._ledger_by_time = Ledger(), LedgerTimes()
-            salt = self._ledger_salt = os.urandom(16)
-        return _ledger_hash(salt, message_id, recipient)
+        return salt if salt is not None and isinstance(self._ledger, Ledger) else None
 
     def has_delivered(self, message_id: str, recipient: str, since: float) -> bool:
         """Stored for this recipient at ``since`` or later (to the second)?"""
-        key, check = self._ledger_entry(message_id, recipient)
+        salt = self._current_salt()
+        if salt is None:
+            return False  # an older ledger is replaced at the next record_delivery
+        key, check = _ledger_hash(salt, message_id, recipient)
         value = self._ledger.get(key)
         if value is None or value >> 32 != check:
             return False
         return value & _ARRIVAL_MASK >= int(since)
 
     def record_delivery(self, message_id: str, recipient: str, now: float) -> None:
-        key, check = self._ledger_entry(message_id, recipient)
+        salt = self._current_salt()
+        if salt is None:
+            # An older ledger (strings and tuples) starts again empty: a copy
+            # of a message stored in the last 24 h could be stored once more.
+            self._ledger, self._ledger_by_time = Ledger(), LedgerTimes()
+            salt = self._ledger_salt = os.urandom(16)
+        key, check = _ledger_hash(salt, message_id, recipient)
         self._ledger[key] = check << 32 | _seconds(now)
         when = _time_key(now)
         while not self._ledger_by_time.insert(when, key):

@@ -648,6 +648,7 @@ def test_a_ledger_of_the_older_format_starts_again_empty() -> None:
     queue._ledger["<a@x>\x00r@a.example"] = T
     del queue._ledger_salt  # the class default (None) shows through, as for an old queue
     assert not queue.has_delivered("<a@x>", "r@a.example", T - DAY)
+    assert type(queue._ledger) is OOBTree  # a read does not write (a dry run reads)
     queue.record_delivery("<a@x>", "r@a.example", T)
     assert queue.has_delivered("<a@x>", "r@a.example", T - DAY)
     assert isinstance(queue._ledger, store.Ledger) and queue.ledger_size() == 1
