@@ -432,6 +432,20 @@ class PostfixInstance:
                 )
             time.sleep(0.2)
 
+    def check(self, timeout: float = 60.0) -> str:
+        """``postfix check``'s warnings (empty when none); AssertionError when it fails.
+
+        Run under script(1) where there is one: postfix only says why
+        ``check`` fails when its output is a terminal.
+        """
+        command = shlex.join(self._postfix("check"))
+        script = shutil.which("script")
+        argv = [script, "-qec", command, "/dev/null"] if script else self._postfix("check")
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+        output = (proc.stdout + proc.stderr).replace("\r", "").strip()
+        assert proc.returncode == 0, output
+        return output
+
     # -- log ---------------------------------------------------------------------------
 
     def maillog(self) -> str:
