@@ -51,7 +51,15 @@ import ZODB
 
 from postoffice import config
 from postoffice.cli import consumer_uri
-from postoffice.decide import Rule, deferred, reject
+from postoffice.decide import (
+    EX_NOUSER,
+    EX_OK,
+    EX_TEMPFAIL,
+    EX_UNAVAILABLE,
+    Rule,
+    deferred,
+    reject,
+)
 from postoffice.deliver import Depot, Outcome
 from postoffice.errors import ConfigError, StorageUnavailable
 from postoffice.store import open_db
@@ -59,11 +67,7 @@ from postoffice.store import open_db
 PROG = "postoffice-deliver"
 USAGE = f"usage: {PROG} [-C FILE] [-f SENDER] [--] RECIPIENT..."
 
-EX_OK = 0
-EX_USAGE = 64
-EX_NOUSER = 67
-EX_UNAVAILABLE = 69
-EX_TEMPFAIL = 75
+EX_USAGE = 64  # the outcomes' own codes (0, 67, 69, 75) come from postoffice.decide
 
 # Which exit status wins when recipients fare differently (SPEC 7).
 SEVERITY = {EX_OK: 0, EX_NOUSER: 1, EX_UNAVAILABLE: 2, EX_TEMPFAIL: 3}
