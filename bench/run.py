@@ -420,7 +420,7 @@ class PostofficeServer(Server):
     name = "postoffice"
     note = (
         "postoffice serve, file:// FileStorage with blobs, the default path "
-        "(shared through the ZEO server serve runs, where serve does that)"
+        "(serve opens the file and shares it through a ZEO server thread)"
     )
     max_size = "50m"
     share = True

@@ -1,15 +1,18 @@
 """What sharing the embedded default costs: ``python3 bench/sharing.py`` (SPEC 8).
 
-``postoffice serve`` on a ``file://`` depot either opens the FileStorage
-itself (nobody else can open it while it runs) or runs a ZEO server on a
-unix socket beside it and delivers through that, so that consumers can
-open the queues at the same time (``postoffice/embedded.py``).  This
-measures deliveries per second through ``Depot.deliver_batch``, the call
-the LMTP server makes, both ways:
+``postoffice serve`` on a ``file://`` depot opens the FileStorage itself;
+with ``share`` (the default) it also serves it on a unix socket beside it
+through a ZEO server thread, so that consumers can open the queues at the
+same time (``postoffice/embedded.py``).  This measures deliveries per
+second through ``Depot.deliver_batch``, the call the LMTP server makes:
 
-- ``direct``: ``file://.../Data.fs?blobstorage_dir=...`` opened in-process;
-- ``zeo``: the same URI served by ``EmbeddedZeo``, the depot opened on its
-  ``zeo://...?shared_blob_dir=true`` client URI;
+- ``direct``: ``file://.../Data.fs?blobstorage_dir=...`` opened in-process
+  (``share = no``);
+- ``shared``: the same file opened by ``SharedDepot``, as ``serve`` does by
+  default: delivered into directly, while its ZEO server thread listens;
+- ``zeo``: a writer that is a ZEO client of that server
+  (``zeo://...?shared_blob_dir=true``), as ``postoffice-deliver`` is while
+  ``serve`` runs, and as ``serve`` itself was up to 0.1;
 - ``sqlite``, where RelStorage is installed: SPEC 8's measured alternative,
   ``sqlite://?data_dir=...&blob_dir=...&shared_blob_dir=true``, which
   several processes open at once with no server.  RelStorage runs SQLite
@@ -50,7 +53,7 @@ import ZODB
 
 from postoffice.config import Settings, loads
 from postoffice.deliver import Delivery, Depot
-from postoffice.embedded import EmbeddedZeo
+from postoffice.embedded import SharedDepot
 
 KIB = 1024
 QUEUE = "Bench"
@@ -89,12 +92,13 @@ def relstorage_installed() -> bool:
     return True
 
 
-WAYS: tuple[str, ...] = ("direct", "zeo")
+WAYS: tuple[str, ...] = ("direct", "shared", "zeo")
 if relstorage_installed():
     WAYS += ("sqlite", "sqlite-full")
 HEADINGS = {
     "direct": "direct FileStorage",
-    "zeo": "embedded ZEO",
+    "shared": "shared (serve)",
+    "zeo": "ZEO client",
     "sqlite": "sqlite:// (NORMAL)",
     "sqlite-full": "sqlite (FULL)",
 }
@@ -113,7 +117,7 @@ def message(number: int, size: int) -> bytes:
 
 @contextmanager
 def depot_for(way: str, folder: Path) -> Iterator[Depot]:
-    """A Depot as ``serve`` would open it: on the file, or through the embedded ZEO."""
+    """A Depot on the file, on the file shared as ``serve`` holds it, or through its ZEO."""
     uri = f"file://{folder}/Data.fs?blobstorage_dir={folder}/blobs"
     db = None
     if way.startswith("sqlite"):
@@ -121,9 +125,10 @@ def depot_for(way: str, folder: Path) -> Iterator[Depot]:
         uri = f"sqlite://?data_dir={folder}/sqlite&blob_dir={folder}/blobs&shared_blob_dir=true"
         if way == "sqlite-full":
             db = sqlite_full(folder)
-    server = EmbeddedZeo(uri) if way == "zeo" else None
-    if server is not None:
-        server.start()
+    server = SharedDepot(uri).start() if way in ("shared", "zeo") else None
+    if server is not None and way == "shared":
+        db = server.db
+    elif server is not None:
         uri = server.client_uri
     settings: Settings = loads(CONFIG.format(uri=uri), folder / "postoffice.ini")
     depot = Depot(settings, db=db)
@@ -132,7 +137,7 @@ def depot_for(way: str, folder: Path) -> Iterator[Depot]:
         yield depot
     finally:
         depot.close()
-        if db is not None:
+        if db is not None and server is None:
             db.close()
         if server is not None:
             server.stop()

@@ -160,22 +160,17 @@ def open_folder(settings: config.Settings, create: bool = False) -> Iterator[Any
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """The LMTP server; with file:// (and ``share``), behind an embedded ZEO server."""
+    """The LMTP server; with file:// (and ``share``), sharing the depot over ZEO."""
     from postoffice import lmtp
     from postoffice.embedded import shared
-    from postoffice.store import open_db
 
     path = config.find_config(args.config)
     settings = config.load(path)  # refuse a bad file before anything starts
-    with shared(settings.zodb_uri, share=settings.share) as uri:
-        if uri == settings.zodb_uri:
+    with shared(settings.zodb_uri, share=settings.share) as depot:
+        if depot is None:
             return lmtp.serve(path, args.listen)
-        print(f"postoffice: consumers use {uri}", flush=True)
-        db = open_db(uri)
-        try:
-            return lmtp.serve(path, args.listen, db=db)
-        finally:
-            db.close()  # before the ZEO server stops
+        print(f"postoffice: consumers use {depot.client_uri}", flush=True)
+        return lmtp.serve(path, args.listen, db=depot.db)
 
 
 # --- import-maildir -------------------------------------------------------------

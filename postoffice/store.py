@@ -140,22 +140,32 @@ def open_db(uri: str) -> ZODB.DB:
     """Open a database by zodburi URI; StorageUnavailable when it cannot be reached.
 
     A ``file://`` depot that a running ``postoffice serve`` is sharing (its
-    embedded ZEO server answers beside ``Data.fs``) is opened through that
-    server: the file itself is locked by it.
+    ZEO server answers beside ``Data.fs``) is opened through that server:
+    the file itself is locked by it.
     """
     if uri.startswith("file://"):
         from postoffice.embedded import running_client_uri
 
         uri = running_client_uri(uri) or uri
+    storage, dbkw = open_storage(uri)
+    return db_for(storage, dbkw, uri)
+
+
+def open_storage(uri: str) -> tuple[Any, dict[str, Any]]:
+    """The storage a zodburi URI names, opened, and the keywords for its ``ZODB.DB``."""
     try:
         factory, dbkw = zodburi.resolve_uri(uri)
     except Exception as exc:
         raise ConfigError(f"zodb_uri {uri!r}: {exc}") from None
     _make_file_dirs(uri)
     try:
-        storage = factory()
+        return factory(), dbkw
     except Exception as exc:
         raise StorageUnavailable(f"cannot open {uri}: {exc}") from None
+
+
+def db_for(storage: Any, dbkw: dict[str, Any], uri: str) -> ZODB.DB:
+    """``ZODB.DB(storage)``; the storage is closed again if that fails."""
     try:
         return ZODB.DB(storage, **dbkw)
     except Exception as exc:
@@ -1267,9 +1277,11 @@ __all__ = [
     "MessageRecord",
     "Queue",
     "QueuesFolder",
+    "db_for",
     "find_folder",
     "new_key",
     "open_db",
+    "open_storage",
     "reconcile",
     "throttle_window",
 ]

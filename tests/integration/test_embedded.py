@@ -1,17 +1,17 @@
 """The embedded default serves applications too (SPEC 8): a real ZEO server beside Data.fs.
 
-A FileStorage can be opened by one process only.  These tests start the
-ZEO server that ``postoffice serve`` runs for a ``file://`` depot, deliver
-through it as ``serve`` does, and consume from other processes with the
-printed URI, the way applications on the same host do.  After the server
-stops, the same data is read from the file directly.
+A FileStorage can be opened by one process only.  These tests open a
+``file://`` depot as ``postoffice serve`` does (the file itself, plus the
+ZEO server thread that shares it), deliver into it as ``serve`` does, and
+consume from other processes with the printed URI, the way applications
+on the same host do.  After the server stops, the same data is read from
+the file directly.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import stat
 import subprocess
@@ -28,12 +28,11 @@ from postoffice import open_queue
 from postoffice.config import Settings, loads
 from postoffice.deliver import Delivery, Depot
 from postoffice.embedded import (
-    EmbeddedZeo,
     EmbeddedZeoError,
     FileDepot,
+    SharedDepot,
     running_client_uri,
     shared,
-    sharing_uri,
 )
 from postoffice.errors import ConfigError
 from postoffice.store import BLOB_THRESHOLD, open_db
@@ -136,9 +135,9 @@ def var(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def zeo(var: Path) -> Iterator[EmbeddedZeo]:
-    server = EmbeddedZeo(file_uri(var))
-    with server:
+def zeo(var: Path) -> Iterator[SharedDepot]:
+    """The depot as serve holds it: the file open here, shared on zeo.sock."""
+    with SharedDepot(file_uri(var)) as server:
         yield server
 
 
@@ -146,10 +145,10 @@ def zeo(var: Path) -> Iterator[EmbeddedZeo]:
 
 
 def test_consumers_in_other_processes_get_every_message_exactly_once(
-    zeo: EmbeddedZeo, var: Path, tmp_path: Path
+    zeo: SharedDepot, var: Path, tmp_path: Path
 ) -> None:
-    """serve delivers through the ZEO client URI while two applications consume."""
-    depot = Depot(settings(zeo.client_uri, tmp_path))
+    """serve delivers into the file while two applications consume through ZEO."""
+    depot = Depot(settings(file_uri(var), tmp_path), db=zeo.db)
     depot.prepare()
     consumers = [
         subprocess.Popen(
@@ -185,11 +184,9 @@ def test_consumers_in_other_processes_get_every_message_exactly_once(
     assert sorted(ids) == sorted(f"<{n}@outside.example>" for n in range(50))
     assert dict(results)["<0@outside.example>"] == len(big)
 
-    pid = zeo.pid
-    assert pid is not None
     zeo.stop()
     assert not zeo.socket_path.exists()
-    wait_for(lambda: gone(pid), "the ZEO server to exit")
+    assert running_client_uri(file_uri(var)) is None
 
     # The data is in Data.fs: the file opened directly, as with share = no.
     with open_queue(file_uri(var), QUEUE) as queue:
@@ -204,14 +201,14 @@ def test_consumers_in_other_processes_get_every_message_exactly_once(
         transaction.abort()
 
 
-def test_running_client_uri_finds_the_server_while_it_runs(zeo: EmbeddedZeo, var: Path) -> None:
+def test_running_client_uri_finds_the_server_while_it_runs(zeo: SharedDepot, var: Path) -> None:
     """``postoffice queues`` and friends use the ZEO while serve holds the file."""
     assert running_client_uri(file_uri(var)) == zeo.client_uri
     zeo.stop()
     assert running_client_uri(file_uri(var)) is None
 
 
-def test_the_socket_is_not_for_everyone(zeo: EmbeddedZeo, var: Path) -> None:
+def test_the_socket_is_not_for_everyone(zeo: SharedDepot, var: Path) -> None:
     mode = os.stat(zeo.socket_path).st_mode
     assert stat.S_ISSOCK(mode)
     assert stat.S_IMODE(mode) == 0o660
@@ -219,7 +216,7 @@ def test_the_socket_is_not_for_everyone(zeo: EmbeddedZeo, var: Path) -> None:
 
 
 def test_a_private_socket_mode(var: Path) -> None:
-    with EmbeddedZeo(file_uri(var), socket_mode=0o600) as server:
+    with SharedDepot(file_uri(var), socket_mode=0o600) as server:
         assert stat.S_IMODE(os.stat(server.socket_path).st_mode) == 0o600
 
 
@@ -227,13 +224,13 @@ def test_a_private_socket_mode(var: Path) -> None:
 
 
 def test_a_second_server_for_the_same_data_fs_is_refused(
-    zeo: EmbeddedZeo, var: Path, tmp_path: Path
+    zeo: SharedDepot, var: Path, tmp_path: Path
 ) -> None:
-    pid = zeo.pid
     with pytest.raises(EmbeddedZeoError, match="already shared by a running ZEO server"):
-        EmbeddedZeo(file_uri(var)).start()
-    # The first one is untouched and still serves.
-    assert zeo.pid == pid
+        SharedDepot(file_uri(var)).start()
+    # The first one is untouched and still serves (here a writer through ZEO,
+    # as postoffice-deliver is while serve runs).
+    assert zeo.running()
     depot = Depot(settings(zeo.client_uri, tmp_path))
     try:
         deliver(depot, range(1))
@@ -247,7 +244,7 @@ def test_a_data_fs_locked_by_another_process_is_a_clear_error(var: Path) -> None
     """Someone opened the file:// URI directly (share = no, a consumer, postoffice-deliver)."""
     db = open_db(file_uri(var))
     try:
-        server = EmbeddedZeo(file_uri(var))
+        server = SharedDepot(file_uri(var))
         with pytest.raises(EmbeddedZeoError, match=r"Data\.fs is locked by another process"):
             server.start()
         assert not server.running()
@@ -255,7 +252,7 @@ def test_a_data_fs_locked_by_another_process_is_a_clear_error(var: Path) -> None
     finally:
         db.close()
     # Once the other process lets go, the server starts.
-    with EmbeddedZeo(file_uri(var)) as server:
+    with SharedDepot(file_uri(var)) as server:
         assert server.running()
 
 
@@ -265,7 +262,7 @@ def test_a_stale_socket_is_replaced(var: Path) -> None:
     stale = socket.socket(socket.AF_UNIX)
     stale.bind(str(var / "zeo.sock"))
     stale.close()
-    with EmbeddedZeo(file_uri(var)) as server:
+    with SharedDepot(file_uri(var)) as server:
         db = open_db(server.client_uri)
         try:
             assert db.storage.is_connected()
@@ -277,90 +274,72 @@ def test_a_file_where_the_socket_goes_is_left_alone(var: Path) -> None:
     var.mkdir()
     (var / "zeo.sock").write_text("not a socket")
     with pytest.raises(EmbeddedZeoError, match="not a socket"):
-        EmbeddedZeo(file_uri(var)).start()
+        SharedDepot(file_uri(var)).start()
     assert (var / "zeo.sock").read_text() == "not a socket"
 
 
-# --- a server that dies ---------------------------------------------------------------
+# --- a serve that dies ---------------------------------------------------------------
 
 
-def test_a_dead_server_is_started_again_and_serve_delivers_on(
-    zeo: EmbeddedZeo, tmp_path: Path
-) -> None:
-    depot = Depot(settings(zeo.client_uri, tmp_path))
-    try:
-        deliver(depot, range(1))
-        first = zeo.pid
-        assert first is not None
-        os.kill(first, signal.SIGKILL)
-        wait_for(lambda: zeo.pid not in (None, first), "the ZEO server to be restarted")
-        # The client reconnects by itself; until then a delivery gets 451 (retried by Postfix).
-        deadline = time.monotonic() + WAIT
-        while True:
-            replies = depot.deliver(
-                "s@outside.example", ["someone@app.customera.example"], message(2)
-            )
-            if replies[0].reply.startswith("250"):
-                break
-            assert replies[0].reply.startswith("451"), replies[0].reply
-            assert time.monotonic() < deadline, "no delivery after the restart"
-            time.sleep(0.1)
-    finally:
-        depot.close()
-    with open_queue(zeo.client_uri, QUEUE) as queue:
-        assert len(queue) == 2
-
-
-def test_the_server_stops_when_its_parent_is_killed(var: Path) -> None:
-    """serve killed with SIGKILL must not leave a ZEO server holding Data.fs."""
-    parent = subprocess.Popen(
+def test_after_serve_is_killed_the_next_one_shares_the_same_data(var: Path, tmp_path: Path) -> None:
+    """SIGKILL leaves zeo.sock behind but frees the file: the next serve starts and has it all."""
+    killed = subprocess.Popen(
         [
             sys.executable,
             "-c",
             "import sys, time\n"
-            "from postoffice.embedded import EmbeddedZeo\n"
-            "server = EmbeddedZeo(sys.argv[1]).start()\n"
-            "print(server.pid, flush=True)\n"
+            "from postoffice.embedded import SharedDepot\n"
+            "from postoffice.config import loads\n"
+            "from postoffice.deliver import Depot\n"
+            "from pathlib import Path\n"
+            "server = SharedDepot(sys.argv[1]).start()\n"
+            "depot = Depot(loads(sys.argv[2], Path('postoffice.ini')), db=server.db)\n"
+            "raw = sys.argv[3].encode()\n"
+            "outcomes = depot.deliver('s@outside.example', ['a@app.customera.example'], raw)\n"
+            "print(outcomes[0].reply, flush=True)\n"
             "time.sleep(120)\n",
             file_uri(var),
+            CONFIG.format(uri=file_uri(var)),
+            message(1).decode(),
         ],
         stdout=subprocess.PIPE,
         text=True,
     )
     try:
-        assert parent.stdout is not None
-        child = int(parent.stdout.readline())
+        assert killed.stdout is not None
+        assert "queued in Customer A" in killed.stdout.readline()
         assert running_client_uri(file_uri(var)) is not None
     finally:
-        parent.kill()
-        parent.wait()
-    wait_for(lambda: gone(child), "the orphaned ZEO server to stop")
-    assert not (var / "zeo.sock").exists()
-    # The lock is free again: the file opens directly.
-    open_db(file_uri(var)).close()
+        killed.kill()
+        killed.wait()
+    assert (var / "zeo.sock").exists()  # stale
+    assert running_client_uri(file_uri(var)) is None
+    with SharedDepot(file_uri(var)) as server, open_queue(server.client_uri, QUEUE) as queue:
+        assert [queue.pop_next()["Message-Id"]] == ["<1@outside.example>"]
+        transaction.abort()
 
 
 # --- what serve opens --------------------------------------------------------------------
 
 
-def test_file_uris_are_shared_and_others_are_not(var: Path) -> None:
-    uri = file_uri(var)
-    client_uri, server = sharing_uri(uri)
-    assert server is not None and not server.running()
-    assert client_uri == (f"zeo://{var}/zeo.sock?shared_blob_dir=true&blob_dir={var}/blobs")
-    assert sharing_uri(uri, share=False) == (uri, None)
+def test_only_file_uris_are_shared(var: Path) -> None:
     for other in ("zeo://localhost:8100", "memory://", "postgres://db/postoffice"):
-        assert sharing_uri(other) == (other, None)
+        with shared(other) as depot:
+            assert depot is None
+    with shared(file_uri(var), share=False) as depot:
+        assert depot is None
+    assert FileDepot.parse(file_uri(var)).client_uri == (
+        f"zeo://{var}/zeo.sock?shared_blob_dir=true&blob_dir={var}/blobs"
+    )
 
 
 def test_shared_runs_the_server_only_for_the_block(var: Path) -> None:
-    with shared(file_uri(var)) as uri:
-        assert uri.startswith("zeo://")
-        assert running_client_uri(file_uri(var)) == uri
+    with shared(file_uri(var)) as depot:
+        assert depot is not None
+        assert running_client_uri(file_uri(var)) == depot.client_uri
     assert running_client_uri(file_uri(var)) is None
-    with shared(file_uri(var), share=False) as uri:
-        assert uri == file_uri(var)
-        assert not (var / "zeo.sock").exists()
+    assert not (var / "zeo.sock").exists()
+    open_db(file_uri(var)).close()  # the file is free again
 
 
 def test_database_options_follow_the_uri_and_storage_options_stay_with_the_server(
@@ -371,7 +350,6 @@ def test_database_options_follow_the_uri_and_storage_options_stay_with_the_serve
         "&connection_cache_size=5000"
     )
     assert depot.client_uri.endswith("&database_name=main&connection_cache_size=5000")
-    assert "quota 1g" in depot.zeo_config()
     with pytest.raises(ConfigError, match="demostorage"):
         FileDepot.parse(f"file://{var}/Data.fs?demostorage=true")
 
@@ -379,4 +357,4 @@ def test_database_options_follow_the_uri_and_storage_options_stay_with_the_serve
 def test_a_socket_path_too_long_for_unix_sockets_is_a_config_error(tmp_path: Path) -> None:
     deep = tmp_path / ("x" * 120)
     with pytest.raises(ConfigError, match="at most 107 bytes"):
-        EmbeddedZeo(file_uri(deep))
+        SharedDepot(file_uri(deep))
