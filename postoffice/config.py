@@ -98,8 +98,8 @@ class Settings:
     source: Path | None = None
     # Messages kept in the dead-letter area before the oldest is dropped.
     dead_letter_max: int = 1000
-    # With file://, `serve` runs a ZEO server so consumers can read while it
-    # runs; `share = no` opens the file directly (faster, nobody else can open it).
+    # With file://, `serve` also serves the file it opened through a ZEO server
+    # thread, so consumers can read while it runs; `share = no` serves nobody.
     share: bool = True
 
     @property

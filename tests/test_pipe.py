@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import signal
+import smtplib
 import subprocess
 import sys
 import threading
@@ -611,8 +612,18 @@ def test_delivers_through_the_zeo_server_of_a_running_serve(depot: PipeDepot) ->
 
         assert result == Result(0, "", "")
         assert "database locked" not in depot.logged()
+
+        # serve delivers into the file itself, with the duplicate ledger in
+        # its cache: it must see what the pipe committed through its ZEO
+        # server, so the same message over LMTP is a duplicate, not a copy.
+        with smtplib.LMTP(str(sock)) as lmtp:
+            assert lmtp.sendmail(SENDER, ["alice@app.test"], message("shared", eol=b"\r\n")) == {}
+            # And the other way round: what serve stored, the pipe sees.
+            assert lmtp.sendmail(SENDER, ["alice@app.test"], message("second", eol=b"\r\n")) == {}
+        assert depot.run(["alice@app.test"], message("second")) == Result(0, "", "")
     finally:
         serve.send_signal(signal.SIGTERM)
         assert serve.wait(TIMEOUT) == 0, out.read_text()
-    (raw,) = depot.stored()
-    assert b"Message-Id: <shared@sender.test>" in raw
+    stored = depot.stored()
+    assert [raw.count(b"Message-Id: <shared@sender.test>") for raw in stored] == [1, 0]
+    assert [raw.count(b"Message-Id: <second@sender.test>") for raw in stored] == [0, 1]
