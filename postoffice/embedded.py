@@ -369,5 +369,3 @@ def _read_exactly(sock: socket.socket, size: int) -> bytes:
             raise ValueError("connection closed")
         data += chunk
     return data
-
-
