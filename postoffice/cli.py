@@ -14,6 +14,7 @@ import datetime
 import json
 import logging
 import mailbox
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -28,12 +29,6 @@ from postoffice.errors import ConfigError, PostofficeError, StorageUnavailable, 
 
 log = logging.getLogger("postoffice.cli")
 
-EX_OK = 0
-EX_USAGE = 64
-EX_DATAERR = 65
-EX_UNAVAILABLE = 69
-EX_TEMPFAIL = 75
-EX_CONFIG = 78
 
 
 class _Parser(argparse.ArgumentParser):
@@ -42,7 +37,7 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         self.print_usage(sys.stderr)
         print(f"postoffice: {message}", file=sys.stderr)
-        raise SystemExit(EX_USAGE)
+        raise SystemExit(os.EX_USAGE)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,18 +102,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return func(args)
     except ConfigError as exc:
-        return _fail(EX_CONFIG, str(exc))
+        return _fail(os.EX_CONFIG, str(exc))
     except TemporaryError as exc:
-        return _fail(EX_TEMPFAIL, str(exc))
+        return _fail(os.EX_TEMPFAIL, str(exc))
     except PostofficeError as exc:
-        return _fail(EX_UNAVAILABLE, str(exc))
+        return _fail(os.EX_UNAVAILABLE, str(exc))
     except KeyError as exc:
-        return _fail(EX_DATAERR, str(exc.args[0]) if exc.args else "not found")
+        return _fail(os.EX_DATAERR, str(exc.args[0]) if exc.args else "not found")
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # a bug of ours: the log gets the traceback, the user one line
         log.debug("unexpected error", exc_info=True)
-        return _fail(EX_TEMPFAIL, f"unexpected error: {type(exc).__name__}: {exc}")
+        return _fail(os.EX_TEMPFAIL, f"unexpected error: {type(exc).__name__}: {exc}")
 
 
 def _fail(code: int, message: str) -> int:
@@ -192,7 +187,7 @@ def cmd_import_maildir(args: argparse.Namespace) -> int:
         f"postoffice: imported {counts['queued']} queued, {counts['discarded']} discarded, "
         f"{counts['rejected']} rejected, {counts['deferred']} left for the next run"
     )
-    return EX_TEMPFAIL if counts["deferred"] else EX_OK
+    return os.EX_TEMPFAIL if counts["deferred"] else os.EX_OK
 
 
 def import_maildir(depot: Any, path: Path, now: float | None = None) -> dict[str, int]:
@@ -265,7 +260,7 @@ def cmd_queues(args: argparse.Namespace) -> int:
             )
     if args.json:
         print(json.dumps(rows, indent=2))
-        return EX_OK
+        return os.EX_OK
     width = max([len(r["name"]) for r in rows] + [5])
     print(f"{'queue':<{width}}  {'depth':>7}  {'quarantined':>11}  oldest")
     for r in rows:
@@ -274,7 +269,7 @@ def cmd_queues(args: argparse.Namespace) -> int:
             f"{r['name']:<{width}}  {r['depth']:>7}  {r['quarantined']:>11}  "
             f"{r['oldest'] or '-'}{note}"
         )
-    return EX_OK
+    return os.EX_OK
 
 
 def _iso(when: float) -> str:
@@ -294,13 +289,13 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
                     f"{message.postoffice_id}\t{message.get('Message-Id', '-')}\t"
                     f"{message.get('From', '-')}\t{last}"
                 )
-            return EX_OK
+            return os.EX_OK
         if args.action == "show":
             message = queue.get_quarantined_message(args.id)
             sys.stdout.buffer.write(message.as_bytes())
             print("\n--- error ---")
             print(queue.get_quarantine_error(args.id))
-            return EX_OK
+            return os.EX_OK
         if args.action == "requeue":
             ids = args.ids or None
             if ids is None:
@@ -311,12 +306,12 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
                 count = len(ids)
             transaction.commit()
             print(f"postoffice: requeued {count} messages in {args.queue}")
-            return EX_OK
+            return os.EX_OK
         for key in args.ids:
             queue.remove_from_quarantine(key)
         transaction.commit()
         print(f"postoffice: deleted {len(args.ids)} quarantined messages from {args.queue}")
-        return EX_OK
+        return os.EX_OK
 
 
 # --- check, try, shell --------------------------------------------------------------
@@ -338,7 +333,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     finally:
         db.close()
     print(f"postoffice: database {uri} is reachable")
-    return EX_OK
+    return os.EX_OK
 
 
 def cmd_try(args: argparse.Namespace) -> int:
@@ -368,7 +363,7 @@ def cmd_try(args: argparse.Namespace) -> int:
             show(FolderState(folder), "")
     except (StorageUnavailable, KeyError) as exc:
         show(_EmptyState(), f"(database not read: {exc}; duplicates and throttle not checked)")
-    return EX_OK
+    return os.EX_OK
 
 
 class _EmptyState:
@@ -393,7 +388,7 @@ def cmd_shell(args: argparse.Namespace) -> int:
             banner=banner,
             local={"folder": folder, "transaction": transaction, "settings": settings},
         )
-    return EX_OK
+    return os.EX_OK
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ the decision.  The LMTP and pipe front doors only translate it.
 from __future__ import annotations
 
 import enum
+import os
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -46,13 +47,6 @@ class Rule(enum.IntEnum):
     ERROR = 11
 
 
-# Exit codes of sysexits.h used by the pipe transport.
-EX_OK = 0
-EX_NOUSER = 67
-EX_UNAVAILABLE = 69
-EX_TEMPFAIL = 75
-
-
 @dataclass(frozen=True)
 class Envelope:
     """What the MTA told us about the message, not what the message says."""
@@ -83,10 +77,10 @@ class Decision:
     @property
     def exit_code(self) -> int:
         if self.action in (Action.ACCEPT, Action.DISCARD):
-            return EX_OK
+            return os.EX_OK
         if self.action is Action.DEFER:
-            return EX_TEMPFAIL
-        return EX_NOUSER if self.rule is Rule.NO_QUEUE else EX_UNAVAILABLE
+            return os.EX_TEMPFAIL
+        return os.EX_NOUSER if self.rule is Rule.NO_QUEUE else os.EX_UNAVAILABLE
 
 
 @dataclass(frozen=True)

@@ -65,9 +65,6 @@ log = logging.getLogger("postoffice.lmtp")
 
 T = TypeVar("T")
 
-EX_OK = 0
-EX_UNAVAILABLE = 69
-EX_CONFIG = 78
 
 IDENT = "postoffice LMTP"
 # RFC 5321 4.5.3.1.6: a line is at most 1000 octets with its CRLF, so at
@@ -883,7 +880,7 @@ class LmtpServer:
         assert self._stop is not None
         await self._stop.wait()
         await self.shutdown()
-        return EX_OK
+        return os.EX_OK
 
     def _install_signals(self) -> None:
         loop = self.loop
@@ -1039,9 +1036,9 @@ def serve(settings_path: Path, listen: str | None = None, *, db: ZODB.DB | None 
         server = LmtpServer(settings, settings_path=Path(settings_path), listen=listen, db=db)
         return asyncio.run(server.run(install_signals=True))
     except ConfigError as exc:
-        return _fail(EX_CONFIG, str(exc))
+        return _fail(os.EX_CONFIG, str(exc))
     except ListenError as exc:
-        return _fail(EX_UNAVAILABLE, str(exc))
+        return _fail(os.EX_UNAVAILABLE, str(exc))
 
 
 def _fail(code: int, message: str) -> int:
@@ -1067,7 +1064,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         path = config.find_config(args.config)
     except ConfigError as exc:
-        return _fail(EX_CONFIG, str(exc))
+        return _fail(os.EX_CONFIG, str(exc))
     return serve(path, args.listen)
 
 

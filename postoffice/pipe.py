@@ -52,10 +52,6 @@ import ZODB
 from postoffice import config
 from postoffice.cli import consumer_uri
 from postoffice.decide import (
-    EX_NOUSER,
-    EX_OK,
-    EX_TEMPFAIL,
-    EX_UNAVAILABLE,
     Rule,
     deferred,
     reject,
@@ -67,10 +63,9 @@ from postoffice.store import open_db
 PROG = "postoffice-deliver"
 USAGE = f"usage: {PROG} [-C FILE] [-f SENDER] [--] RECIPIENT..."
 
-EX_USAGE = 64  # the outcomes' own codes (0, 67, 69, 75) come from postoffice.decide
 
 # Which exit status wins when recipients fare differently (SPEC 7).
-SEVERITY = {EX_OK: 0, EX_NOUSER: 1, EX_UNAVAILABLE: 2, EX_TEMPFAIL: 3}
+SEVERITY = {os.EX_OK: 0, os.EX_NOUSER: 1, os.EX_UNAVAILABLE: 2, os.EX_TEMPFAIL: 3}
 
 CHUNK = 256 * 1024
 # Postfix keeps the first 4096 bytes of the command's output; stay well within.
@@ -163,8 +158,8 @@ def read_message(stream: BinaryIO, limit: int | None, chunk: int = CHUNK) -> byt
 
 def worst_exit_code(outcomes: Sequence[Outcome]) -> int:
     """75 over 69 over 67 over 0; an unknown status counts as a deferral."""
-    codes = [o.exit_code for o in outcomes] or [EX_TEMPFAIL]
-    return max(codes, key=lambda code: SEVERITY.get(code, SEVERITY[EX_TEMPFAIL]))
+    codes = [o.exit_code for o in outcomes] or [os.EX_TEMPFAIL]
+    return max(codes, key=lambda code: SEVERITY.get(code, SEVERITY[os.EX_TEMPFAIL]))
 
 
 def report_lines(outcomes: Sequence[Outcome]) -> list[str]:
@@ -177,8 +172,8 @@ def report_lines(outcomes: Sequence[Outcome]) -> list[str]:
     were refused for the same reason (a deferral): then one line says it.
     The whole stays short enough for Postfix's bounce.
     """
-    refused = [o for o in outcomes if o.exit_code != EX_OK]
-    refused.sort(key=lambda o: -SEVERITY.get(o.exit_code, SEVERITY[EX_TEMPFAIL]))
+    refused = [o for o in outcomes if o.exit_code != os.EX_OK]
+    refused.sort(key=lambda o: -SEVERITY.get(o.exit_code, SEVERITY[os.EX_TEMPFAIL]))
     # reply is "CODE X.Y.Z text", already one line of printable ASCII.
     plain = [o.reply.partition(" ")[2] for o in refused]
     alike = len(refused) == len(outcomes) and len(set(plain)) == 1
@@ -256,9 +251,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         if not str(exc):
             print(USAGE)
-            return EX_OK
+            return os.EX_OK
         print(f"{USAGE}\n{PROG}: {exc}", file=sys.stderr)
-        return EX_USAGE
+        return os.EX_USAGE
 
     configure_logging()
     # Libraries may write to stdout or stderr (warnings, a thread's traceback):
@@ -270,8 +265,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             code, lines = _deliver(args)
         except BaseException:
             # A bug of ours, or SIGINT: Postfix keeps the message and retries.
-            log.exception("delivery failed; exit %d so that Postfix retries", EX_TEMPFAIL)
-            code, lines = EX_TEMPFAIL, [INTERNAL_ERROR]
+            log.exception("delivery failed; exit %d so that Postfix retries", os.EX_TEMPFAIL)
+            code, lines = os.EX_TEMPFAIL, [INTERNAL_ERROR]
     if stray.getvalue().strip():
         log.warning("output of the libraries we use:\n%s", stray.getvalue().rstrip())
     if lines:
@@ -289,7 +284,7 @@ def _deliver(args: Arguments) -> tuple[int, list[str]]:
         settings = config.load(config.find_config(args.config))
     except ConfigError as exc:
         log.error("configuration error, deferring the message: %s", exc)
-        return EX_TEMPFAIL, [CONFIG_FAILED]
+        return os.EX_TEMPFAIL, [CONFIG_FAILED]
 
     stdin = sys.stdin.buffer if sys.stdin is not None else None
     if stdin is None:

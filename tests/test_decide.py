@@ -8,6 +8,7 @@ what the depot remembers between messages.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,9 +18,6 @@ import transaction
 
 from postoffice.config import Settings, loads
 from postoffice.decide import (
-    EX_NOUSER,
-    EX_OK,
-    EX_UNAVAILABLE,
     Action,
     Decision,
     Envelope,
@@ -145,7 +143,7 @@ def assert_row(decision: Decision, rule: Rule, code: int, status: str, exit_code
 def test_row1_size_over_the_limit(settings: Settings) -> None:
     big = raw(body="x" * 4096)
     decision = run(settings, big)
-    assert_row(decision, Rule.SIZE, 552, "5.3.4", EX_UNAVAILABLE)
+    assert_row(decision, Rule.SIZE, 552, "5.3.4", os.EX_UNAVAILABLE)
     assert decision.action is Action.REJECT
     assert str(len(big)) in decision.reason and "4096" in decision.reason
 
@@ -166,7 +164,7 @@ def test_row1_no_limit_when_absent(tmp_path: Path) -> None:
 @pytest.mark.parametrize("value", ["Bounced", "bounced", " BOUNCED "])
 def test_row2_our_own_bounce_is_discarded(settings: Settings, value: str) -> None:
     decision = run(settings, raw(f"X-Postoffice: {value}"))
-    assert_row(decision, Rule.OWN_BOUNCE, 250, "2.0.0", EX_OK)
+    assert_row(decision, Rule.OWN_BOUNCE, 250, "2.0.0", os.EX_OK)
     assert decision.action is Action.DISCARD
 
 
@@ -185,13 +183,13 @@ def test_row2_other_x_postoffice_values_pass(settings: Settings) -> None:
 )
 def test_row3_missing_headers_are_discarded(settings: Settings, message: bytes) -> None:
     decision = run(settings, message)
-    assert_row(decision, Rule.MISSING_HEADERS, 250, "2.0.0", EX_OK)
+    assert_row(decision, Rule.MISSING_HEADERS, 250, "2.0.0", os.EX_OK)
     assert decision.action is Action.DISCARD
 
 
 def test_row4_reject_filter(settings: Settings) -> None:
     decision = run(settings, raw(subject="a forbidden thing"))
-    assert_row(decision, Rule.REJECT_FILTER, 550, "5.7.1", EX_UNAVAILABLE)
+    assert_row(decision, Rule.REJECT_FILTER, 550, "5.7.1", os.EX_UNAVAILABLE)
     assert decision.action is Action.REJECT
     assert "forbidden" in decision.reason  # the filter's reason goes to the sender
 
@@ -204,7 +202,7 @@ def test_row4_reject_to_hostname_uses_the_envelope(settings: Settings) -> None:
 
 def test_row5_no_queue(settings: Settings) -> None:
     decision = run(settings, raw(to="x@unknown.example"), rcpt="x@unknown.example")
-    assert_row(decision, Rule.NO_QUEUE, 550, "5.1.1", EX_NOUSER)
+    assert_row(decision, Rule.NO_QUEUE, 550, "5.1.1", os.EX_NOUSER)
     assert "x@unknown.example" in decision.reason
 
 
@@ -212,7 +210,7 @@ def test_row6_duplicate(settings: Settings) -> None:
     state = MemoryState()
     state.delivered[("Customer A", "<1@outside.example>", "rcpt@a.example")] = T0 - HOUR
     decision = run(settings, raw(), state=state)
-    assert_row(decision, Rule.DUPLICATE, 250, "2.0.0", EX_OK)
+    assert_row(decision, Rule.DUPLICATE, 250, "2.0.0", os.EX_OK)
     assert decision.action is Action.DISCARD
     assert decision.queue == "Customer A"
 
@@ -255,7 +253,7 @@ def test_row6_message_id_compared_without_comments(settings: Settings) -> None:
 )
 def test_row7_automatic_replies(settings: Settings, header: str) -> None:
     decision = run(settings, raw(header))
-    assert_row(decision, Rule.AUTO_REPLY, 550, "5.7.1", EX_UNAVAILABLE)
+    assert_row(decision, Rule.AUTO_REPLY, 550, "5.7.1", os.EX_UNAVAILABLE)
     assert decision.action is Action.REJECT
     assert header.split(":")[0] in decision.reason
 
@@ -264,14 +262,14 @@ def test_row8_throttled(settings: Settings) -> None:
     state = MemoryState()
     state.sender("Customer A", "sender@outside.example", [T0 - 10])
     decision = run(settings, raw(), state=state)
-    assert_row(decision, Rule.THROTTLED, 550, "5.7.1", EX_UNAVAILABLE)
+    assert_row(decision, Rule.THROTTLED, 550, "5.7.1", os.EX_UNAVAILABLE)
     assert decision.action is Action.REJECT
     assert "loop" in decision.reason
 
 
 def test_row9_queued(settings: Settings) -> None:
     decision = run(settings, raw())
-    assert_row(decision, Rule.QUEUED, 250, "2.0.0", EX_OK)
+    assert_row(decision, Rule.QUEUED, 250, "2.0.0", os.EX_OK)
     assert decision.action is Action.ACCEPT
     assert decision.queue == "Customer A"
     assert "Customer A" in decision.reason
