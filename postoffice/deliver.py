@@ -166,10 +166,18 @@ class Depot:
         manager = transaction.TransactionManager()
         connection = self._open(manager)
         try:
-            for attempt in manager.attempts(COMMIT_ATTEMPTS):
-                with attempt:
+            # Conflicts: two serve processes starting together, a consumer.
+            for _number in retry.attempts(COMMIT_ATTEMPTS, COMMIT_PATIENCE):
+                try:
+                    manager.begin()
                     folder = find_folder(connection.root(), self._settings.zodb_path, create=True)
                     warnings = reconcile(folder, self._settings.queue_names)
+                    manager.commit()
+                    break
+                except ConflictError:
+                    manager.abort()
+            else:
+                raise StorageUnavailable("could not create the queues: too many conflicts")
             if warm:
                 manager.begin()
                 queues = [queue for _name, queue in folder.items()]

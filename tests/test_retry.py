@@ -10,6 +10,7 @@ from ZODB.POSException import ConflictError
 
 from postoffice import deliver, retry
 from postoffice.deliver import Depot
+from postoffice.errors import StorageUnavailable
 from tests.test_deliver import T0, codes, message, settings_for, stored, uri_for
 
 
@@ -107,3 +108,41 @@ def test_endless_conflicts_defer_and_store_nothing(
     assert codes(outcomes) == ["451 4.3.0"]
     assert 10**9 - conflicting[0] == deliver.COMMIT_ATTEMPTS
     assert stored(uri_for(tmp_path)) == []
+
+
+def test_creating_the_queues_waits_out_conflicts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two serve processes starting together on one ZEO create the same queues."""
+    remaining = [deliver.COMMIT_ATTEMPTS + 3]
+    real = deliver.reconcile
+
+    def conflicting_reconcile(*args: object, **kwargs: object) -> list[str]:
+        if remaining[0] > 0:
+            remaining[0] -= 1
+            raise ConflictError("another serve created the queues meanwhile")
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(deliver, "reconcile", conflicting_reconcile)
+    monkeypatch.setattr(retry.time, "sleep", lambda seconds: None)
+    depot = Depot(settings_for(tmp_path))
+    depot.prepare()
+    outcomes = depot.deliver("s@outside.example", ["rcpt@a.example"], message(1), now=T0)
+    depot.close()
+    assert remaining == [0]
+    assert codes(outcomes) == ["250 2.0.0"]
+
+
+def test_endless_conflicts_creating_the_queues_are_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def conflicting_reconcile(*args: object, **kwargs: object) -> list[str]:
+        raise ConflictError("always")
+
+    monkeypatch.setattr(deliver, "reconcile", conflicting_reconcile)
+    monkeypatch.setattr(deliver, "COMMIT_PATIENCE", 0.0)
+    monkeypatch.setattr(retry.time, "sleep", lambda seconds: None)
+    depot = Depot(settings_for(tmp_path))
+    with pytest.raises(StorageUnavailable, match="could not create the queues: too many conflicts"):
+        depot.prepare()
+    depot.close()
