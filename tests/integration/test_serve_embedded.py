@@ -11,9 +11,11 @@ import json
 import re
 import shutil
 import signal
+import smtplib
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -212,6 +214,148 @@ def test_a_consumer_carries_on_across_a_restart_of_serve(tmp_path: Path) -> None
         f"file://{tmp_path}/var/Data.fs?blobstorage_dir={tmp_path}/var/blobs", "Customer A"
     ) as queue:
         assert len(queue) == 0
+
+
+# Two applications pop until told to stop and the queue is empty.
+DRAINER = textwrap.dedent(
+    """
+    import json, os, sys, time
+    import transaction
+    from postoffice import QueueEmpty, open_queue
+
+    uri, name, stop_file, out = sys.argv[1:5]
+    seen, errors = [], []
+    deadline = time.monotonic() + 150
+    with open_queue(uri, name) as queue:
+        while time.monotonic() < deadline:
+            try:
+                transaction.begin()
+                if not queue:
+                    if os.path.exists(stop_file):
+                        break
+                    time.sleep(0.02)
+                    continue
+                message = queue.pop_next()
+                transaction.commit()
+            except QueueEmpty:
+                continue
+            except Exception as exc:  # none expected, TransientError included
+                errors.append(repr(exc))
+                transaction.abort()
+                continue
+            seen.append([message["Message-Id"], b"\\r\\n" in message.as_bytes()])
+    with open(out, "w") as handle:
+        json.dump({"seen": seen, "errors": errors}, handle)
+    """
+)
+LOAD = 4000
+BOTH_DOORS = 40
+
+
+@pytest.mark.timeout(300)
+def test_lmtp_pipe_and_two_consumers_at_once_on_the_shared_depot(tmp_path: Path) -> None:
+    """serve writes into the file while the pipe and two consumers write through its ZEO.
+
+    The hub is what keeps them consistent: 1,500 messages from smtp-source,
+    and 40 more that arrive both over LMTP and through the pipe at the same
+    time (the duplicate ledger must keep one copy), all popped exactly once
+    by two consumer processes, none of whom sees an error.
+    """
+    smtp_source = require_tool("smtp-source")
+    shutil.copytree(REPO / "etc", tmp_path / "etc")
+    config = tmp_path / "etc" / "postoffice.ini"
+    proc, uri, socket = start_serve(config)
+    stop_file = tmp_path / "stop"
+    outs = [tmp_path / f"consumer{n}.json" for n in range(2)]
+    consumers = [
+        subprocess.Popen(
+            [sys.executable, "-c", DRAINER, uri, "Customer A", str(stop_file), str(out)],
+            cwd=REPO,
+        )
+        for out in outs
+    ]
+    rcpt = "user@app.customera.example"
+
+    def twin(number: int, eol: bytes) -> bytes:
+        lines = [
+            b"From: Twin <twin@example.org>",
+            b"To: " + rcpt.encode(),
+            b"Message-Id: <twin-%d@example.org>" % number,
+            b"Subject: twin %d" % number,
+            b"",
+            b"sent over LMTP and through the pipe",
+            b"",
+        ]
+        return eol.join(lines)
+
+    def by_lmtp(numbers: range) -> None:
+        with smtplib.LMTP(str(socket)) as lmtp:
+            for number in numbers:
+                lmtp.sendmail("twin@example.org", [rcpt], twin(number, b"\r\n"))
+
+    pipe_codes: list[int] = []
+
+    def by_pipe(numbers: range) -> None:
+        for number in numbers:
+            piped = subprocess.run(
+                [
+                    *(sys.executable, "-m", "postoffice.pipe", "-C", str(config)),
+                    *("-f", "twin@example.org", rcpt),
+                ],
+                input=twin(number, b"\n"),
+                capture_output=True,
+                timeout=60,
+            )
+            pipe_codes.append(piped.returncode)
+
+    half = BOTH_DOORS // 2
+
+    def both_doors() -> None:
+        """Each twin first through one door, then the other: both must see the first."""
+        by_lmtp(range(half, BOTH_DOORS))
+        by_pipe(range(half))
+        by_pipe(range(half, BOTH_DOORS))  # serve stored these: the pipe must see them
+        by_lmtp(range(half))  # the pipe stored these through ZEO: serve must see them
+
+    try:
+        doors = threading.Thread(target=both_doors)
+        doors.start()
+        sent = subprocess.run(
+            [
+                *(smtp_source, "-L", "-s", "8", "-m", str(LOAD)),
+                *("-f", "sender@example.org", "-t", rcpt, "-M", "load.example"),
+                f"unix:{socket}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        doors.join(timeout=180)
+        stop_file.touch()
+        for consumer in consumers:
+            assert consumer.wait(timeout=180) == 0
+    finally:
+        stop_file.touch()
+        for consumer in consumers:
+            if consumer.poll() is None:
+                consumer.kill()
+        code = stop(proc)
+    assert sent.returncode == 0, sent.stderr
+    assert code == 0
+    assert pipe_codes == [0] * BOTH_DOORS
+    results = [json.loads(out.read_text()) for out in outs]
+    assert [r["errors"] for r in results] == [[], []]
+    seen = results[0]["seen"] + results[1]["seen"]
+    ids = [message_id for message_id, _crlf in seen]
+    assert len(set(ids)) == len(ids), "a message was consumed twice"
+    assert sum(m.endswith("@load.example>") for m in ids) == LOAD
+    twins = {m: crlf for m, crlf in seen if m.startswith("<twin-")}
+    assert sorted(twins) == sorted(f"<twin-{n}@example.org>" for n in range(BOTH_DOORS))
+    # The copy kept is the first one: pipe mail has LF line ends, LMTP mail CRLF.
+    assert [twins[f"<twin-{n}@example.org>"] for n in range(BOTH_DOORS)] == (
+        [False] * half + [True] * half
+    )
+    assert all(r["seen"] for r in results), "one consumer got nothing: they did not share"
 
 
 def test_commands_work_while_serve_runs(tmp_path: Path) -> None:
