@@ -166,12 +166,40 @@ def open_storage(uri: str) -> tuple[Any, dict[str, Any]]:
 
 def db_for(storage: Any, dbkw: dict[str, Any], uri: str) -> ZODB.DB:
     """``ZODB.DB(storage)``; the storage is closed again if that fails."""
+    _forget_prefetched_oids(storage)
     try:
         return ZODB.DB(storage, **dbkw)
     except Exception as exc:
         with contextlib.suppress(Exception):
             storage.close()
         raise StorageUnavailable(f"cannot open {uri}: {exc}") from None
+
+
+def _forget_prefetched_oids(storage: Any) -> None:
+    """A ZEO client drops the object ids it fetched ahead when it reconnects.
+
+    ``ClientStorage`` fetches new oids from the server a hundred at a time
+    and keeps the unused ones across a reconnection (ZEO 6.2).  A ZEO server
+    that was restarted counts on from the highest oid *committed*, so it
+    hands those out again: the next transaction that uses up the old ones
+    and asks for more gets two objects with one oid and fails with
+    ``ValueError: A different object already has the same oid`` (after a
+    ZEO outage, docs/reliability.md), and two clients could be given the
+    same ones.  Forgetting them costs at most a hundred oids a reconnection.
+    """
+    if not isinstance(getattr(storage, "_oids", None), list):
+        return
+    from ZEO.ClientStorage import ClientStorage
+
+    if not isinstance(storage, ClientStorage):
+        return
+    connected = storage.notify_connected
+
+    def notify_connected(conn: Any, info: Any) -> None:
+        storage._oids = []
+        connected(conn, info)
+
+    storage.notify_connected = notify_connected
 
 
 def _make_file_dirs(uri: str) -> None:
