@@ -54,6 +54,10 @@ SOCKET_NAME = "zeo.sock"
 DEFAULT_SOCKET_MODE = 0o660
 # How long stop() waits for the ZEO server's thread to end.
 STOP_TIMEOUT = 5.0
+# A ZEO client that holds the storage's commit lock longer than this (voted,
+# then stopped or hung before it finished) is disconnected and its
+# transaction aborted: the lock is serve's too, and deliveries wait on it.
+TRANSACTION_TIMEOUT = 30.0
 # sun_path holds 108 bytes on Linux, the terminating NUL included.
 MAX_SOCKET_PATH = 107
 
@@ -172,7 +176,13 @@ class SharedDepot:
     database and removes the socket.
     """
 
-    def __init__(self, uri: str, *, socket_mode: int = DEFAULT_SOCKET_MODE) -> None:
+    def __init__(
+        self,
+        uri: str,
+        *,
+        socket_mode: int = DEFAULT_SOCKET_MODE,
+        transaction_timeout: float = TRANSACTION_TIMEOUT,
+    ) -> None:
         self.uri = uri
         self.depot = FileDepot.parse(uri)
         self.client_uri = self.depot.client_uri
@@ -183,6 +193,7 @@ class SharedDepot:
                 "move Data.fs to a shorter path (or set share = no)"
             )
         self.socket_mode = socket_mode
+        self.transaction_timeout = transaction_timeout
         self._db: ZODB.DB | None = None
         self._server: Any = None
         self._socket_inode: int | None = None
@@ -250,12 +261,16 @@ class SharedDepot:
 
     def _serve(self, storage: Any) -> Any:
         """ZEO's StorageServer on the socket, in a thread; the socket made ``socket_mode``."""
-        from ZEO.StorageServer import StorageServer
+        StorageServer = _storage_server_class()
 
         # Nobody else gets the socket between bind() and chmod().
         umask = os.umask(0o077)
         try:
-            server = StorageServer(str(self.socket_path), {"1": storage})
+            server = StorageServer(
+                str(self.socket_path),
+                {"1": storage},
+                transaction_timeout=self.transaction_timeout,
+            )
         except OSError as exc:
             raise EmbeddedZeoError(
                 f"cannot serve {self.depot.data_fs} on {self.socket_path}: {exc}"
@@ -323,6 +338,39 @@ class SharedDepot:
             if os.stat(self.socket_path).st_ino == self._socket_inode:
                 self.socket_path.unlink()
         self._socket_inode = None
+
+
+def _storage_server_class() -> type:
+    """ZEO's StorageServer, whose clients give the commit lock back when it closes them.
+
+    When ZEO's server closes a client's connection itself (a client that
+    held the commit lock past ``transaction_timeout``, or ``stop()``), ZEO
+    6.2 does not abort that client's transaction: only a connection lost
+    from the other end does.  The storage's commit lock stays taken, and
+    here that lock is also the one ``serve`` commits under: deliveries would
+    wait for it forever.  So such a close aborts the transaction, as a lost
+    connection does.
+    """
+    from ZEO.StorageServer import StorageServer, ZEOStorage
+
+    class ClientHandler(ZEOStorage):  # type: ignore[misc]
+        def notify_connected(self, conn: Any) -> None:
+            super().notify_connected(conn)
+            close = conn.close
+
+            def close_and_abort() -> None:
+                closing = not conn.closed
+                close()
+                if closing and self.connected:
+                    self.notify_disconnected()  # aborts a transaction under way
+
+            conn.close = close_and_abort
+
+    class Server(StorageServer):  # type: ignore[misc]
+        def create_client_handler(self) -> ZEOStorage:
+            return ClientHandler(self, self.read_only)
+
+    return Server
 
 
 def _probe(path: Path) -> str:

@@ -17,6 +17,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -218,6 +219,59 @@ def test_the_socket_is_not_for_everyone(zeo: SharedDepot, var: Path) -> None:
 def test_a_private_socket_mode(var: Path) -> None:
     with SharedDepot(file_uri(var), socket_mode=0o600) as server:
         assert stat.S_IMODE(os.stat(server.socket_path).st_mode) == 0o600
+
+
+# --- a client that holds the commit lock ----------------------------------------------
+
+# A ZEO client that votes (the server then holds the storage's commit lock
+# for it) and never finishes: stopped with SIGSTOP, or hung.
+HANGING_CLIENT = textwrap.dedent(
+    """
+    import sys, time
+    from ZEO.ClientStorage import ClientStorage
+    from ZODB.Connection import TransactionMetaData
+
+    storage = ClientStorage(sys.argv[1], blob_dir=sys.argv[2], shared_blob_dir=True)
+    txn = TransactionMetaData()
+    storage.tpc_begin(txn)
+    storage.store(storage.new_oid(), b"\\0" * 8, b"never committed", "", txn)
+    storage.tpc_vote(txn)
+    print("voted", flush=True)
+    time.sleep(120)
+    """
+)
+
+
+def test_a_client_hanging_in_its_commit_holds_up_serve_only_until_the_timeout(
+    var: Path, tmp_path: Path
+) -> None:
+    with SharedDepot(file_uri(var), transaction_timeout=2.0) as server:
+        depot = Depot(settings(file_uri(var), tmp_path), db=server.db)
+        depot.prepare()
+        hanging = subprocess.Popen(
+            [sys.executable, "-c", HANGING_CLIENT, str(server.socket_path), str(var / "blobs")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert hanging.stdout is not None
+            assert hanging.stdout.readline() == "voted\n", hanging.stderr.read()
+            started = time.monotonic()
+            # Waits for the commit lock, then gets it once ZEO dropped the client.
+            delivering = threading.Thread(target=deliver, args=(depot, range(1)), daemon=True)
+            delivering.start()
+            delivering.join(timeout=20.0)
+            waited = time.monotonic() - started
+            stuck = delivering.is_alive()
+        finally:
+            hanging.kill()
+            hanging.wait()
+        assert not stuck, "serve's delivery still waits for the commit lock the client took"
+        depot.close()
+        assert 1.0 < waited < 2.0 + 10.0
+    with open_queue(file_uri(var), QUEUE) as queue:
+        assert len(queue) == 1
 
 
 # --- one server per Data.fs ---------------------------------------------------------
