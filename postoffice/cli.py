@@ -30,7 +30,6 @@ from postoffice.errors import ConfigError, PostofficeError, StorageUnavailable, 
 log = logging.getLogger("postoffice.cli")
 
 
-
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line and exit 64."""
 

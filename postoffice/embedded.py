@@ -61,10 +61,11 @@ TRANSACTION_TIMEOUT = 30.0
 # sun_path holds 108 bytes on Linux, the terminating NUL included.
 MAX_SOCKET_PATH = 107
 
-# zodburi's file:// options that belong to the FileStorage (opened by serve);
-# every other option (database_name, connection_*) is for ZODB.DB and goes
-# on into the client URI too.
-_STORAGE_OPTIONS = ("create", "read_only", "quota")
+# zodburi's file:// options that belong to the FileStorage (opened by serve;
+# ZEO clients with the shared blob folder read its layout from its .layout
+# file); every other option (database_name, connection_*) is for ZODB.DB
+# and goes on into the client URI too.
+_STORAGE_OPTIONS = ("create", "read_only", "quota", "blobstorage_layout")
 _UNSHAREABLE = ("demostorage",)
 
 
@@ -93,10 +94,6 @@ class FileDepot:
         for name, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
             if name == "blobstorage_dir":
                 blob_dir = Path(os.path.abspath(value)) if value else None
-            elif name == "blobstorage_layout":
-                # For serve's own BlobStorage; ZEO clients with a shared
-                # blob folder read the layout from its .layout file.
-                continue
             elif name in _UNSHAREABLE:
                 raise ConfigError(
                     f"zodb_uri {uri!r}: {name} cannot be shared through ZEO (set share = no)"
@@ -247,13 +244,9 @@ class SharedDepot:
             served = hub.side()
             try:
                 self._db = db_for(hub.side(), dbkw, self.uri)
-            except BaseException:
-                served.close()
-                raise
-            try:
                 self._server = self._serve(served)
             except BaseException:
-                served.close()
+                served.close()  # the storage closes with its last side
                 self._close_db()
                 raise
         log.info("sharing %s on %s", self.depot.data_fs, self.socket_path)
