@@ -28,23 +28,28 @@ REPO = Path(__file__).resolve().parents[2]
 MESSAGES = 240
 SESSIONS = 4
 
+# An application's consumer, as docs/consumers.md writes it: it pops and
+# commits until it has EXPECTED messages (0: no limit) or, once STOP_FILE
+# exists (""): never), the queue is empty; PAUSE seconds of work per message.
 CONSUMER = textwrap.dedent(
     """
-    import json, sys, time
+    import json, os, sys, time
     import transaction
     from transaction.interfaces import TransientError
     from postoffice import QueueEmpty, open_queue
 
-    uri, name, expected, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-    pause = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0  # seconds of work per message
-    seen, errors, transient = [], [], []
-    deadline = time.monotonic() + 90
+    uri, name, out, expected, stop_file, pause = sys.argv[1:7]
+    expected, pause = int(expected), float(pause)
+    seen, crlf, errors, transient = [], [], [], []
+    deadline = time.monotonic() + 150
     with open_queue(uri, name) as queue:
-        while len(seen) < expected and time.monotonic() < deadline:
+        while time.monotonic() < deadline and not (expected and len(seen) >= expected):
             try:
                 transaction.begin()
                 if not queue:
-                    time.sleep(0.05)
+                    if stop_file and os.path.exists(stop_file):
+                        break
+                    time.sleep(0.02)
                     continue
                 message = queue.pop_next()
                 time.sleep(pause)
@@ -60,10 +65,31 @@ CONSUMER = textwrap.dedent(
                 transaction.abort()
                 continue
             seen.append(message["Message-Id"])
+            crlf.append(b"\\r\\n" in message.as_bytes())
     with open(out, "w") as handle:
-        json.dump({"seen": seen, "errors": errors, "transient": transient}, handle)
+        json.dump({"seen": seen, "crlf": crlf, "errors": errors, "transient": transient}, handle)
     """
 )
+
+
+def start_consumer(
+    uri: str, out: Path, expected: int = 0, stop_file: str = "", pause: float = 0.0
+) -> subprocess.Popen[bytes]:
+    """CONSUMER in a process of its own, on queue Customer A."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            CONSUMER,
+            uri,
+            "Customer A",
+            str(out),
+            str(expected),
+            stop_file,
+            str(pause),
+        ],
+        cwd=REPO,
+    )
 
 
 def start_serve(config: Path) -> tuple[subprocess.Popen[bytes], str, Path]:
@@ -116,10 +142,7 @@ def test_consumer_reads_while_smtp_source_delivers(tmp_path: Path) -> None:
         assert socket == tmp_path / "var" / "lmtp.sock"
         assert uri.startswith("zeo://") and str(tmp_path / "var" / "zeo.sock") in uri
         out = tmp_path / "consumed.json"
-        consumer = subprocess.Popen(
-            [sys.executable, "-c", CONSUMER, uri, "Customer A", str(MESSAGES), str(out)],
-            cwd=REPO,
-        )
+        consumer = start_consumer(uri, out, expected=MESSAGES)
         time.sleep(0.5)  # the consumer is polling before the first message comes
         sent = subprocess.run(
             [
@@ -188,10 +211,7 @@ def test_a_consumer_carries_on_across_a_restart_of_serve(tmp_path: Path) -> None
         assert sent.returncode == 0, sent.stderr
         out = tmp_path / "consumed.json"
         # 10 ms of work per message: the restart comes while it consumes.
-        consumer = subprocess.Popen(
-            [sys.executable, "-c", CONSUMER, uri, "Customer A", str(MESSAGES), str(out), "0.01"],
-            cwd=REPO,
-        )
+        consumer = start_consumer(uri, out, expected=MESSAGES, pause=0.01)
         time.sleep(1.0)
         assert consumer.poll() is None, "the consumer finished before the restart"
         assert stop(proc) == 0
@@ -216,38 +236,6 @@ def test_a_consumer_carries_on_across_a_restart_of_serve(tmp_path: Path) -> None
         assert len(queue) == 0
 
 
-# Two applications pop until told to stop and the queue is empty.
-DRAINER = textwrap.dedent(
-    """
-    import json, os, sys, time
-    import transaction
-    from postoffice import QueueEmpty, open_queue
-
-    uri, name, stop_file, out = sys.argv[1:5]
-    seen, errors = [], []
-    deadline = time.monotonic() + 150
-    with open_queue(uri, name) as queue:
-        while time.monotonic() < deadline:
-            try:
-                transaction.begin()
-                if not queue:
-                    if os.path.exists(stop_file):
-                        break
-                    time.sleep(0.02)
-                    continue
-                message = queue.pop_next()
-                transaction.commit()
-            except QueueEmpty:
-                continue
-            except Exception as exc:  # none expected, TransientError included
-                errors.append(repr(exc))
-                transaction.abort()
-                continue
-            seen.append([message["Message-Id"], b"\\r\\n" in message.as_bytes()])
-    with open(out, "w") as handle:
-        json.dump({"seen": seen, "errors": errors}, handle)
-    """
-)
 LOAD = 4000
 BOTH_DOORS = 40
 
@@ -267,13 +255,8 @@ def test_lmtp_pipe_and_two_consumers_at_once_on_the_shared_depot(tmp_path: Path)
     proc, uri, socket = start_serve(config)
     stop_file = tmp_path / "stop"
     outs = [tmp_path / f"consumer{n}.json" for n in range(2)]
-    consumers = [
-        subprocess.Popen(
-            [sys.executable, "-c", DRAINER, uri, "Customer A", str(stop_file), str(out)],
-            cwd=REPO,
-        )
-        for out in outs
-    ]
+    # Two applications pop until told to stop and the queue is empty.
+    consumers = [start_consumer(uri, out, stop_file=str(stop_file)) for out in outs]
     rcpt = "user@app.customera.example"
 
     def twin(number: int, eol: bytes) -> bytes:
@@ -345,11 +328,12 @@ def test_lmtp_pipe_and_two_consumers_at_once_on_the_shared_depot(tmp_path: Path)
     assert pipe_codes == [0] * BOTH_DOORS
     results = [json.loads(out.read_text()) for out in outs]
     assert [r["errors"] for r in results] == [[], []]
-    seen = results[0]["seen"] + results[1]["seen"]
-    ids = [message_id for message_id, _crlf in seen]
+    assert [r["transient"] for r in results] == [[], []]
+    ids = results[0]["seen"] + results[1]["seen"]
     assert len(set(ids)) == len(ids), "a message was consumed twice"
     assert sum(m.endswith("@load.example>") for m in ids) == LOAD
-    twins = {m: crlf for m, crlf in seen if m.startswith("<twin-")}
+    crlf = results[0]["crlf"] + results[1]["crlf"]
+    twins = {m: lines for m, lines in zip(ids, crlf, strict=True) if m.startswith("<twin-")}
     assert sorted(twins) == sorted(f"<twin-{n}@example.org>" for n in range(BOTH_DOORS))
     # The copy kept is the first one: pipe mail has LF line ends, LMTP mail CRLF.
     assert [twins[f"<twin-{n}@example.org>"] for n in range(BOTH_DOORS)] == (
