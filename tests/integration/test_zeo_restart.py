@@ -47,8 +47,7 @@ def test_the_first_batch_after_a_zeo_restart_is_stored(
     zeo.start()
     uri = f"zeo://{zeo.sock}?wait_timeout=30&blob_dir={folder / 'blobs'}&shared_blob_dir=true"
     config = (
-        f"[post office]\nzodb_uri = {uri}\n\n"
-        "[queue:App]\nfilters =\n    to_hostname: app.example\n"
+        f"[post office]\nzodb_uri = {uri}\n\n[queue:App]\nfilters =\n    to_hostname: app.example\n"
     )
     settings = loads(config, tmp_path / "postoffice.ini")
     db = open_db(uri)
