@@ -5,7 +5,8 @@ timeout and never holds a FileStorage open while a server needs it.
 
     python3 bench/worker.py prefill CONFIG COUNT [--batch N] [--tag TAG]
     python3 bench/worker.py count URI QUEUE
-    python3 bench/worker.py consume URI QUEUE COUNT
+    python3 bench/worker.py consume URI QUEUE COUNT [--per-commit N]
+    python3 bench/worker.py commit-floor URI COUNT
 
 Each prints one JSON object on stdout.
 """
@@ -175,8 +176,12 @@ def anatomy(data_fs: str, skip: int) -> dict[str, object]:
     return {"transactions": transactions, "classes": classes}
 
 
-def consume(uri: str, queue_name: str, limit: int) -> dict[str, object]:
-    """Pop and commit one message at a time, as the consumer API documents it."""
+def consume(uri: str, queue_name: str, limit: int, per_commit: int = 1) -> dict[str, object]:
+    """Pop and commit, one message a transaction as the consumer API documents it.
+
+    With ``per_commit`` above 1, that many pops share one commit (the
+    batched loop of docs/consumers.md).
+    """
     opened = time.perf_counter()
     with open_queue(uri, queue_name) as queue:
         start = time.perf_counter()
@@ -186,11 +191,48 @@ def consume(uri: str, queue_name: str, limit: int) -> dict[str, object]:
                 queue.pop_next()
             except QueueEmpty:
                 break
-            transaction.commit()
             popped += 1
+            if popped % per_commit == 0:
+                transaction.commit()
+        transaction.commit()
         seconds = time.perf_counter() - start
         left = len(queue)
-    return {"popped": popped, "seconds": seconds, "open_seconds": start - opened, "left": left}
+    return {
+        "popped": popped,
+        "seconds": seconds,
+        "open_seconds": start - opened,
+        "left": left,
+        "per_commit": per_commit,
+    }
+
+
+def commit_floor(uri: str, count: int) -> dict[str, object]:
+    """Transactions a second that change one small object and nothing else.
+
+    What the storage (through ZEO: its protocol) can commit at all: the
+    ceiling of any loop that commits once a message.
+    """
+    from persistent.mapping import PersistentMapping
+
+    from postoffice.store import open_db
+
+    db = open_db(uri)
+    try:
+        connection = db.open()
+        root = connection.root()
+        probe = root.get("bench-commit-probe")
+        if probe is None:
+            probe = root["bench-commit-probe"] = PersistentMapping()
+        transaction.commit()
+        start = time.perf_counter()
+        for number in range(count):
+            probe["n"] = number
+            transaction.commit()
+        seconds = time.perf_counter() - start
+        connection.close()
+    finally:
+        db.close()
+    return {"commits": count, "seconds": seconds}
 
 
 def main(argv: list[str]) -> int:
@@ -217,6 +259,10 @@ def main(argv: list[str]) -> int:
     k.add_argument("uri")
     k.add_argument("queue")
     k.add_argument("count", type=int)
+    k.add_argument("--per-commit", type=int, default=1)
+    f = sub.add_parser("commit-floor")
+    f.add_argument("uri")
+    f.add_argument("count", type=int)
     args = parser.parse_args(argv)
     if args.what == "prefill":
         result = prefill(args.config, args.count, args.batch, args.tag)
@@ -226,8 +272,10 @@ def main(argv: list[str]) -> int:
         result = anatomy(args.data_fs, args.skip)
     elif args.what == "count":
         result = count(args.uri, args.queue, args.data_fs)
+    elif args.what == "commit-floor":
+        result = commit_floor(args.uri, args.count)
     else:
-        result = consume(args.uri, args.queue, args.count)
+        result = consume(args.uri, args.queue, args.count, args.per_commit)
     print(json.dumps(result), flush=True)
     return 0
 

@@ -7,6 +7,7 @@ that records what it is given (any callable is a valid ``send``).
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import sys
@@ -19,6 +20,7 @@ import pytest
 import test.test_email
 import transaction
 import ZODB
+from persistent.list import PersistentList
 from ZODB.FileStorage import FileStorage
 
 from postoffice import Queue, QueueEmpty, find_queue, open_queue
@@ -271,6 +273,58 @@ def test_the_spec_loop_quarantines_a_failure_and_consumes_the_rest(
         assert kept["Subject"] == "poison"
         assert "RuntimeError: cannot digest <1@outside.example>" in error
         assert "Traceback" in error
+
+
+def test_the_batched_loop_of_the_docs_does_every_message_once_and_quarantines_a_failure(
+    tmp_path: Path, depot: Depot
+) -> None:
+    """docs/consumers.md: ten pops a commit, one at a time again after a failure."""
+    for number in range(25):
+        deliver(depot, message(number, subject="poison" if number == 13 else None))
+    depot.close()
+    with open_queue(uri_for(tmp_path), "A") as queue:
+        root = queue._p_jar.root()
+        root["processed"] = processed = PersistentList()  # the application's own state
+        transaction.commit()
+
+        def process(message: Message) -> None:
+            if message["Subject"] == "poison":
+                raise RuntimeError("cannot digest " + message["Message-Id"])
+            processed.append(message["Subject"])
+
+        def consume_one() -> None:
+            message = queue.pop_next()
+            try:
+                process(message)
+                transaction.commit()
+            except Exception:
+                transaction.abort()
+                queue.quarantine(message, sys.exc_info())
+                transaction.commit()
+
+        commits = 0
+        while queue:
+            commits += 1
+            assert commits <= 20
+            popped = []
+            with contextlib.suppress(QueueEmpty):
+                while len(popped) < 10:
+                    popped.append(queue.pop_next())
+            try:
+                for message_ in popped:
+                    process(message_)
+                transaction.commit()
+            except Exception:
+                transaction.abort()  # the whole batch comes back, oldest first
+                for _message in popped:
+                    consume_one()
+        assert len(queue) == 0
+    # The batch that met the failure was undone and done again: no message twice.
+    assert list(processed) == [f"number {n}" for n in range(25) if n != 13]
+    with open_queue(uri_for(tmp_path), "A") as queue:
+        assert len(queue) == 0 and list(queue.messages()) == []
+        ((kept, _error),) = list(queue.get_quarantined_messages())
+        assert kept["Subject"] == "poison"
 
 
 # --- quarantine -----------------------------------------------------------------------------

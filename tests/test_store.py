@@ -25,6 +25,7 @@ from ZODB.POSException import ConflictError
 from postoffice import QueueEmpty, open_queue, store
 from postoffice.config import loads
 from postoffice.deliver import Depot
+from postoffice.errors import TemporaryError
 from postoffice.store import (
     BLOB_THRESHOLD,
     CLAIM_LEASE,
@@ -312,6 +313,192 @@ def test_a_consumer_whose_lease_ran_out_cannot_commit_a_message_another_took(
     assert len(slow.queue) == 0
     slow.close()
     fast.close()
+    db.close()
+    assert subjects_left(uri_for(tmp_path)) == []
+
+
+# --- claiming ahead ------------------------------------------------------------------------
+
+
+def transactions(db: ZODB.DB) -> int:
+    return sum(1 for _txn in db.storage.iterator())
+
+
+def test_a_quick_consumer_claims_ahead_so_a_pop_costs_about_one_commit(
+    tmp_path: Path, db: ZODB.DB, clock: list[float]
+) -> None:
+    """Through ZEO a commit is most of a pop's cost: one claim serves several pops."""
+    db.close()
+    fill(tmp_path, 100)
+    db = open_db(uri_for(tmp_path))
+    consumer = Consumer(db)
+    before = transactions(db)
+    popped = []
+    for _number in range(100):
+        popped.append(consumer.pop())
+        consumer.manager.commit()
+    assert popped == [f"number {n}" for n in range(100)]  # FIFO all the same
+    commits = transactions(db) - before
+    # 100 of the consumer's own, and claims of 1, 2, 4, 8, 16, 16, ...: not 100 more.
+    assert 100 < commits <= 100 + 12
+    with pytest.raises(QueueEmpty):
+        consumer.queue.pop_next()
+    consumer.close()
+    db.close()
+    assert subjects_left(uri_for(tmp_path)) == []
+
+
+def test_messages_claimed_ahead_are_only_for_their_consumer_until_it_closes(
+    tmp_path: Path, db: ZODB.DB, clock: list[float]
+) -> None:
+    db.close()
+    fill(tmp_path, 10)
+    db = open_db(uri_for(tmp_path))
+    first, second = Consumer(db), Consumer(db)
+    for number in range(4):  # claims of 1, 2 and 4: numbers 4, 5 and 6 claimed ahead
+        assert first.pop() == f"number {number}"
+        first.manager.commit()
+    assert len(first.queue) == 6  # its own claimed-ahead messages wait for it
+    second.manager.begin()  # a transaction that sees those claims
+    assert len(second.queue) == 3  # ... and they are not another consumer's to take
+    assert second.pop() == "number 7"
+    assert first.pop() == "number 4"
+    first.manager.commit()
+    first.close()  # gives 5 and 6 back
+    second.manager.commit()
+    assert len(second.queue) == 4
+    rest = []
+    while second.queue:
+        rest.append(second.pop())
+        second.manager.commit()
+    assert rest == ["number 5", "number 6", "number 8", "number 9"]
+    second.close()
+    db.close()
+    assert subjects_left(uri_for(tmp_path)) == []
+
+
+def test_a_claim_ahead_that_waited_is_renewed_before_its_message_is_popped(
+    tmp_path: Path, db: ZODB.DB, clock: list[float]
+) -> None:
+    """What a consumer pops always has (nearly) a whole lease to be worked on."""
+    db.close()
+    fill(tmp_path, 10)
+    db = open_db(uri_for(tmp_path))
+    first, second = Consumer(db), Consumer(db)
+    for _number in range(4):
+        first.pop()
+        first.manager.commit()  # 4, 5, 6 claimed ahead, their lease from now
+    clock[0] += store.CLAIM_AHEAD_FOR + 1
+    assert first.pop() == "number 4"  # claimed again: the lease starts anew
+    first.manager.commit()
+    clock[0] += CLAIM_LEASE - 5  # the first lease has ended, the renewed one has not
+    second.manager.begin()
+    assert len(second.queue) == 3
+    assert second.pop() == "number 7"
+    second.manager.commit()
+    assert first.pop() == "number 5"
+    first.manager.commit()
+    first.close()
+    second.close()
+    db.close()
+    assert subjects_left(uri_for(tmp_path)) == ["number 6", "number 8", "number 9"]
+
+
+def test_a_slow_consumer_claims_one_message_at_a_time(
+    tmp_path: Path, db: ZODB.DB, clock: list[float]
+) -> None:
+    """One that takes seconds a message holds no others back from other consumers."""
+    db.close()
+    fill(tmp_path, 6)
+    db = open_db(uri_for(tmp_path))
+    slow, other = Consumer(db), Consumer(db)
+    for number in range(6):
+        clock[0] += store.CLAIM_AHEAD_WHEN + 1
+        assert slow.pop() == f"number {number}"
+        other.manager.begin()
+        assert len(other.queue) == 5 - number
+        slow.manager.commit()
+    slow.close()
+    other.close()
+
+
+def test_a_claim_that_gives_up_keeps_what_the_consumer_claimed_ahead(
+    tmp_path: Path, db: ZODB.DB, clock: list[float], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pop that fails with "too busy" loses none of the messages this consumer holds."""
+    db.close()
+    fill(tmp_path, 10)
+    db = open_db(uri_for(tmp_path))
+    first = Consumer(db)
+    for _number in range(4):
+        first.pop()
+        first.manager.commit()  # 4, 5, 6 claimed ahead
+    clock[0] += store.CLAIM_AHEAD_FOR + 1  # so the next pop claims them again
+    claimer = store._claimers[first.connection]
+    commit = claimer.manager.commit
+
+    def conflict() -> None:  # a fault injected into every claim commit
+        raise ConflictError("injected")
+
+    monkeypatch.setattr(store, "CLAIM_ATTEMPTS", 2)
+    monkeypatch.setattr(store, "CLAIM_PATIENCE", 0.05)
+    monkeypatch.setattr(claimer.manager, "commit", conflict)
+    with pytest.raises(TemporaryError):
+        first.queue.pop_next()
+    first.manager.abort()
+    monkeypatch.setattr(claimer.manager, "commit", commit)
+    assert [first.pop() for _ in range(6)] == [f"number {n}" for n in range(4, 10)]
+    first.manager.commit()
+    first.close()
+    db.close()
+    assert subjects_left(uri_for(tmp_path)) == []
+
+
+DYING_QUICK_CONSUMER = textwrap.dedent(
+    """
+    import os, sys, transaction
+    from postoffice import open_queue
+    queue, closer = open_queue(sys.argv[1], "A")
+    for _number in range(4):
+        print(queue.pop_next()["Subject"], flush=True)
+        transaction.commit()
+    print(queue.pop_next()["Subject"], flush=True)
+    os._exit(0)  # dies holding a popped message and those it claimed ahead
+    """
+)
+
+
+def test_messages_claimed_ahead_by_a_consumer_that_died_come_back_after_the_lease(
+    tmp_path: Path, db: ZODB.DB, clock: list[float]
+) -> None:
+    db.close()
+    fill(tmp_path, 12)
+    died = subprocess.run(
+        [sys.executable, "-c", DYING_QUICK_CONSUMER, uri_for(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    done = died.stdout.split("\n")[:4]
+    assert done == [f"number {n}" for n in range(4)], died.stderr
+    db = open_db(uri_for(tmp_path))
+    consumer = Consumer(db)
+    before_the_lease = []
+    while consumer.queue:
+        before_the_lease.append(consumer.pop())
+        consumer.manager.commit()
+    held = 12 - 4 - len(before_the_lease)
+    assert 1 <= held <= 1 + store.CLAIM_AHEAD  # the popped one and at most a claim ahead
+    clock[0] += CLAIM_LEASE + 1
+    assert len(consumer.queue) == held
+    after_the_lease = []
+    while consumer.queue:
+        after_the_lease.append(consumer.pop())
+        consumer.manager.commit()
+    everything = done + before_the_lease + after_the_lease
+    assert sorted(everything) == sorted(f"number {n}" for n in range(12))
+    assert after_the_lease == sorted(after_the_lease, key=lambda s: int(s.split()[1]))
+    consumer.close()
     db.close()
     assert subjects_left(uri_for(tmp_path)) == []
 
