@@ -78,6 +78,13 @@ def fill(folder: Path, count: int, size: int = 0, uri: str | None = None, start:
         depot.close()
 
 
+def refilled(folder: Path, db: ZODB.DB, count: int, size: int = 0) -> ZODB.DB:
+    """Close ``db``, deliver ``count`` messages as the server does, open it again."""
+    db.close()
+    fill(folder, count, size=size)
+    return open_db(uri_for(folder))
+
+
 @pytest.fixture
 def db(tmp_path: Path) -> Iterator[ZODB.DB]:
     fill(tmp_path, 0)  # creates the queues
@@ -102,6 +109,14 @@ class Consumer:
 
     def pop(self) -> str:
         return str(self.queue.pop_next()["Subject"])
+
+    def drain(self) -> list[str]:
+        """Pop and commit one message at a time while ``len()`` says any wait."""
+        popped = []
+        while self.queue:
+            popped.append(self.pop())
+            self.manager.commit()
+        return popped
 
     def close(self) -> None:
         self.manager.abort()
@@ -134,9 +149,7 @@ def test_len_and_truth_follow_pops_commits_and_aborts(tmp_path: Path, db: ZODB.D
     assert len(consumer.queue) == 0
     assert not consumer.queue
     consumer.close()
-    db.close()
-    fill(tmp_path, 3)
-    db = open_db(uri_for(tmp_path))
+    db = refilled(tmp_path, db, 3)
     consumer = Consumer(db)
     assert len(consumer.queue) == 3 and consumer.queue
     consumer.pop()
@@ -186,9 +199,7 @@ def test_two_consumers_never_get_the_same_message_and_both_commit(
 def test_many_threads_consume_every_message_once_without_conflict_errors(
     tmp_path: Path, db: ZODB.DB
 ) -> None:
-    db.close()
-    fill(tmp_path, 120)
-    db = open_db(uri_for(tmp_path))
+    db = refilled(tmp_path, db, 120)
     seen: list[list[str]] = [[], [], []]
     errors: list[BaseException] = []
 
@@ -235,9 +246,7 @@ def test_popped_and_committed_is_gone_after_reopening_from_disk(
 def test_popped_and_aborted_comes_back_first_also_to_another_consumer(
     tmp_path: Path, db: ZODB.DB
 ) -> None:
-    db.close()
-    fill(tmp_path, 3)
-    db = open_db(uri_for(tmp_path))
+    db = refilled(tmp_path, db, 3)
     first = Consumer(db)
     assert first.pop() == "number 0"
     first.manager.abort()
@@ -298,9 +307,7 @@ def test_a_message_held_by_a_consumer_that_died_comes_back_after_the_lease(
 def test_a_consumer_whose_lease_ran_out_cannot_commit_a_message_another_took(
     tmp_path: Path, db: ZODB.DB, clock: list[float]
 ) -> None:
-    db.close()
-    fill(tmp_path, 1)
-    db = open_db(uri_for(tmp_path))
+    db = refilled(tmp_path, db, 1)
     slow, fast = Consumer(db), Consumer(db)
     assert slow.pop() == "number 0"
     clock[0] += CLAIM_LEASE + 1
@@ -328,9 +335,7 @@ def test_a_quick_consumer_claims_ahead_so_a_pop_costs_about_one_commit(
     tmp_path: Path, db: ZODB.DB, clock: list[float]
 ) -> None:
     """Through ZEO a commit is most of a pop's cost: one claim serves several pops."""
-    db.close()
-    fill(tmp_path, 100)
-    db = open_db(uri_for(tmp_path))
+    db = refilled(tmp_path, db, 100)
     consumer = Consumer(db)
     before = transactions(db)
     popped = []
@@ -351,9 +356,7 @@ def test_a_quick_consumer_claims_ahead_so_a_pop_costs_about_one_commit(
 def test_messages_claimed_ahead_are_only_for_their_consumer_until_it_closes(
     tmp_path: Path, db: ZODB.DB, clock: list[float]
 ) -> None:
-    db.close()
-    fill(tmp_path, 10)
-    db = open_db(uri_for(tmp_path))
+    db = refilled(tmp_path, db, 10)
     first, second = Consumer(db), Consumer(db)
     for number in range(4):  # claims of 1, 2 and 4: numbers 4, 5 and 6 claimed ahead
         assert first.pop() == f"number {number}"
@@ -367,11 +370,7 @@ def test_messages_claimed_ahead_are_only_for_their_consumer_until_it_closes(
     first.close()  # gives 5 and 6 back
     second.manager.commit()
     assert len(second.queue) == 4
-    rest = []
-    while second.queue:
-        rest.append(second.pop())
-        second.manager.commit()
-    assert rest == ["number 5", "number 6", "number 8", "number 9"]
+    assert second.drain() == ["number 5", "number 6", "number 8", "number 9"]
     second.close()
     db.close()
     assert subjects_left(uri_for(tmp_path)) == []
@@ -381,9 +380,7 @@ def test_a_claim_ahead_that_waited_is_renewed_before_its_message_is_popped(
     tmp_path: Path, db: ZODB.DB, clock: list[float]
 ) -> None:
     """What a consumer pops always has (nearly) a whole lease to be worked on."""
-    db.close()
-    fill(tmp_path, 10)
-    db = open_db(uri_for(tmp_path))
+    db = refilled(tmp_path, db, 10)
     first, second = Consumer(db), Consumer(db)
     for _number in range(4):
         first.pop()
@@ -408,9 +405,7 @@ def test_a_slow_consumer_claims_one_message_at_a_time(
     tmp_path: Path, db: ZODB.DB, clock: list[float]
 ) -> None:
     """One that takes seconds a message holds no others back from other consumers."""
-    db.close()
-    fill(tmp_path, 6)
-    db = open_db(uri_for(tmp_path))
+    db = refilled(tmp_path, db, 6)
     slow, other = Consumer(db), Consumer(db)
     for number in range(6):
         clock[0] += store.CLAIM_AHEAD_WHEN + 1
@@ -426,9 +421,7 @@ def test_a_claim_that_gives_up_keeps_what_the_consumer_claimed_ahead(
     tmp_path: Path, db: ZODB.DB, clock: list[float], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A pop that fails with "too busy" loses none of the messages this consumer holds."""
-    db.close()
-    fill(tmp_path, 10)
-    db = open_db(uri_for(tmp_path))
+    db = refilled(tmp_path, db, 10)
     first = Consumer(db)
     for _number in range(4):
         first.pop()
@@ -483,18 +476,12 @@ def test_messages_claimed_ahead_by_a_consumer_that_died_come_back_after_the_leas
     assert done == [f"number {n}" for n in range(4)], died.stderr
     db = open_db(uri_for(tmp_path))
     consumer = Consumer(db)
-    before_the_lease = []
-    while consumer.queue:
-        before_the_lease.append(consumer.pop())
-        consumer.manager.commit()
+    before_the_lease = consumer.drain()
     held = 12 - 4 - len(before_the_lease)
     assert 1 <= held <= 1 + store.CLAIM_AHEAD  # the popped one and at most a claim ahead
     clock[0] += CLAIM_LEASE + 1
     assert len(consumer.queue) == held
-    after_the_lease = []
-    while consumer.queue:
-        after_the_lease.append(consumer.pop())
-        consumer.manager.commit()
+    after_the_lease = consumer.drain()
     everything = done + before_the_lease + after_the_lease
     assert sorted(everything) == sorted(f"number {n}" for n in range(12))
     assert after_the_lease == sorted(after_the_lease, key=lambda s: int(s.split()[1]))
@@ -505,9 +492,7 @@ def test_messages_claimed_ahead_by_a_consumer_that_died_come_back_after_the_leas
 
 def test_len_matches_the_waiting_messages_through_a_random_run(tmp_path: Path, db: ZODB.DB) -> None:
     """A model of the queue against len(), messages() and a reopened database."""
-    db.close()
-    fill(tmp_path, 30)
-    db = open_db(uri_for(tmp_path))
+    db = refilled(tmp_path, db, 30)
     consumer = Consumer(db)
     rng = random.Random(20240601)
     waiting = 30  # in the database
