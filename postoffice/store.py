@@ -39,6 +39,7 @@ A consumer that pops quickly claims a few messages ahead in one claim commit
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import email.policy
 import hashlib
@@ -1294,14 +1295,18 @@ class _Claimer:
         queue._length.change(1)
         return True
 
-    def close(self) -> None:
-        self.closed = True
+    def give_back_ahead(self) -> None:
+        """Give back what was claimed ahead and not popped (and what was aborted)."""
         with self.lock:
             for oid, keys in self.ahead.items():
                 self.pending.update((oid, key) for key in keys)
             self.ahead.clear()
+        self.release_pending()
+
+    def close(self) -> None:
+        self.closed = True
         try:
-            self.release_pending()
+            self.give_back_ahead()
         finally:
             try:
                 self.manager.abort()
@@ -1335,6 +1340,23 @@ def _claimer_for(jar: Any) -> _Claimer:
             _claimers[jar] = claimer
             jar.onCloseCallback(lambda: _close_claimer(jar, claimer))
         return claimer
+
+
+@atexit.register
+def _give_back_at_exit() -> None:
+    """A script that ends without closing its connection leaves nothing claimed ahead.
+
+    Without this, messages it claimed ahead would wait for the end of their
+    lease (an hour) before another consumer could have them.  A process
+    killed by a signal cannot do this; docs/consumers.md says so.
+    """
+    with _claimers_lock:
+        claimers = [c for c in _claimers.values() if not c.closed]
+    for claimer in claimers:
+        try:
+            claimer.give_back_ahead()
+        except Exception:
+            log.debug("giving back claimed-ahead messages at exit failed", exc_info=True)
 
 
 def _close_claimer(jar: Any, claimer: _Claimer) -> None:

@@ -447,6 +447,36 @@ def test_a_claim_that_gives_up_keeps_what_the_consumer_claimed_ahead(
     assert subjects_left(uri_for(tmp_path)) == []
 
 
+UNCLOSED_QUICK_CONSUMER = textwrap.dedent(
+    """
+    import sys, transaction
+    from postoffice import open_queue
+    queue, closer = open_queue(sys.argv[1], "A")
+    for _number in range(4):
+        print(queue.pop_next()["Subject"], flush=True)
+        transaction.commit()
+    # Ends without closer(): what it claimed ahead is given back all the same.
+    """
+)
+
+
+def test_a_consumer_that_exits_without_closing_gives_back_what_it_claimed_ahead(
+    tmp_path: Path, db: ZODB.DB
+) -> None:
+    db.close()
+    fill(tmp_path, 12)
+    ended = subprocess.run(
+        [sys.executable, "-c", UNCLOSED_QUICK_CONSUMER, uri_for(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ended.stdout.split() == ["number", "0", "number", "1", "number", "2", "number", "3"]
+    assert ended.returncode == 0, ended.stderr
+    # At once, not after the lease: numbers 4 to 6 were claimed ahead, now given back.
+    assert subjects_left(uri_for(tmp_path)) == [f"number {n}" for n in range(4, 12)]
+
+
 DYING_QUICK_CONSUMER = textwrap.dedent(
     """
     import os, sys, transaction

@@ -18,11 +18,13 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from email import policy
 from email.message import EmailMessage
 from email.parser import BytesParser
 from email.utils import formatdate
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,8 +37,10 @@ __all__ = [
     "Serve",
     "ZeoServer",
     "delivery_status",
+    "finished",
     "make_message",
     "parse",
+    "reaped",
     "require_zeo",
     "socket_path",
     "start_serve",
@@ -227,3 +231,33 @@ class ZeoServer:
     def file_uri(self) -> str:
         """The depot as a file:// URI, for reading it after the server stopped."""
         return f"file://{self.folder}/Data.fs?blobstorage_dir={self.folder}/blobs"
+
+
+@contextlib.contextmanager
+def reaped(processes: list[subprocess.Popen[Any]]) -> Iterator[list[subprocess.Popen[Any]]]:
+    """Helper processes (consumers) of a test: any still running at the end is killed.
+
+    So a failing assertion does not leave a consumer polling a depot that
+    the test's clean-up is about to remove.
+    """
+    try:
+        yield processes
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+
+
+def finished(processes: list[subprocess.Popen[Any]], timeout: float) -> list[str]:
+    """Wait for each process to exit 0 (its output in the failure) and return its stdout."""
+    outputs = []
+    for process in processes:
+        out, err = process.communicate(timeout=timeout)
+        text = [
+            part.decode(errors="replace") if isinstance(part, bytes) else part or ""
+            for part in (out, err)
+        ]
+        assert process.returncode == 0, "\n".join(text)
+        outputs.append(text[0])
+    return outputs

@@ -37,6 +37,7 @@ from postoffice.embedded import (
 )
 from postoffice.errors import ConfigError
 from postoffice.store import BLOB_THRESHOLD, open_db
+from tests.integration.servers import finished, reaped
 
 pytestmark = pytest.mark.integration
 
@@ -161,24 +162,18 @@ def test_consumers_in_other_processes_get_every_message_exactly_once(
         for _ in range(2)
     ]
     try:
-        big = b"B" * (BLOB_THRESHOLD + 1000)  # a blob, in the shared blob folder
-        deliver(depot, range(0, 1), body=big)
-        for start in range(1, 50, 7):
-            deliver(depot, range(start, min(start + 7, 50)))
-        deliver(depot, range(1000, 1002), subject="stop")  # one for each consumer
-        results = []
-        for consumer in consumers:
-            out, err = consumer.communicate(timeout=WAIT)
-            assert consumer.returncode == 0, err
-            results.extend(json.loads(out))
-        # Left in the queue: two messages, one a blob, for after the server stops.
-        deliver(depot, range(2000, 2001), body=big)
-        deliver(depot, range(2001, 2002))
+        with reaped(consumers):
+            big = b"B" * (BLOB_THRESHOLD + 1000)  # a blob, in the shared blob folder
+            deliver(depot, range(0, 1), body=big)
+            for start in range(1, 50, 7):
+                deliver(depot, range(start, min(start + 7, 50)))
+            deliver(depot, range(1000, 1002), subject="stop")  # one for each consumer
+            results = [item for out in finished(consumers, WAIT) for item in json.loads(out)]
+            # Left in the queue: two messages, one a blob, for after the server stops.
+            deliver(depot, range(2000, 2001), body=big)
+            deliver(depot, range(2001, 2002))
     finally:
         depot.close()
-        for consumer in consumers:
-            consumer.kill()
-            consumer.wait()
 
     ids = [message_id for message_id, _ in results]
     assert len(ids) == 50

@@ -45,7 +45,16 @@ import pytest
 from postoffice.store import find_folder, open_db
 from tests.integration.conftest import PostfixFactory
 from tests.integration.postfix_instance import PostfixInstance, require_tool
-from tests.integration.servers import QUEUES, WAIT, Serve, ZeoServer, socket_path, start_serve
+from tests.integration.servers import (
+    QUEUES,
+    WAIT,
+    Serve,
+    ZeoServer,
+    finished,
+    reaped,
+    socket_path,
+    start_serve,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -542,7 +551,7 @@ def test_two_servers_and_two_consumers_share_one_zeo_server(
         )
         for out in outputs
     ]
-    try:
+    with reaped(consumers):
         # Four loads at once, straight over LMTP: each server gets mail for
         # both queues, so both servers write to both queues while both
         # consumers pop from them. With -A a refused message is not sent
@@ -567,14 +576,7 @@ def test_two_servers_and_two_consumers_share_one_zeo_server(
             finish(process, log)
         loaded = time.monotonic() - began
         stop_file.touch()
-        for consumer in consumers:
-            output, _ = consumer.communicate(timeout=DRAIN + 30)
-            assert consumer.returncode == 0, output.decode(errors="replace")
-    finally:
-        for consumer in consumers:
-            if consumer.poll() is None:
-                consumer.kill()
-                consumer.wait()
+        finished(consumers, DRAIN + 30)
     for server in servers:
         server.stop()
     depot = DepotContents.read(zeo_uri(zeo))

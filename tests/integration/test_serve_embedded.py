@@ -23,6 +23,7 @@ import pytest
 
 from postoffice import open_queue
 from tests.integration.postfix_instance import require_tool
+from tests.integration.servers import finished, reaped
 
 REPO = Path(__file__).resolve().parents[2]
 MESSAGES = 240
@@ -301,27 +302,24 @@ def test_lmtp_pipe_and_two_consumers_at_once_on_the_shared_depot(tmp_path: Path)
         by_lmtp(range(half))  # the pipe stored these through ZEO: serve must see them
 
     try:
-        doors = threading.Thread(target=both_doors)
-        doors.start()
-        sent = subprocess.run(
-            [
-                *(smtp_source, "-L", "-s", "8", "-m", str(LOAD)),
-                *("-f", "sender@example.org", "-t", rcpt, "-M", "load.example"),
-                f"unix:{socket}",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=180,
-        )
-        doors.join(timeout=180)
-        stop_file.touch()
-        for consumer in consumers:
-            assert consumer.wait(timeout=180) == 0
+        with reaped(consumers):
+            doors = threading.Thread(target=both_doors)
+            doors.start()
+            sent = subprocess.run(
+                [
+                    *(smtp_source, "-L", "-s", "8", "-m", str(LOAD)),
+                    *("-f", "sender@example.org", "-t", rcpt, "-M", "load.example"),
+                    f"unix:{socket}",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=180,
+            )
+            doors.join(timeout=180)
+            stop_file.touch()
+            finished(consumers, 180)
     finally:
         stop_file.touch()
-        for consumer in consumers:
-            if consumer.poll() is None:
-                consumer.kill()
         code = stop(proc)
     assert sent.returncode == 0, sent.stderr
     assert code == 0

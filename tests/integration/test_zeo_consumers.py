@@ -26,10 +26,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import transaction
 
 from postoffice import open_queue
 from postoffice.config import loads
 from postoffice.deliver import Delivery, Depot
+from tests.integration.servers import finished, reaped
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -203,17 +205,10 @@ def test_two_consumer_processes_pop_every_message_exactly_once(
         )
         for out in outputs
     ]
-    try:
+    with reaped(consumers):
         time.sleep(0.5)  # both are connected and waiting: start them together
         go.touch()
-        for consumer in consumers:
-            output, _ = consumer.communicate(timeout=DEADLINE + 20)
-            assert consumer.returncode == 0, output.decode(errors="replace")
-    finally:
-        for consumer in consumers:
-            if consumer.poll() is None:
-                consumer.kill()
-                consumer.wait()
+        finished(consumers, DEADLINE + 20)
 
     results = [json.loads(out.read_text()) for out in outputs]
     assert [r["errors"] for r in results] == [[], []]
@@ -237,3 +232,37 @@ def test_two_consumer_processes_pop_every_message_exactly_once(
         assert in_quarantine == bad
         errors = [error for _m, error in queue.get_quarantined_messages()]
         assert all("ValueError: cannot process" in error for error in errors)
+
+
+UNCLOSED = textwrap.dedent(
+    """
+    import sys, transaction
+    from postoffice import open_queue
+    queue, closer = open_queue(sys.argv[1], "A")
+    for _number in range(20):
+        queue.pop_next()
+        transaction.commit()
+    # Ends without closer(), as scripts do: what it claimed ahead goes back.
+    """
+)
+
+
+def test_a_consumer_that_ends_without_closing_leaves_nothing_claimed_ahead(
+    tmp_path: Path, zeo_uri: str
+) -> None:
+    _fill(tmp_path, zeo_uri)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    ended = subprocess.run(
+        [sys.executable, "-c", UNCLOSED, zeo_uri],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert ended.returncode == 0, ended.stderr
+    # Claims of 1, 2, 4, 8 and 16 served its 20 pops: 11 were claimed ahead.
+    # They wait for any consumer now, not after the hour of the lease.
+    with open_queue(zeo_uri, "A") as queue:
+        assert len(queue) == MESSAGES - 20
+        assert queue.pop_next()["Message-Id"] == "<20@outside.example>"  # FIFO
+        transaction.abort()
