@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
 import pytest
 
+from postoffice import config
+from postoffice.lmtp import LmtpServer
 from tests.integration.nobody import find_nobody_command
 
 
@@ -11,3 +16,21 @@ from tests.integration.nobody import find_nobody_command
 def nobody_command(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     """The words that run ``python -m postoffice.pipe`` as user nobody."""
     return find_nobody_command(tmp_path_factory)
+
+
+@pytest.fixture
+def start(tmp_path: Path) -> Iterator[Callable[..., LmtpServer]]:
+    """Start LmtpServers in threads from test_lmtp's config under tmp_path; stop them after."""
+    from tests.test_lmtp import write_config
+
+    servers: list[LmtpServer] = []
+
+    def run(folder: Path = tmp_path, **options: object) -> LmtpServer:
+        path = write_config(folder, **options)  # type: ignore[arg-type]
+        server = LmtpServer(config.load(path), settings_path=path, grace=5)
+        servers.append(server.start())
+        return server
+
+    yield run
+    for server in servers:
+        server.stop()

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import pytest
 
-from postoffice import config, open_queue
+from postoffice import open_queue
 from postoffice.api import OpenQueue
 from postoffice.lmtp import LmtpServer
-from tests.test_lmtp import client, codes, mail, send, stuff, write_config
+from tests.test_lmtp import client, codes, mail, send, stuff
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -37,20 +37,14 @@ MB = 1024 * 1024
 
 
 @pytest.fixture
-def servers(tmp_path: Path) -> Iterator[Callable[..., LmtpServer]]:
-    """Start an LmtpServer in a thread from test_lmtp's config; stop it after the test."""
-    started: list[LmtpServer] = []
+def servers(start: Callable[..., LmtpServer]) -> Callable[..., LmtpServer]:
+    """``start`` (conftest) with max_message_size = 64k unless told otherwise."""
 
     def run(**options: object) -> LmtpServer:
         options.setdefault("max_size", "64k")
-        path = write_config(tmp_path, **options)  # type: ignore[arg-type]
-        server = LmtpServer(config.load(path), settings_path=path, grace=5)
-        started.append(server.start())
-        return server
+        return start(**options)
 
-    yield run
-    for server in started:
-        server.stop()
+    return run
 
 
 def raw_connect(sock: Path) -> socket.socket:

@@ -159,22 +159,6 @@ def stored(folder: Path, queue: str) -> list[bytes]:
 
 
 @pytest.fixture
-def start(tmp_path: Path) -> Iterator[Callable[..., LmtpServer]]:
-    """Start LmtpServers in threads from a config written under tmp_path; stop them after."""
-    servers: list[LmtpServer] = []
-
-    def run(folder: Path = tmp_path, **options: object) -> LmtpServer:
-        path = write_config(folder, **options)  # type: ignore[arg-type]
-        server = LmtpServer(config.load(path), settings_path=path, grace=5)
-        servers.append(server.start())
-        return server
-
-    yield run
-    for server in servers:
-        server.stop()
-
-
-@pytest.fixture
 def server(start: Callable[..., LmtpServer]) -> LmtpServer:
     return start()
 

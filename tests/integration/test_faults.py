@@ -128,6 +128,45 @@ def smtp_source(
         return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
 
 
+@dataclass
+class UnderLoad:
+    """A ZEO depot, ``serve`` on it, Postfix in front, and smtp-source sending through it."""
+
+    zeo: ZeoServer
+    server: Serve
+    pf: PostfixInstance
+    source: subprocess.Popen[bytes]
+    log: Path
+
+    @classmethod
+    def start(
+        cls,
+        postfix_factory: PostfixFactory,
+        zeo_servers: list[ZeoServer],
+        servers: list[Serve],
+        public_dir: Path,
+        tmp_path: Path,
+        host: str,
+        **main_cf: str,
+    ) -> UnderLoad:
+        zeo = start_zeo(zeo_servers, tmp_path)
+        sock = socket_path(public_dir, "po.sock")  # Postfix's lmtp client must reach it
+        server = start_serve(servers, serve_config(tmp_path / "serve", zeo, sock))
+        pf = start_postfix(postfix_factory, sock, **main_cf)
+        log = tmp_path / "smtp-source.log"
+        source = smtp_source(f"127.0.0.1:{pf.port}", MESSAGES, 8, host, "orders@app.test", log)
+        return cls(zeo, server, pf, source, log)
+
+    def finish(self) -> tuple[int, DepotContents]:
+        """The load sent, Postfix's queue drained, serve and ZEO stopped: (flushes, depot)."""
+        finish(self.source, self.log)
+        flushes = drain(self.pf)
+        self.server.stop()
+        depot = DepotContents.read(zeo_uri(self.zeo))
+        self.zeo.stop()
+        return flushes, depot
+
+
 def finish(source: subprocess.Popen[bytes], log: Path, timeout: float = DRAIN) -> None:
     try:
         code = source.wait(timeout)
@@ -363,29 +402,20 @@ def test_zeo_outage_under_load_loses_and_doubles_nothing(
 ) -> None:
     require_tool("smtp-source")
     began = time.monotonic()
-    zeo = start_zeo(zeo_servers, tmp_path)
-    sock = socket_path(public_dir, "po.sock")  # Postfix's lmtp client must reach it
-    server = start_serve(servers, serve_config(tmp_path / "serve", zeo, sock))
-    pf = start_postfix(postfix_factory, sock)
-
-    load_log = tmp_path / "smtp-source.log"
-    source = smtp_source(
-        f"127.0.0.1:{pf.port}", MESSAGES, 8, "outage.test", "orders@app.test", load_log
+    load = UnderLoad.start(
+        postfix_factory, zeo_servers, servers, public_dir, tmp_path, "outage.test"
     )
+    zeo, server, pf = load.zeo, load.server, load.pf
     wait_for("a quarter of the load delivered", lambda: sent_count(pf) >= MESSAGES // 4)
     stopped = time.monotonic()
     zeo.stop()
     delivered_before = sent_count(pf)
-    still_sending = source.poll() is None
+    still_sending = load.source.poll() is None
     waiting_in_postfix = len(pf.queue_ids())
     time.sleep(OUTAGE)
     zeo.start()
     outage = time.monotonic() - stopped
-    finish(source, load_log)
-    flushes = drain(pf)
-    server.stop()
-    depot = DepotContents.read(zeo_uri(zeo))
-    zeo.stop()
+    flushes, depot = load.finish()
 
     figures = account(pf, servers, depot)
     # The outage was felt: deliveries were refused with 451 and Postfix kept them.
@@ -418,15 +448,16 @@ def test_serve_killed_and_replies_lost_under_load(
 ) -> None:
     require_tool("smtp-source")
     began = time.monotonic()
-    zeo = start_zeo(zeo_servers, tmp_path)
-    sock = socket_path(public_dir, "po.sock")  # Postfix's lmtp client must reach it
-    server = start_serve(servers, serve_config(tmp_path / "serve", zeo, sock))
-    pf = start_postfix(postfix_factory, sock, lmtp_data_done_timeout=f"{DATA_DONE_TIMEOUT}s")
-
-    load_log = tmp_path / "smtp-source.log"
-    source = smtp_source(
-        f"127.0.0.1:{pf.port}", MESSAGES, 8, "crash.test", "orders@app.test", load_log
+    load = UnderLoad.start(
+        postfix_factory,
+        zeo_servers,
+        servers,
+        public_dir,
+        tmp_path,
+        "crash.test",
+        lmtp_data_done_timeout=f"{DATA_DONE_TIMEOUT}s",
     )
+    zeo, server, pf = load.zeo, load.server, load.pf
     # 1. SIGKILL mid-load: no clean-up, sessions and commits cut wherever they are.
     wait_for("a quarter of the load delivered", lambda: sent_count(pf) >= MESSAGES // 4)
     server.kill()
@@ -448,11 +479,7 @@ def test_serve_killed_and_replies_lost_under_load(
         )
     finally:
         zeo.process.send_signal(signal.SIGCONT)
-    finish(source, load_log)
-    flushes = drain(pf)
-    server.stop()
-    depot = DepotContents.read(zeo_uri(zeo))
-    zeo.stop()
+    flushes, depot = load.finish()
 
     figures = account(pf, servers, depot)
     reasons = deferral_reasons(pf)
