@@ -13,9 +13,7 @@ RFC 2047 words good and broken, address lists, MIME trees, deep nesting,
 CRLF / LF / CR-only / mixed line ends, NUL and 8-bit bytes, lines that
 start with dots, lines and headers up to the 1000-octet limit, messages
 over the size limit, odd envelope addresses), Python's own email test
-corpus, and the real-world corpus in ``/work/shared/corpus`` (which exists
-on the development machines only: that part is skipped elsewhere, CI
-included).
+corpus, and the real-world corpus in ``tests/corpus``.
 
 Over LMTP, one server runs for the whole module and the DATA phase is
 written on the socket by hand (dot-stuffed after CRLF only, as the server
@@ -697,7 +695,7 @@ def test_generated_mail_over_lmtp(
 
 
 def corpus_files(which: str) -> list[Path]:
-    """The files of one corpus; skip (or, for Python's own in CI, fail) when it is missing."""
+    """The files of one corpus; fail when it is missing (Python's own: skip, but not in CI)."""
     if which == "python":
         files = python_corpus()
         if not files:
@@ -708,8 +706,7 @@ def corpus_files(which: str) -> list[Path]:
         return files
     files = shared_corpus()
     if not files:
-        # Skipped even under CI=true: it lives outside the repository.
-        pytest.skip(f"{SHARED_CORPUS} is not present (set POSTOFFICE_CORPUS to its folder)")
+        pytest.fail(f"no corpus in {SHARED_CORPUS} (its MANIFEST.tsv is missing)")
     return files
 
 
