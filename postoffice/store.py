@@ -721,13 +721,8 @@ class Queue(Persistent):
         # Candidates come from this connection's snapshot; the claim looks at
         # the newest state and skips what others took meanwhile.
         candidates = self._first_waiting(now, CANDIDATES)
-        # What this consumer just gave back, or claimed ahead too long ago,
-        # may still look claimed in its snapshot.
-        mine = claimer.claimed_ahead(self._p_oid)
-        candidates.extend(key for key in (*given_back, *mine) if key not in candidates)
-        if not candidates:
-            raise QueueEmpty("the queue is empty")
-        candidates.sort()
+        # What this consumer just gave back may still look claimed in its snapshot.
+        candidates.extend(key for key in given_back if key not in candidates)
         return claimer.claim(self._p_oid, candidates)
 
     def _first_waiting(self, now: float, limit: int) -> list[int]:
@@ -1100,7 +1095,8 @@ class _Claimer:
     ``CLAIM_AHEAD``), one that did not claims half as many: through ZEO a
     commit is most of a pop's cost, and this makes one claim serve a
     quick consumer's next pops, while what it holds unpopped stays about a
-    second of its work.  They are given back when the connection closes.
+    second of its work.  They are given back when the connection closes, or
+    at the end of a process that never closed it.
     """
 
     def __init__(self, db: ZODB.DB) -> None:
@@ -1122,13 +1118,17 @@ class _Claimer:
         """Claim the first candidates nobody else holds; conflicts are retried here.
 
         Returns the first, for the caller to pop; the others wait in
-        ``ahead``.  What this consumer claimed ahead before and meets among
-        the candidates it claims again, renewing the lease.
+        ``ahead``.  What this consumer claimed ahead before (it may still
+        look claimed in the caller's snapshot) is claimed again with them,
+        renewing the lease.
         """
         with self.lock:
             renew = set(self.ahead.pop(queue_oid, ()))
             last = self.pace.get(queue_oid)
+        candidates = sorted(renew.union(candidates))
         try:
+            if not candidates:
+                raise QueueEmpty("the queue is empty")
             for _number in retry.attempts(CLAIM_ATTEMPTS, CLAIM_PATIENCE):
                 now = clock()
                 try:
@@ -1203,10 +1203,6 @@ class _Claimer:
             if not keys or last is None or not 0 <= now - last[0] <= CLAIM_AHEAD_FOR:
                 return None
             return keys.pop(0)
-
-    def claimed_ahead(self, queue_oid: bytes) -> list[int]:
-        with self.lock:
-            return list(self.ahead.get(queue_oid, ()))
 
     # -- what this consumer holds -------------------------------------------------
 
@@ -1353,10 +1349,7 @@ def _give_back_at_exit() -> None:
     with _claimers_lock:
         claimers = [c for c in _claimers.values() if not c.closed]
     for claimer in claimers:
-        try:
-            claimer.give_back_ahead()
-        except Exception:
-            log.debug("giving back claimed-ahead messages at exit failed", exc_info=True)
+        claimer.give_back_ahead()  # logs, never raises, when it cannot
 
 
 def _close_claimer(jar: Any, claimer: _Claimer) -> None:
