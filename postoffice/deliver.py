@@ -162,22 +162,16 @@ class Depot:
         deliveries that follow use that connection, and each would otherwise
         wait for one read of a random leaf until the cache has them all.
         """
-        warnings: list[str] = []
         manager = transaction.TransactionManager()
         connection = self._open(manager)
+
+        def create() -> tuple[QueuesFolder, list[str]]:
+            folder = find_folder(connection.root(), self._settings.zodb_path, create=True)
+            return folder, reconcile(folder, self._settings.queue_names)
+
         try:
             # Conflicts: two serve processes starting together, a consumer.
-            for _number in retry.attempts(COMMIT_ATTEMPTS, COMMIT_PATIENCE):
-                try:
-                    manager.begin()
-                    folder = find_folder(connection.root(), self._settings.zodb_path, create=True)
-                    warnings = reconcile(folder, self._settings.queue_names)
-                    manager.commit()
-                    break
-                except ConflictError:
-                    manager.abort()
-            else:
-                raise StorageUnavailable("could not create the queues: too many conflicts")
+            folder, warnings = retry.committed(manager, create, COMMIT_ATTEMPTS, COMMIT_PATIENCE)
             if warm:
                 manager.begin()
                 queues = [queue for _name, queue in folder.items()]
@@ -185,7 +179,9 @@ class Depot:
                 for queue in queues:
                     queue.warm_up(budget)
         except ConflictError as exc:
-            raise StorageUnavailable(f"could not create the queues: {exc}") from None
+            raise StorageUnavailable(
+                f"could not create the queues: too many conflicts: {exc}"
+            ) from None
         except StorageUnavailable:
             raise
         except Exception as exc:
@@ -259,34 +255,30 @@ class Depot:
     ) -> list[list[Outcome]]:
         manager = transaction.TransactionManager()
         connection = self._open(manager)
+
+        def store() -> tuple[list[list[Outcome]], list[Persistent]]:
+            folder = find_folder(connection.root(), settings.zodb_path, create=False)
+            created: list[Persistent] = []
+            results = [
+                self._apply(folder, settings, d, m, now, created)
+                for d, m in zip(deliveries, parsed, strict=True)
+            ]
+            return results, created
+
         try:
-            last_conflict: Exception | None = None
-            for _number in retry.attempts(COMMIT_ATTEMPTS, COMMIT_PATIENCE):
-                try:
-                    manager.begin()
-                    folder = find_folder(connection.root(), settings.zodb_path, create=False)
-                    created: list[Persistent] = []
-                    results = [
-                        self._apply(folder, settings, d, m, now, created)
-                        for d, m in zip(deliveries, parsed, strict=True)
-                    ]
-                    manager.commit()
-                    for record in created:
-                        record._p_deactivate()
-                    return results
-                except ConflictError as exc:
-                    manager.abort()
-                    last_conflict = exc
-                except KeyError as exc:
-                    manager.abort()
-                    self._reconciled = False
-                    raise StorageUnavailable(f"queues folder missing: {exc}") from None
-                except Exception as exc:
-                    manager.abort()
-                    if _is_storage_error(exc):
-                        raise StorageUnavailable(str(exc) or type(exc).__name__) from None
-                    raise
-            raise StorageUnavailable(f"too many conflicts: {last_conflict}")
+            results, created = retry.committed(manager, store, COMMIT_ATTEMPTS, COMMIT_PATIENCE)
+            for record in created:
+                record._p_deactivate()
+            return results
+        except ConflictError as exc:
+            raise StorageUnavailable(f"too many conflicts: {exc}") from None
+        except KeyError as exc:
+            self._reconciled = False
+            raise StorageUnavailable(f"queues folder missing: {exc}") from None
+        except Exception as exc:
+            if _is_storage_error(exc):
+                raise StorageUnavailable(str(exc) or type(exc).__name__) from None
+            raise
         finally:
             _close(manager, connection)
 

@@ -17,7 +17,12 @@ from __future__ import annotations
 import itertools
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+from ZODB.POSException import ConflictError
+
+T = TypeVar("T")
 
 BACKOFF_FIRST = 0.005
 BACKOFF_MAX = 0.25
@@ -37,3 +42,28 @@ def attempts(minimum: int, patience: float) -> Iterator[int]:
             pause = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (number - 1))
             time.sleep(random.uniform(0, pause))
         yield number
+
+
+def committed(manager: Any, work: Callable[[], T], minimum: int, patience: float) -> T:
+    """``work()`` in a transaction of ``manager``, committed; its result.
+
+    A ConflictError aborts and tries again, as :func:`attempts` paces it;
+    when the conflicts win, the last one is raised for the caller to say
+    what failed.  Any other exception aborts and goes on up.
+    """
+    last: ConflictError | None = None
+    for _number in attempts(minimum, patience):
+        try:
+            manager.begin()
+            result = work()
+            manager.commit()
+        except ConflictError as exc:
+            manager.abort()
+            last = exc
+            continue
+        except BaseException:
+            manager.abort()
+            raise
+        return result
+    assert last is not None  # attempts() yields at least once
+    raise last

@@ -1126,35 +1126,34 @@ class _Claimer:
             renew = set(self.ahead.pop(queue_oid, ()))
             last = self.pace.get(queue_oid)
         candidates = sorted(renew.union(candidates))
+
+        def claim_some() -> tuple[float, list[int]]:
+            now = clock()
+            queue = self.connection.get(queue_oid)
+            return now, self._claim_some(queue, candidates, now, _claim_size(last, now), renew)
+
         try:
             if not candidates:
                 raise QueueEmpty("the queue is empty")
-            for _number in retry.attempts(CLAIM_ATTEMPTS, CLAIM_PATIENCE):
-                now = clock()
-                try:
-                    self.manager.begin()
-                    queue = self.connection.get(queue_oid)
-                    found = self._claim_some(queue, candidates, now, _claim_size(last, now), renew)
-                    self.manager.commit()
-                except ConflictError:
-                    self.manager.abort()
-                    continue
-                except BaseException:
-                    self.manager.abort()
-                    raise
-                with self.lock:
-                    self.held.add((queue_oid, found[0]))
-                    self.ahead[queue_oid] = found[1:]
-                    self.pace[queue_oid] = (now, len(found))
-                renew = set()
-                return found[0]
-            raise TemporaryError("the queue is too busy to claim a message; try again")
-        finally:
-            if renew:
-                # Not claimed again, but still ours in the database: keep them
-                # for the next pop (or the close) rather than strand them.
-                with self.lock:
-                    self.ahead[queue_oid] = sorted(renew)
+            now, found = retry.committed(self.manager, claim_some, CLAIM_ATTEMPTS, CLAIM_PATIENCE)
+        except ConflictError:
+            self._keep_ahead(queue_oid, renew)
+            raise TemporaryError("the queue is too busy to claim a message; try again") from None
+        except BaseException:
+            self._keep_ahead(queue_oid, renew)
+            raise
+        with self.lock:
+            self.held.add((queue_oid, found[0]))
+            self.ahead[queue_oid] = found[1:]
+            self.pace[queue_oid] = (now, len(found))
+        return found[0]
+
+    def _keep_ahead(self, queue_oid: bytes, keys: set[int]) -> None:
+        """A claim failed: what it would have renewed is still ours in the
+        database, so keep it for the next pop (or the close), not stranded."""
+        if keys:
+            with self.lock:
+                self.ahead[queue_oid] = sorted(keys)
 
     def _claim_some(
         self, queue: Queue, candidates: list[int], now: float, want: int, renew: set[int]
