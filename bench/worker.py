@@ -214,7 +214,7 @@ def commit_floor(uri: str, count: int) -> dict[str, object]:
     """
     from persistent.mapping import PersistentMapping
 
-    from postoffice.store import open_db
+    from postoffice.database import open_db
 
     db = open_db(uri)
     try:

@@ -15,7 +15,8 @@ from typing import Any
 import ZODB
 from ZODB.POSException import ConnectionStateError
 
-from postoffice.store import Queue, QueuesFolder, find_folder, open_db
+from postoffice.database import open_db
+from postoffice.store import Queue, QueuesFolder, find_folder
 
 DEFAULT_PATH = "/postoffice"
 

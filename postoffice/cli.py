@@ -24,7 +24,8 @@ from typing import Any
 
 import transaction
 
-from postoffice import config
+from postoffice import config, logs
+from postoffice.database import consumer_uri, open_db
 from postoffice.errors import ConfigError, PostofficeError, StorageUnavailable, TemporaryError
 
 log = logging.getLogger("postoffice.cli")
@@ -89,14 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    if not args.verbose:
-        for noisy in ("ZODB", "ZEO", "txn"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
+    logs.to_stderr(args.verbose)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
@@ -124,21 +118,12 @@ def load_settings(args: argparse.Namespace) -> config.Settings:
     return config.load(config.find_config(args.config))
 
 
-def consumer_uri(settings: config.Settings) -> str:
-    """The URI other processes use: the embedded ZEO's while ``serve`` shares a file://."""
-    try:
-        from postoffice.embedded import running_client_uri
-    except ImportError:
-        return settings.zodb_uri
-    return running_client_uri(settings.zodb_uri) or settings.zodb_uri
-
-
 @contextmanager
 def open_folder(settings: config.Settings, create: bool = False) -> Iterator[Any]:
     """The QueuesFolder in a connection of its own; aborted unless the caller commits."""
-    from postoffice.store import find_folder, open_db
+    from postoffice.store import find_folder
 
-    db = open_db(consumer_uri(settings))
+    db = open_db(settings.zodb_uri)
     try:
         connection = db.open()
         try:
@@ -322,9 +307,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     path = config.find_config(args.config)
     settings = config.load(path)
     print(f"postoffice: {path}: configuration is valid ({len(settings.queues)} queues)")
-    uri = consumer_uri(settings)
-    from postoffice.store import open_db
-
+    uri = consumer_uri(settings.zodb_uri)
     db = open_db(uri)
     try:
         for warning in Depot(settings, db=db).prepare():
@@ -379,7 +362,7 @@ def cmd_shell(args: argparse.Namespace) -> int:
     settings = load_settings(args)
     with open_folder(settings) as folder:
         banner = (
-            f"postoffice shell on {consumer_uri(settings)}\n"
+            f"postoffice shell on {consumer_uri(settings.zodb_uri)}\n"
             "  folder: the queues folder; folder['NAME'] is a queue\n"
             "  transaction: commit or abort your changes"
         )

@@ -11,7 +11,6 @@ the decision.  The LMTP and pipe front doors only translate it.
 from __future__ import annotations
 
 import enum
-import os
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -74,14 +73,6 @@ class Decision:
     count_arrival: bool = False
     throttle_until: float | None = None
 
-    @property
-    def exit_code(self) -> int:
-        if self.action in (Action.ACCEPT, Action.DISCARD):
-            return os.EX_OK
-        if self.action is Action.DEFER:
-            return os.EX_TEMPFAIL
-        return os.EX_NOUSER if self.rule is Rule.NO_QUEUE else os.EX_UNAVAILABLE
-
 
 @dataclass(frozen=True)
 class ThrottleView:
@@ -108,10 +99,10 @@ def discard(rule: Rule, reason: str, **kw: object) -> Decision:
     return Decision(Action.DISCARD, rule, 250, "2.0.0", reason, **kw)  # type: ignore[arg-type]
 
 
-def too_big(size: int, limit: int) -> Decision:
-    return reject(
-        Rule.SIZE, 552, "5.3.4", f"message size {size} exceeds the limit of {limit} bytes"
-    )
+def too_big(limit: int, size: int | None = None) -> Decision:
+    """Rule 1; ``size`` None when reading stopped at the limit (the size is not known)."""
+    said = "" if size is None else f" {size}"
+    return reject(Rule.SIZE, 552, "5.3.4", f"message size{said} exceeds the limit of {limit} bytes")
 
 
 def deferred(reason: str) -> Decision:
@@ -129,7 +120,7 @@ def decide(
     """Apply the rules of SPEC 5 in table order; the first that applies decides."""
     limit = settings.max_message_size
     if limit is not None and len(message) > limit:
-        return too_big(len(message), limit)
+        return too_big(limit, len(message))
 
     if (message.get("X-Postoffice") or "").strip().lower() == "bounced":
         return discard(Rule.OWN_BOUNCE, "our own bounce came back")

@@ -29,6 +29,7 @@ from ZODB.POSException import ConflictError
 
 from postoffice import retry
 from postoffice.config import Settings
+from postoffice.database import is_storage_away, open_db
 from postoffice.decide import (
     Action,
     Decision,
@@ -40,7 +41,7 @@ from postoffice.decide import (
 )
 from postoffice.errors import StorageUnavailable
 from postoffice.message import ParsedMessage, added_headers, line_ending
-from postoffice.store import FolderState, QueuesFolder, find_folder, open_db, reconcile
+from postoffice.store import FolderState, QueuesFolder, find_folder, reconcile
 
 log = logging.getLogger("postoffice.deliver")
 
@@ -61,8 +62,8 @@ class Outcome:
     queue_key: int | None = None
 
     @property
-    def reply(self) -> str:
-        """The LMTP reply line for this recipient (without CRLF)."""
+    def text(self) -> str:
+        """What the reply says after its codes: one line of printable ASCII."""
         d = self.decision
         if d.action is Action.ACCEPT:
             text = f"<{self.recipient}> queued in {d.queue} as {self.queue_key}"
@@ -70,11 +71,12 @@ class Outcome:
             text = f"<{self.recipient}> accepted, not queued: {d.reason}"
         else:
             text = d.reason
-        return f"{d.code} {d.status} {ascii_line(text)}"
+        return ascii_line(text)
 
     @property
-    def exit_code(self) -> int:
-        return self.decision.exit_code
+    def reply(self) -> str:
+        """The LMTP reply line for this recipient (without CRLF)."""
+        return reply_line(self.decision.code, self.decision.status, self.text)
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,11 @@ class Delivery:
     sender: str
     recipients: tuple[str, ...]
     raw: bytes
+
+
+def reply_line(code: int, status: str, text: str) -> str:
+    """Every reply line postoffice writes: ``CODE X.Y.Z text``, the text made one clean line."""
+    return f"{code} {status} {ascii_line(text)}"
 
 
 def ascii_line(text: str) -> str:
@@ -99,6 +106,51 @@ def ascii_line(text: str) -> str:
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+# The one line logged for every recipient of every message, whichever door it came by.
+DECISION_LINE = "message-id=%s sender=<%s> rcpt=<%s> queue=%s reply=%r reason=%r size=%s"
+# Bytes of a message read to name its Message-Id in the log when it was not parsed.
+LOG_HEAD = 64 * 1024
+
+
+def log_outcomes(delivery: Delivery, outcomes: Sequence[Outcome], size: int | None = None) -> None:
+    """One line per recipient: Message-Id, sender, recipient, queue, reply, rule and reason."""
+    message_id = next((o.message_id for o in outcomes if o.message_id), None)
+    if message_id is None:
+        message_id = message_id_of(delivery.raw[:LOG_HEAD])
+    for outcome in outcomes:
+        decision = outcome.decision
+        log_decision(
+            message_id,
+            delivery.sender,
+            outcome.recipient,
+            decision.queue,
+            outcome.reply,
+            f"{decision.rule.name.lower()}: {decision.reason}",
+            len(delivery.raw) if size is None else size,
+        )
+
+
+def log_decision(
+    message_id: str | None,
+    sender: str,
+    rcpt: str,
+    queue: str | None,
+    reply: str,
+    reason: str,
+    size: int,
+) -> None:
+    """The decision line, for replies made before the depot saw the message too."""
+    log.info(DECISION_LINE, message_id or "-", sender, rcpt, queue or "-", reply, reason, size)
+
+
+def message_id_of(head: bytes) -> str | None:
+    """The Message-Id for the log, from the whole message or its first octets."""
+    try:
+        return ParsedMessage(head).message_id
+    except Exception:
+        return None
 
 
 def _unique(recipients: Sequence[str]) -> list[str]:
@@ -185,7 +237,7 @@ class Depot:
         except StorageUnavailable:
             raise
         except Exception as exc:
-            if _is_storage_error(exc):
+            if is_storage_away(exc):
                 raise StorageUnavailable(f"database error: {exc}") from None
             raise
         finally:
@@ -220,7 +272,18 @@ class Depot:
     def deliver_batch(
         self, deliveries: Sequence[Delivery], now: float | None = None
     ) -> list[list[Outcome]]:
-        """Several messages, one transaction; each list answers one delivery."""
+        """Several messages, one transaction; each list answers one delivery, and is logged."""
+        results = self._decide_and_store(deliveries, now)
+        for delivery, outcomes in zip(deliveries, results, strict=True):
+            try:
+                log_outcomes(delivery, outcomes)
+            except Exception:  # a log that fails must not lose the replies
+                log.exception("logging a decision failed")
+        return results
+
+    def _decide_and_store(
+        self, deliveries: Sequence[Delivery], now: float | None
+    ) -> list[list[Outcome]]:
         settings = self._settings
         now = self._clock() if now is None else now
         parsed = [ParsedMessage(d.raw) for d in deliveries]
@@ -276,7 +339,7 @@ class Depot:
             self._reconciled = False
             raise StorageUnavailable(f"queues folder missing: {exc}") from None
         except Exception as exc:
-            if _is_storage_error(exc):
+            if is_storage_away(exc):
                 raise StorageUnavailable(str(exc) or type(exc).__name__) from None
             raise
         finally:
@@ -339,23 +402,6 @@ class Depot:
             folder[queue_name].record_arrival(throttle_key, now, window, until)
         # One outcome per recipient as given, duplicates included (LMTP counts them).
         return [replace(outcomes[r.lower()], recipient=r) for r in delivery.recipients]
-
-
-def _is_storage_error(exc: BaseException) -> bool:
-    """Errors that mean "the database is not there" rather than a bug of ours."""
-    names = {cls.__name__ for cls in type(exc).__mro__}
-    return bool(
-        names
-        & {
-            "ClientDisconnected",
-            "StorageError",
-            "POSError",
-            "OSError",
-            "ConnectionError",
-            "TimeoutError",
-            "ReadOnlyError",
-        }
-    )
 
 
 def _close(manager: transaction.TransactionManager, connection: object) -> None:

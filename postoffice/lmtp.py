@@ -33,13 +33,11 @@ import asyncio
 import collections
 import contextlib
 import functools
-import ipaddress
 import logging
 import os
 import queue
 import signal
 import socket
-import stat
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -54,12 +52,20 @@ import ZODB
 from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import DATA_SIZE_DEFAULT, SMTP, Envelope, Session, syntax
 
-from postoffice import config
+from postoffice import config, logs, sockets
 from postoffice.config import ListenAddress, Settings
 from postoffice.decide import deferred, too_big
-from postoffice.deliver import Delivery, Depot, Outcome, ascii_line
-from postoffice.errors import ConfigError, PostofficeError
-from postoffice.message import ParsedMessage
+from postoffice.deliver import (
+    LOG_HEAD,
+    Delivery,
+    Depot,
+    Outcome,
+    log_decision,
+    log_outcomes,
+    message_id_of,
+    reply_line,
+)
+from postoffice.errors import ConfigError, ListenError, PostofficeError
 
 log = logging.getLogger("postoffice.lmtp")
 
@@ -75,20 +81,6 @@ LONGEST_LINE_RUN = 999
 FALLBACK_SIZE_LIMIT = DATA_SIZE_DEFAULT
 # How long SIGTERM waits for the transactions under way.
 SHUTDOWN_GRACE = 30.0
-# How long a connect to an existing socket file may take before we call it live.
-PROBE_TIMEOUT = 1.0
-# Bytes of a refused message kept to name its Message-Id in the log.
-LOG_HEAD = 64 * 1024
-# Longest unix socket path (sun_path is 108 bytes on Linux, with a NUL).
-MAX_SOCKET_PATH = 107
-LISTEN_BACKLOG = 128
-
-_umask_lock = threading.Lock()
-
-
-class ListenError(PostofficeError):
-    """The server cannot listen where it was told to (one line for people)."""
-
 
 # --- the commit writer -------------------------------------------------------
 
@@ -203,13 +195,12 @@ class CommitWriter:
         except Exception:
             log.exception("delivering %d messages failed; deferring them", len(deliveries))
             results = [_deferred_all(d, "internal error") for d in deliveries]
+            for delivery, outcomes in zip(deliveries, results, strict=True):
+                with contextlib.suppress(Exception):  # every session waits on this thread
+                    log_outcomes(delivery, outcomes)
         # One wake-up of the event loop for the whole batch, not one per session.
         settled: dict[asyncio.AbstractEventLoop, list[tuple[Any, ...]]] = {}
-        for job, delivery, outcomes in zip(batch, deliveries, results, strict=True):
-            try:
-                log_outcomes(delivery, outcomes)
-            except Exception:  # the thread must live on: every session waits on it
-                log.exception("logging a decision failed")
+        for job, outcomes in zip(batch, results, strict=True):
             settled.setdefault(job.loop, []).append((job.future, outcomes, None))
         for loop, items in settled.items():
             _call_on(loop, _settle_all, items)
@@ -234,45 +225,6 @@ def _call_on(loop: asyncio.AbstractEventLoop, func: Callable[..., None], *args: 
 def _deferred_all(delivery: Delivery, reason: str) -> list[Outcome]:
     decision = deferred(reason)
     return [Outcome(rcpt, decision) for rcpt in delivery.recipients]
-
-
-def log_outcomes(delivery: Delivery, outcomes: Sequence[Outcome]) -> None:
-    """One line per recipient decision: Message-Id, sender, recipient, queue, reply, reason."""
-    message_id = next((o.message_id for o in outcomes if o.message_id), None)
-    if message_id is None:
-        message_id = _message_id(delivery.raw)
-    for outcome in outcomes:
-        decision = outcome.decision
-        log_decision(
-            message_id,
-            delivery.sender,
-            outcome.recipient,
-            decision.queue,
-            outcome.reply,
-            f"{decision.rule.name.lower()}: {decision.reason}",
-        )
-
-
-def log_decision(
-    message_id: str | None, sender: str, rcpt: str, queue: str | None, reply: str, reason: str
-) -> None:
-    log.info(
-        "message-id=%s sender=<%s> rcpt=<%s> queue=%s reply=%r reason=%r",
-        message_id or "-",
-        sender,
-        rcpt,
-        queue or "-",
-        reply,
-        reason,
-    )
-
-
-def _message_id(head: bytes) -> str | None:
-    """The Message-Id for the log, from the whole message or its first octets."""
-    try:
-        return ParsedMessage(head).message_id
-    except Exception:
-        return None
 
 
 # --- the handler: replies before DATA -----------------------------------------
@@ -317,7 +269,7 @@ class LmtpHandler:
         declared = _declared_size(mail_options)
         limit = self._lmtp.size_limit
         if declared is not None and declared > limit:
-            decision = too_big(declared, limit)
+            decision = too_big(limit, declared)
             return f"{decision.code} {decision.status} {decision.reason}"
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
@@ -530,18 +482,18 @@ class LmtpSession(LMTP):
         if received.problem is not None:
             # Refused by the protocol before the depot sees it; logged like a decision.
             if received.problem == "size":
-                decision = too_big(received.size, self._lmtp.size_limit)
+                decision = too_big(self._lmtp.size_limit, received.size)
                 replies = [Outcome(rcpt, decision).reply for rcpt in recipients]
                 reason = f"size: {decision.reason}"
             else:
                 replies = [
-                    f"500 5.5.2 {ascii_line(f'<{rcpt}> line too long (over 1000 octets)')}"
+                    reply_line(500, "5.5.2", f"<{rcpt}> line too long (over 1000 octets)")
                     for rcpt in recipients
                 ]
                 reason = "line over 1000 octets (RFC 5321 4.5.3.1.6)"
-            message_id = _message_id(received.head)
+            message_id = message_id_of(received.head)
             for rcpt, reply in zip(recipients, replies, strict=True):
-                log_decision(message_id, sender, rcpt, None, reply, reason)
+                log_decision(message_id, sender, rcpt, None, reply, reason, received.size)
             return replies
         delivery = Delivery(sender, tuple(recipients), received.data)
         # A commit may take long (a ZEO server coming back): not an idle session.
@@ -557,7 +509,7 @@ class LmtpSession(LMTP):
         except Exception:
             log.exception("delivery failed; deferring %d recipients", len(recipients))
             replies = [
-                f"451 4.3.0 {ascii_line(f'<{rcpt}> internal error, try again later')}"
+                reply_line(451, "4.3.0", f"<{rcpt}> internal error, try again later")
                 for rcpt in recipients
             ]
         return replies
@@ -632,104 +584,6 @@ def _first_bytes(chunks: Sequence[bytes], count: int) -> bytes:
         taken.append(chunk[: count - total])
         total += len(taken[-1])
     return b"".join(taken)
-
-
-# --- listening -------------------------------------------------------------------
-
-
-def check_remote(address: ListenAddress, allow_remote: bool) -> None:
-    """LMTP has no authentication: TCP beyond loopback only with ``allow_remote = yes``.
-
-    A name is resolved as the listening socket will resolve it
-    (``AI_PASSIVE``, as asyncio's ``create_server`` does): without it, glibc
-    reads ``*`` as loopback here, and then binds ``*`` to every interface.
-    """
-    if address.path is not None or allow_remote:
-        return
-    host = address.host or ""
-    try:
-        addresses = [ipaddress.ip_address(host)]
-    except ValueError:
-        try:
-            infos = socket.getaddrinfo(
-                host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-            )
-        except OSError as exc:
-            raise ConfigError(f"listen {address}: cannot resolve {host!r}: {exc}") from None
-        addresses = [ipaddress.ip_address(info[4][0]) for info in infos]
-    if not addresses or not all(a.is_loopback for a in addresses):
-        raise ConfigError(
-            f"listen {address}: not a loopback address; LMTP has no "
-            "authentication, set allow_remote = yes in [lmtp] to listen there"
-        )
-
-
-def _clear_stale_socket(path: Path) -> None:
-    """Remove a socket file nobody answers on; refuse a live one or a non-socket."""
-    try:
-        info = path.lstat()
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(info.st_mode):
-        raise ListenError(f"{path} exists and is not a socket; not touching it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(PROBE_TIMEOUT)
-    try:
-        probe.connect(str(path))
-    except ConnectionRefusedError:
-        log.info("removing stale socket %s (nothing answers on it)", path)
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-        return
-    except FileNotFoundError:
-        return
-    except TimeoutError:
-        raise ListenError(
-            f"unix:{path} is busy (a server there does not accept in time); not starting"
-        ) from None
-    except OSError as exc:
-        raise ListenError(f"cannot check the existing socket {path}: {exc}") from None
-    finally:
-        probe.close()
-    raise ListenError(f"another server answers on unix:{path}; not starting")
-
-
-def bind_unix(path: Path, mode: int) -> socket.socket:
-    """A listening unix socket with exactly ``mode``, never wider, not even for a moment.
-
-    bind() creates the file with 0777 minus the umask, so it is created
-    under a umask that leaves only ``mode``, then chmod()ed to be sure.
-    """
-    if len(os.fsencode(str(path))) > MAX_SOCKET_PATH:
-        raise ListenError(f"socket path too long ({MAX_SOCKET_PATH} bytes at most): {path}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ListenError(f"cannot create {path.parent}: {exc}") from None
-    _clear_stale_socket(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        with _umask_lock:
-            previous = os.umask(0o777 & ~mode)
-            try:
-                sock.bind(str(path))
-            finally:
-                os.umask(previous)
-        os.chmod(path, mode)
-        sock.listen(LISTEN_BACKLOG)
-        sock.setblocking(False)
-    except OSError as exc:
-        sock.close()
-        raise ListenError(f"cannot listen on unix:{path}: {exc.strerror or exc}") from None
-    return sock
-
-
-def _file_id(path: Path) -> tuple[int, int] | None:
-    try:
-        info = path.lstat()
-    except OSError:
-        return None
-    return (info.st_dev, info.st_ino)
 
 
 # --- the server --------------------------------------------------------------------
@@ -825,10 +679,10 @@ class LmtpServer:
         self._stop = asyncio.Event()
         self._all_gone = asyncio.Event()
         self._all_gone.set()
-        check_remote(self.address, self.settings.lmtp.allow_remote)
+        sockets.check_loopback(self.address, self.settings.lmtp.allow_remote)
         if self.address.path is not None:
-            sock = bind_unix(self.address.path, self.settings.lmtp.socket_mode)
-            self._socket_id = _file_id(self.address.path)
+            sock = sockets.bind_unix(self.address.path, self.settings.lmtp.socket_mode)
+            self._socket_id = sockets.file_id(self.address.path)
             try:
                 self._server = await self._loop.create_unix_server(
                     lambda: LmtpSession(self), sock=sock
@@ -846,7 +700,7 @@ class LmtpServer:
                     self.address.host,
                     self.address.port,
                     reuse_address=True,
-                    backlog=LISTEN_BACKLOG,
+                    backlog=sockets.LISTEN_BACKLOG,
                 )
             except OSError as exc:
                 raise ListenError(
@@ -935,9 +789,7 @@ class LmtpServer:
         path = self.address.path
         if path is None or self._socket_id is None:
             return
-        if _file_id(path) == self._socket_id:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+        sockets.remove_if_ours(path, self._socket_id)
         self._socket_id = None
 
     async def reload_rules(self) -> bool:
@@ -1025,12 +877,6 @@ def serve(settings_path: Path, listen: str | None = None, *, db: ZODB.DB | None 
     the configuration (including a non-loopback address without
     ``allow_remote``), 69 when the address is taken or unusable.
     """
-    if not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=logging.INFO,
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-            stream=sys.stderr,
-        )
     try:
         settings = config.load(settings_path)
         server = LmtpServer(settings, settings_path=Path(settings_path), listen=listen, db=db)
@@ -1053,14 +899,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--listen", help="unix:/path, HOST:PORT or [IPv6]:PORT")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    if not args.verbose:
-        for noisy in ("ZODB", "ZEO", "txn"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
+    logs.to_stderr(args.verbose)
     try:
         path = config.find_config(args.config)
     except ConfigError as exc:

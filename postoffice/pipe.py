@@ -24,7 +24,7 @@ Anything that is not a decision about the message (a configuration that
 cannot be read, a database that cannot be reached, a bug of ours) exits 75
 so that Postfix keeps the message and retries, and never prints a
 traceback: Postfix would mail that to the sender.  Tracebacks go to the
-log (see :func:`configure_logging`).
+log (see :func:`postoffice.logs.for_pipe`).
 
 The message is read in chunks into one buffer, and reading stops as soon
 as it is larger than ``max_message_size``: a huge message costs at most
@@ -40,25 +40,16 @@ import io
 import logging
 import logging.handlers
 import os
-import stat
 import sys
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import BinaryIO
 
-import ZODB
-
-from postoffice import config
-from postoffice.cli import consumer_uri
-from postoffice.decide import (
-    Rule,
-    deferred,
-    reject,
-)
-from postoffice.deliver import Depot, Outcome
-from postoffice.errors import ConfigError, StorageUnavailable
-from postoffice.store import open_db
+from postoffice import config, logs
+from postoffice.database import open_db_waiting
+from postoffice.decide import Action, Decision, Rule, deferred, too_big
+from postoffice.deliver import Delivery, Depot, Outcome, log_outcomes
+from postoffice.errors import ConfigError, StorageUnavailable, UsageError
 
 PROG = "postoffice-deliver"
 USAGE = f"usage: {PROG} [-C FILE] [-f SENDER] [--] RECIPIENT..."
@@ -71,13 +62,6 @@ CHUNK = 256 * 1024
 # Postfix keeps the first 4096 bytes of the command's output; stay well within.
 MAX_OUTPUT = 3000
 MAX_LINES = 10
-# Another process (a consumer, ``postoffice queues``) may hold a FileStorage's
-# lock for a moment: wait that long for it before deferring the message.
-LOCK_WAIT = 10.0
-LOCK_POLL = 0.2
-
-LOG_ENV = "POSTOFFICE_LOG"
-SYSLOG_SOCKET = "/dev/log"
 
 # The lines Postfix gets when we cannot even look at the message.  Details
 # stay in our log: Postfix copies these into delay warnings and bounces that
@@ -88,10 +72,6 @@ INTERNAL_ERROR = "4.3.0 postoffice internal error (see its log)"
 STORAGE_DOWN = "storage temporarily unavailable, try again later"
 
 log = logging.getLogger("postoffice.pipe")
-
-
-class UsageError(Exception):
-    """The command line is wrong: exit 64 with the usage line."""
 
 
 @dataclass(frozen=True)
@@ -156,10 +136,20 @@ def read_message(stream: BinaryIO, limit: int | None, chunk: int = CHUNK) -> byt
     return buffer.getvalue()
 
 
+def exit_code(decision: Decision) -> int:
+    """The sysexits code pipe(8) reads: 0 stored or discarded, 67 no such queue, 69 refused,
+    75 try again."""
+    if decision.action in (Action.ACCEPT, Action.DISCARD):
+        return os.EX_OK
+    if decision.action is Action.DEFER:
+        return os.EX_TEMPFAIL
+    return os.EX_NOUSER if decision.rule is Rule.NO_QUEUE else os.EX_UNAVAILABLE
+
+
 def worst_exit_code(outcomes: Sequence[Outcome]) -> int:
-    """75 over 69 over 67 over 0; an unknown status counts as a deferral."""
-    codes = [o.exit_code for o in outcomes] or [os.EX_TEMPFAIL]
-    return max(codes, key=lambda code: SEVERITY.get(code, SEVERITY[os.EX_TEMPFAIL]))
+    """75 over 69 over 67 over 0; no outcome at all counts as a deferral."""
+    codes = [exit_code(o.decision) for o in outcomes] or [os.EX_TEMPFAIL]
+    return max(codes, key=SEVERITY.__getitem__)
 
 
 def report_lines(outcomes: Sequence[Outcome]) -> list[str]:
@@ -172,16 +162,14 @@ def report_lines(outcomes: Sequence[Outcome]) -> list[str]:
     were refused for the same reason (a deferral): then one line says it.
     The whole stays short enough for Postfix's bounce.
     """
-    refused = [o for o in outcomes if o.exit_code != os.EX_OK]
-    refused.sort(key=lambda o: -SEVERITY.get(o.exit_code, SEVERITY[os.EX_TEMPFAIL]))
-    # reply is "CODE X.Y.Z text", already one line of printable ASCII.
-    plain = [o.reply.partition(" ")[2] for o in refused]
+    refused = [o for o in outcomes if exit_code(o.decision) != os.EX_OK]
+    refused.sort(key=lambda o: -SEVERITY[exit_code(o.decision)])
+    plain = [f"{o.decision.status} {o.text}" for o in refused]
     alike = len(refused) == len(outcomes) and len(set(plain)) == 1
     lines: list[str] = []
     for outcome, line in zip(refused, plain, strict=True):
-        status, _, text = line.partition(" ")
-        if not alike and f"<{outcome.recipient}>".lower() not in text.lower():
-            line = f"{status} <{outcome.recipient}>: {text}"
+        if not alike and f"<{outcome.recipient}>".lower() not in outcome.text.lower():
+            line = f"{outcome.decision.status} <{outcome.recipient}>: {outcome.text}"
         if line not in lines:
             lines.append(line)
     kept: list[str] = []
@@ -191,56 +179,6 @@ def report_lines(outcomes: Sequence[Outcome]) -> list[str]:
             break
         kept.append(line)
     return kept
-
-
-def configure_logging(environ: dict[str, str] | None = None) -> None:
-    """Send our log where an administrator finds it, and never to stderr.
-
-    ``$POSTOFFICE_LOG`` names a file to append to; otherwise syslog through
-    ``/dev/log`` with the ``mail`` facility (beside Postfix's own lines);
-    where neither works, nowhere.  A program that already configured
-    logging (a wrapper, the tests) keeps its own setup.
-    """
-    root = logging.getLogger()
-    if root.handlers:
-        return
-    environ = dict(os.environ) if environ is None else environ
-    handler = _file_handler(environ.get(LOG_ENV, "")) or _syslog_handler()
-    if handler is None:
-        handler = logging.NullHandler()
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    for noisy in ("ZODB", "ZEO", "txn"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    # A handler that fails (disk full) must not print its own traceback on stderr.
-    logging.raiseExceptions = False
-    logging.captureWarnings(True)
-
-
-def _file_handler(path: str) -> logging.Handler | None:
-    if not path:
-        return None
-    try:
-        handler = logging.FileHandler(path, encoding="utf-8")
-    except OSError:
-        return None
-    handler.setFormatter(
-        logging.Formatter(f"%(asctime)s {PROG}[%(process)d] %(levelname)s %(name)s: %(message)s")
-    )
-    return handler
-
-
-def _syslog_handler() -> logging.Handler | None:
-    try:
-        if not stat.S_ISSOCK(os.stat(SYSLOG_SOCKET).st_mode):
-            return None
-        handler = logging.handlers.SysLogHandler(
-            SYSLOG_SOCKET, facility=logging.handlers.SysLogHandler.LOG_MAIL
-        )
-    except OSError:
-        return None
-    handler.setFormatter(logging.Formatter(f"{PROG}[%(process)d]: %(levelname)s %(message)s"))
-    return handler
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -255,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{USAGE}\n{PROG}: {exc}", file=sys.stderr)
         return os.EX_USAGE
 
-    configure_logging()
+    logs.for_pipe(PROG)
     # Libraries may write to stdout or stderr (warnings, a thread's traceback):
     # Postfix would put that into a bounce.  It goes to the log instead.
     real_stderr = sys.stderr
@@ -291,87 +229,29 @@ def _deliver(args: Arguments) -> tuple[int, list[str]]:
         raise OSError("standard input is closed")
     received = read_message(stdin, settings.max_message_size)
     if isinstance(received, TooBig):
-        outcomes = _too_big(args.recipients, received)
-        size = f"more than {received.limit}"
+        decision = too_big(received.limit)
+        outcomes = [Outcome(rcpt, decision) for rcpt in args.recipients]
+        log_outcomes(Delivery(args.sender, args.recipients, b""), outcomes, size=received.seen)
     else:
-        outcomes = _store(settings, args, received)
-        size = str(len(received))
-    for outcome in outcomes:
-        log.info(
-            "from=<%s> to=<%s> message-id=%s size=%s: %s",
-            args.sender,
-            outcome.recipient,
-            outcome.message_id or "-",
-            size,
-            outcome.reply,
-        )
+        outcomes = _store(settings, args, received)  # logged by the depot
     return worst_exit_code(outcomes), report_lines(outcomes)
-
-
-def _too_big(recipients: Sequence[str], received: TooBig) -> list[Outcome]:
-    """Rule 1, decided before the whole message is read (``decide`` needs it all)."""
-    decision = reject(
-        Rule.SIZE,
-        552,
-        "5.3.4",
-        f"message size exceeds the limit of {received.limit} bytes",
-    )
-    return [Outcome(rcpt, decision) for rcpt in recipients]
 
 
 def _store(settings: config.Settings, args: Arguments, raw: bytes) -> list[Outcome]:
     """``Depot.deliver`` on a database opened for this one message."""
-    settings = replace(settings, zodb_uri=_shared_uri(settings.zodb_uri))
     try:
         db = open_db_waiting(settings.zodb_uri)
     except StorageUnavailable as exc:
         log.warning("storage unavailable, deferring the message: %s", exc)
-        return [Outcome(rcpt, deferred(STORAGE_DOWN)) for rcpt in args.recipients]
+        outcomes = [Outcome(rcpt, deferred(STORAGE_DOWN)) for rcpt in args.recipients]
+        log_outcomes(Delivery(args.sender, args.recipients, raw), outcomes)
+        return outcomes
     depot = Depot(settings, db=db)
     try:
         return depot.deliver(args.sender, args.recipients, raw)
     finally:
         depot.close()
         db.close()
-
-
-def _shared_uri(uri: str) -> str:
-    """While ``postoffice serve`` shares a ``file://`` depot, go through its ZEO server.
-
-    A FileStorage opens in one process only; without this, every delivery
-    would find the file locked for as long as ``serve`` runs.
-    """
-    return consumer_uri(config.Settings(zodb_uri=uri))
-
-
-def open_db_waiting(
-    uri: str,
-    wait: float = LOCK_WAIT,
-    sleep: Callable[[float], None] = time.sleep,
-    clock: Callable[[], float] = time.monotonic,
-) -> ZODB.DB:
-    """``open_db``, waiting up to ``wait`` seconds while another process holds the file lock."""
-    deadline = clock() + wait
-    while True:
-        try:
-            return open_db(uri)
-        except StorageUnavailable as exc:
-            if not _is_lock_error(exc) or clock() >= deadline:
-                raise
-            log.info("database locked by another process, waiting: %s", exc)
-        sleep(LOCK_POLL)
-
-
-def _is_lock_error(exc: BaseException) -> bool:
-    """zc.lockfile's LockError somewhere in the chain: FileStorage is busy, not broken."""
-    seen: BaseException | None = exc
-    for _ in range(10):
-        if seen is None:
-            return False
-        if type(seen).__name__ == "LockError":
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
 
 
 if __name__ == "__main__":

@@ -49,18 +49,15 @@ import os
 import random
 import threading
 import time
-import urllib.parse
 import uuid
 import weakref
 from collections.abc import Callable, Iterator
 from email.message import EmailMessage, Message
 from email.parser import BytesParser
-from pathlib import Path
 from typing import Any
 
 import transaction
 import ZODB
-import zodburi
 from BTrees.Length import Length
 from BTrees.LLBTree import LLBTree
 from BTrees.LOBTree import LOBTree
@@ -68,12 +65,12 @@ from BTrees.OOBTree import OOBTree, OOTreeSet
 from persistent import Persistent
 from persistent.mapping import PersistentMapping
 from ZODB.blob import Blob
-from ZODB.interfaces import IBlobStorage
 from ZODB.POSException import ConflictError
 
 from postoffice import retry
+from postoffice.database import has_blobs
 from postoffice.decide import DUPLICATE_WINDOW, ThrottleView, throttle_window
-from postoffice.errors import ConfigError, QueueEmpty, StorageUnavailable, TemporaryError
+from postoffice.errors import ConfigError, QueueEmpty, TemporaryError
 
 log = logging.getLogger("postoffice.store")
 
@@ -142,94 +139,6 @@ def _time_key(now: float) -> int:
             micros = _last_time + 1
         _last_time = micros
     return micros << 10 | _SALT
-
-
-# --- opening the database -------------------------------------------------
-
-
-def open_db(uri: str) -> ZODB.DB:
-    """Open a database by zodburi URI; StorageUnavailable when it cannot be reached.
-
-    A ``file://`` depot that a running ``postoffice serve`` is sharing (its
-    ZEO server answers beside ``Data.fs``) is opened through that server:
-    the file itself is locked by it.
-    """
-    if uri.startswith("file://"):
-        from postoffice.embedded import running_client_uri
-
-        uri = running_client_uri(uri) or uri
-    storage, dbkw = open_storage(uri)
-    return db_for(storage, dbkw, uri)
-
-
-def open_storage(uri: str) -> tuple[Any, dict[str, Any]]:
-    """The storage a zodburi URI names, opened, and the keywords for its ``ZODB.DB``."""
-    try:
-        factory, dbkw = zodburi.resolve_uri(uri)
-    except Exception as exc:
-        raise ConfigError(f"zodb_uri {uri!r}: {exc}") from None
-    _make_file_dirs(uri)
-    try:
-        return factory(), dbkw
-    except Exception as exc:
-        raise StorageUnavailable(f"cannot open {uri}: {exc}") from None
-
-
-def db_for(storage: Any, dbkw: dict[str, Any], uri: str) -> ZODB.DB:
-    """``ZODB.DB(storage)``; the storage is closed again if that fails."""
-    _forget_prefetched_oids(storage)
-    try:
-        return ZODB.DB(storage, **dbkw)
-    except Exception as exc:
-        with contextlib.suppress(Exception):
-            storage.close()
-        raise StorageUnavailable(f"cannot open {uri}: {exc}") from None
-
-
-def _forget_prefetched_oids(storage: Any) -> None:
-    """A ZEO client drops the object ids it fetched ahead when it reconnects.
-
-    ``ClientStorage`` fetches new oids from the server a hundred at a time
-    and keeps the unused ones across a reconnection (ZEO 6.2).  A ZEO server
-    that was restarted counts on from the highest oid *committed*, so it
-    hands those out again: the next transaction that uses up the old ones
-    and asks for more gets two objects with one oid and fails with
-    ``ValueError: A different object already has the same oid`` (after a
-    ZEO outage, docs/reliability.md), and two clients could be given the
-    same ones.  Forgetting them costs at most a hundred oids a reconnection.
-    """
-    if not isinstance(getattr(storage, "_oids", None), list):
-        return
-    from ZEO.ClientStorage import ClientStorage
-
-    if not isinstance(storage, ClientStorage):
-        return
-    connected = storage.notify_connected
-
-    def notify_connected(conn: Any, info: Any) -> None:
-        storage._oids = []
-        connected(conn, info)
-
-    storage.notify_connected = notify_connected
-
-
-def _make_file_dirs(uri: str) -> None:
-    """A file:// depot creates its folders (the embedded default lives in ``var/``)."""
-    if not uri.startswith("file://"):
-        return
-    parts = urllib.parse.urlsplit(uri)
-    paths = [Path(parts.path).parent]
-    blob_dir = dict(urllib.parse.parse_qsl(parts.query)).get("blobstorage_dir")
-    if blob_dir:
-        paths.append(Path(blob_dir).parent)
-    for path in paths:
-        # On failure FileStorage will say what is wrong, in its own words.
-        with contextlib.suppress(OSError):
-            path.mkdir(parents=True, exist_ok=True, mode=0o750)
-
-
-def has_blobs(db: ZODB.DB) -> bool:
-    return IBlobStorage.providedBy(db.storage)
 
 
 # --- persistent classes ---------------------------------------------------
@@ -1433,11 +1342,8 @@ __all__ = [
     "MessageRecord",
     "Queue",
     "QueuesFolder",
-    "db_for",
     "find_folder",
     "new_key",
-    "open_db",
-    "open_storage",
     "reconcile",
     "throttle_window",
 ]

@@ -26,8 +26,9 @@ from ZODB.FileStorage import FileStorage
 from postoffice import Queue, QueueEmpty, find_queue, open_queue
 from postoffice.api import Closer
 from postoffice.config import loads
+from postoffice.database import open_db
 from postoffice.deliver import Depot
-from postoffice.store import find_folder, open_db
+from postoffice.store import find_folder
 
 CONFIG = """\
 [post office]

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import transaction
 
+from postoffice import pipe
 from postoffice.config import Settings, loads
 from postoffice.decide import (
     Action,
@@ -129,7 +130,7 @@ def run(
 
 
 def assert_row(decision: Decision, rule: Rule, code: int, status: str, exit_code: int) -> None:
-    assert (decision.rule, decision.code, decision.status, decision.exit_code) == (
+    assert (decision.rule, decision.code, decision.status, pipe.exit_code(decision)) == (
         rule,
         code,
         status,

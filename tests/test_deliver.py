@@ -25,10 +25,11 @@ import pytest
 import transaction
 import ZODB.Connection
 
-from postoffice import open_queue, store
+from postoffice import database, open_queue, store
 from postoffice.config import Settings, loads
 from postoffice.deliver import Delivery, Depot, Outcome
 from postoffice.message import ParsedMessage
+from postoffice.pipe import exit_code
 from postoffice.store import BLOB_THRESHOLD, PRUNE_BATCH, find_folder, new_key
 
 T0 = 1_700_000_000.0
@@ -171,7 +172,7 @@ def test_existing_x_original_to_stays_below_ours(depot: Depot) -> None:
 def test_reply_names_queue_and_id(depot: Depot) -> None:
     (outcome,) = depot.deliver("s@x.example", ["rcpt@a.example"], message(), now=T0)
     assert outcome.reply == f"250 2.0.0 <rcpt@a.example> queued in A as {outcome.queue_key}"
-    assert outcome.exit_code == 0
+    assert exit_code(outcome.decision) == 0
     with open_queue(depot.db(), "A") as queue:
         assert [key for key, _raw, _t in queue.messages()] == [outcome.queue_key]
 
@@ -189,7 +190,7 @@ def test_size_limit_counts_the_message_as_received(tmp_path: Path) -> None:
         over = message(2, body="x" * (1025 - len(message(2, body=""))))
         (refused,) = limited.deliver("s@x", ["rcpt@a.example"], over, now=T0)
         assert refused.reply.startswith("552 5.3.4 ")
-        assert refused.exit_code == 69
+        assert exit_code(refused.decision) == 69
         assert len(stored(limited.db())) == 1
     finally:
         limited.close()
@@ -534,13 +535,13 @@ def test_error_while_deciding_keeps_a_dead_letter(
     with caplog.at_level(logging.ERROR, logger="postoffice.deliver"):
         outcomes = depot.deliver("s@x", ["rcpt@a.example", "two@b.example"], original, now=T0)
     assert [o.reply[:9] for o in outcomes] == ["250 2.0.0", "250 2.0.0"]
-    assert [o.exit_code for o in outcomes] == [0, 0]
+    assert [exit_code(o.decision) for o in outcomes] == [0, 0]
     assert any(
         r.levelno == logging.ERROR and "dead letter" in r.getMessage() for r in caplog.records
     )
     depot.close()
 
-    db = store.open_db(uri_for(tmp_path))
+    db = database.open_db(uri_for(tmp_path))
     try:
         connection = db.open()
         folder = find_folder(connection.root(), "/postoffice")
@@ -560,12 +561,12 @@ def assert_all_deferred(outcomes: list[Outcome], count: int) -> None:
     assert len(outcomes) == count
     for outcome in outcomes:
         assert outcome.reply.startswith("451 4.3.0 "), outcome.reply
-        assert outcome.exit_code == 75
+        assert exit_code(outcome.decision) == 75
         assert outcome.queue_key is None
 
 
 def test_closed_database_defers_every_recipient(tmp_path: Path) -> None:
-    db = store.open_db(uri_for(tmp_path))
+    db = database.open_db(uri_for(tmp_path))
     depot = Depot(settings_for(tmp_path), db=db)
     depot.prepare()
     db.close()

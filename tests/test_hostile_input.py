@@ -48,9 +48,10 @@ from hypothesis import strategies as st
 
 from postoffice import config, open_queue
 from postoffice import pipe as pipe_module
+from postoffice.database import open_db
 from postoffice.lmtp import LmtpServer
 from postoffice.message import to_email_message
-from postoffice.store import find_folder, open_db
+from postoffice.store import find_folder
 from tests.test_corpus import PYTHON_CORPUS, SHARED_CORPUS, in_ci, python_corpus, shared_corpus
 
 pytestmark = pytest.mark.timeout(240)
@@ -772,7 +773,10 @@ def pipe_depot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PipeDepot]:
         print(f"  {what}: {count}")
 
 
-PIPE_LOGGED = re.compile(r"to=<(.*?)> message-id=\S+ size=(?:more than )?\d+: (\d{3}) (\S+) (.*)$")
+# The decision line: rcpt, then the reply's code, status and text.
+PIPE_LOGGED = re.compile(
+    r"rcpt=<(.*?)> queue=\S+ reply=(?P<q>['\"])(\d{3}) (\S+) (.*?)(?P=q) reason="
+)
 
 
 def check_pipe_run(
@@ -797,7 +801,7 @@ def check_pipe_run(
     too_big = len(message) > LIMIT
     worst = 0
     for match, rcpt in zip(outcomes, recipients, strict=True):
-        reply_code, status, text = int(match[2]), match[3], match[4]
+        reply_code, status, text = int(match[3]), match[4], match[5]
         assert reply_code in (250, 550, 552), match[0]
         if too_big:
             assert (reply_code, status) == (552, "5.3.4")
@@ -895,7 +899,7 @@ def test_corpus_through_the_pipe_main(
 ) -> None:
     """The whole corpus through ``postoffice.pipe.main`` (stdin to exit status) in this process."""
     files = corpus_files(which)
-    caplog.set_level(logging.INFO, logger="postoffice.pipe")
+    caplog.set_level(logging.INFO, logger="postoffice.deliver")
     queued_files = 0
     for number, path in enumerate(files):
         raw = path.read_bytes()
@@ -906,7 +910,7 @@ def test_corpus_through_the_pipe_main(
         monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(raw)))
         argv = ["-C", str(pipe_depot.config), "-f", sender, "--", *recipients]
         code = pipe_module.main(argv)
-        logged = [r.getMessage() for r in caplog.records if r.name == "postoffice.pipe"]
+        logged = [r.getMessage() for r in caplog.records if r.name == "postoffice.deliver"]
         check_pipe_run(
             pipe_depot, raw, sender, recipients, code, "", logged, since, f"{which} main"
         )

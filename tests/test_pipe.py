@@ -26,10 +26,10 @@ import pytest
 
 from postoffice import open_queue
 from postoffice.config import load
+from postoffice.database import open_db
 from postoffice.decide import Rule, discard, reject
 from postoffice.deliver import Depot, Outcome
 from postoffice.pipe import CONFIG_FAILED, INTERNAL_ERROR, parse_args, report_lines
-from postoffice.store import open_db
 
 SENDER = "sender@sender.test"
 LIMIT = 1024 * 1024  # max_message_size = 1m

@@ -36,10 +36,11 @@ import transaction
 from postoffice import SMTPSender, config, open_queue
 from postoffice.config import parse_listen
 from postoffice.deliver import Depot
-from postoffice.errors import ConfigError
-from postoffice.lmtp import ListenError, LmtpServer, bind_unix, check_remote
+from postoffice.errors import ConfigError, ListenError
+from postoffice.lmtp import LmtpServer
 from postoffice.notices import to_wire
 from postoffice.pipe import CONFIG_FAILED
+from postoffice.sockets import bind_unix, check_loopback
 from tests.integration.nobody import nobody_ids
 from tests.integration.postfix_instance import (
     SmtpSink,
@@ -151,15 +152,15 @@ def test_serve_refuses_a_non_loopback_address_with_one_line(tmp_path: Path, host
 def test_every_spelling_of_beyond_loopback_is_refused(listen: str) -> None:
     """``*`` included: glibc reads it as loopback, except for the passive lookup a bind makes."""
     with pytest.raises(ConfigError, match="allow_remote"):
-        check_remote(parse_listen(listen), allow_remote=False)
-    check_remote(parse_listen(listen), allow_remote=True)  # said explicitly: allowed
+        check_loopback(parse_listen(listen), allow_remote=False)
+    check_loopback(parse_listen(listen), allow_remote=True)  # said explicitly: allowed
 
 
 @pytest.mark.parametrize(
     "listen", ["127.0.0.1:8024", "127.1:8024", "[::1]:8024", "localhost:8024", "unix:/x/y.sock"]
 )
 def test_loopback_and_unix_addresses_need_nothing(listen: str) -> None:
-    check_remote(parse_listen(listen), allow_remote=False)
+    check_loopback(parse_listen(listen), allow_remote=False)
 
 
 def test_allow_remote_is_read_from_the_config(tmp_path: Path) -> None:

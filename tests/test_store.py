@@ -24,6 +24,7 @@ from ZODB.POSException import ConflictError
 
 from postoffice import QueueEmpty, open_queue, store
 from postoffice.config import loads
+from postoffice.database import open_db
 from postoffice.deliver import Depot
 from postoffice.errors import TemporaryError
 from postoffice.store import (
@@ -32,7 +33,6 @@ from postoffice.store import (
     CLEANUP_AT,
     Queue,
     find_folder,
-    open_db,
     reconcile,
 )
 

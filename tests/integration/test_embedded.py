@@ -27,16 +27,11 @@ import transaction
 
 from postoffice import open_queue
 from postoffice.config import Settings, loads
+from postoffice.database import FileDepot, open_db, running_client_uri
 from postoffice.deliver import Delivery, Depot
-from postoffice.embedded import (
-    EmbeddedZeoError,
-    FileDepot,
-    SharedDepot,
-    running_client_uri,
-    shared,
-)
-from postoffice.errors import ConfigError
-from postoffice.store import BLOB_THRESHOLD, open_db
+from postoffice.embedded import SharedDepot, shared
+from postoffice.errors import ConfigError, EmbeddedZeoError
+from postoffice.store import BLOB_THRESHOLD
 from tests.integration.servers import finished, reaped
 
 pytestmark = pytest.mark.integration

@@ -42,7 +42,8 @@ from pathlib import Path
 
 import pytest
 
-from postoffice.store import find_folder, open_db
+from postoffice.database import open_db
+from postoffice.store import find_folder
 from tests.integration.conftest import PostfixFactory
 from tests.integration.postfix_instance import PostfixInstance, require_tool
 from tests.integration.servers import (
@@ -506,7 +507,6 @@ CONSUMER = textwrap.dedent(
     import json, os, sys, time
     import transaction
     from postoffice import QueueEmpty, open_queue
-    from postoffice.store import open_db
 
     uri, out, stop_file, deadline = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
     popped, errors, empty, during_load = [], [], 0, None

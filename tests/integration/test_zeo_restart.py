@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from postoffice.config import loads
+from postoffice.database import open_db
 from postoffice.deliver import Delivery, Depot
-from postoffice.store import open_db
 from tests.integration.servers import ZeoServer, socket_path
 
 pytestmark = pytest.mark.integration
