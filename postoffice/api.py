@@ -1,4 +1,4 @@
-"""The consumer API of SPEC 6: ``open_queue`` and ``find_queue``.
+"""The consumer API: ``open_queue`` and ``find_queue``, as in repoze.postoffice 0.25.
 
 ``open_queue`` keeps the old calling convention, returning ``(queue,
 closer)``, and is also a context manager::

@@ -1,4 +1,4 @@
-"""The ``postoffice`` command (SPEC 7).
+"""The ``postoffice`` command: ``serve`` and the administrator's subcommands.
 
 Every subcommand loads the configuration the same way and reports problems
 as one line on stderr with a non-zero exit: people read these, not

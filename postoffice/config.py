@@ -1,4 +1,4 @@
-"""The ini file, parsed once into frozen objects (SPEC section 3).
+"""The ini file, parsed once into frozen objects .
 
 Everything that can be wrong with a configuration is found here, at start (or
 at SIGHUP), and reported as one :class:`ConfigError` line naming the file,
@@ -130,7 +130,7 @@ class _HereInterpolation(configparser.Interpolation):
 
 
 def find_config(explicit: str | os.PathLike[str] | None = None) -> Path:
-    """The search order of SPEC 3: -C, $POSTOFFICE_CONFIG, ./, ./etc, <prefix>/etc, /etc."""
+    """The search order: -C, $POSTOFFICE_CONFIG, ./, ./etc, <prefix>/etc, /etc."""
     if explicit:
         path = Path(explicit)
         if not path.is_file():

@@ -1,4 +1,4 @@
-"""The decision for one envelope recipient (SPEC 5): a pure function.
+"""The decision for one envelope recipient : a pure function.
 
 ``decide`` reads the message, the envelope, the time and a read-only view
 of the queue state as it was before this message, and returns a
@@ -31,7 +31,7 @@ class Action(enum.Enum):
 
 
 class Rule(enum.IntEnum):
-    """The rows of the SPEC 5 table, numbered as there."""
+    """The rules in the order they are applied (docs/decisions.md numbers them so)."""
 
     SIZE = 1
     OWN_BOUNCE = 2
@@ -117,7 +117,7 @@ def decide(
     state: QueueState,
     settings: Settings,
 ) -> Decision:
-    """Apply the rules of SPEC 5 in table order; the first that applies decides."""
+    """Apply the rules in order (docs/decisions.md); the first that applies decides."""
     limit = settings.max_message_size
     if limit is not None and len(message) > limit:
         return too_big(limit, len(message))

@@ -1,4 +1,4 @@
-"""The embedded default, shared: ``serve`` opens Data.fs and serves it over ZEO (SPEC 8).
+"""The embedded default, shared: ``serve`` opens Data.fs and serves it over ZEO.
 
 A FileStorage can be opened by one process only (it locks ``Data.fs.lock``),
 yet while ``postoffice serve`` runs, applications on the same host must open

@@ -1,4 +1,4 @@
-"""The five filters of SPEC 4: data plus a pure predicate each.
+"""The five filter types of the ini file: data plus a pure predicate each.
 
 A filter is called with one message and one envelope recipient and answers
 a short reason (it matched) or None.  Filters never raise on mail: the
@@ -25,11 +25,9 @@ _INLINE_COMMENT = re.compile(r"\s+(?:#|;(?!\s*[\w-]+\s*=)).*$", re.DOTALL)
 
 
 class Filter(Protocol):
-    """What the decision calls; ``describe()`` is how a filter is named in logs."""
+    """What the decision calls: the reason it matched (for the reply and the log), or None."""
 
     def __call__(self, message: ParsedMessage, recipient: str) -> str | None: ...
-
-    def describe(self) -> str: ...
 
 
 @functools.lru_cache(maxsize=4096)
@@ -47,7 +45,7 @@ class ToHostname:
     """The domain of an address in the chosen headers is one of ``hosts``.
 
     A host written ``.example.com`` or ``*.example.com`` also matches its
-    subdomains, on a label boundary only (SPEC 9: never ``badexample.com``).
+    subdomains, on a label boundary only (never ``badexample.com``).
     ``X-Original-To`` means the envelope recipient, which a sender cannot forge.
     """
 
@@ -73,10 +71,6 @@ class ToHostname:
                     return f"{header} domain {domain} is in to_hostname"
         return None
 
-    def describe(self) -> str:
-        names = list(self.hosts) + ["." + w for w in self.wildcards]
-        return f"to_hostname: {' '.join(names)};headers={','.join(self.headers)}"
-
 
 @dataclass(frozen=True)
 class HeaderRegexp:
@@ -100,9 +94,6 @@ class HeaderRegexp:
                     return f"header matches {pattern.pattern!r} ({self.origin})"
         return None
 
-    def describe(self) -> str:
-        return self.origin
-
 
 @dataclass(frozen=True)
 class BodyRegexp:
@@ -118,9 +109,6 @@ class BodyRegexp:
                     return f"body matches {pattern.pattern!r} ({self.origin})"
         return None
 
-    def describe(self) -> str:
-        return self.origin
-
 
 def _compile(pattern: str, flags: int, where: str) -> re.Pattern[str]:
     try:
@@ -130,7 +118,7 @@ def _compile(pattern: str, flags: int, where: str) -> re.Pattern[str]:
 
 
 def _read_patterns(path: Path, flags: int) -> tuple[re.Pattern[str], ...]:
-    """One regexp a line; blank and whitespace-only lines are skipped (SPEC 9)."""
+    """One regexp a line; blank lines are skipped (an empty regexp matches every message)."""
     try:
         # utf-8-sig: a BOM left by a Windows editor must not become part of line 1.
         text = path.read_text(encoding="utf-8-sig")
@@ -226,5 +214,5 @@ def first_match(filters: Iterable[Filter], message: ParsedMessage, recipient: st
 
 
 def all_match(filters: tuple[Filter, ...], message: ParsedMessage, recipient: str) -> bool:
-    """A queue wins when it has filters and every one matches (SPEC 3)."""
+    """A queue wins when it has filters and every one matches; with none it matches nothing."""
     return bool(filters) and all(f(message, recipient) is not None for f in filters)

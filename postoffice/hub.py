@@ -1,7 +1,7 @@
 """One FileStorage, two users in one process: ``serve``'s own database and the ZEO server.
 
 A FileStorage can be opened by one process only, and ``serve`` must let
-applications open the depot while it runs (SPEC 8).  Making ``serve`` a
+applications open the depot while it runs.  Making ``serve`` a
 ZEO client of a server in another process (our first design) costs every
 delivery a round trip and a second copy of each record: about half the
 throughput of opening the file directly (docs/performance.md).  So ``serve``

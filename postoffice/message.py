@@ -341,7 +341,7 @@ def line_ending(raw: bytes) -> bytes:
 
 
 def added_headers(sender: str, recipient: str, arrival: int, eol: bytes) -> bytes:
-    """The three lines put on top of every stored message (SPEC 5)."""
+    """The three lines put on top of every stored message: sender, recipient, arrival."""
     sender_text = f"<{sender}>" if sender else "<>"
     lines = (
         f"Return-Path: {_clean(sender_text)}",

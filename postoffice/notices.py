@@ -4,7 +4,7 @@ Everything taken from the original message (its Subject, To, From) is
 flattened to one line before it goes into our headers, so CR/LF in a
 sender's header (raw, or hidden in an RFC 2047 encoded-word) can never
 inject headers into our mail.  Every message made here carries
-``X-Postoffice: Bounced`` (so a bounce that comes back is discarded, SPEC 5
+``X-Postoffice: Bounced`` (so a bounce that comes back is discarded,
 rule 2) and ``Auto-Submitted: auto-replied`` (so well-behaved auto-responders
 do not answer it).
 """

@@ -1,4 +1,4 @@
-"""``postoffice-deliver``: the front door for Postfix's pipe(8) transport (SPEC 7).
+"""``postoffice-deliver``: the front door for Postfix's pipe(8) transport.
 
 ::
 
@@ -55,7 +55,7 @@ PROG = "postoffice-deliver"
 USAGE = f"usage: {PROG} [-C FILE] [-f SENDER] [--] RECIPIENT..."
 
 
-# Which exit status wins when recipients fare differently (SPEC 7).
+# Which exit status wins when recipients fare differently: the worst.
 SEVERITY = {os.EX_OK: 0, os.EX_NOUSER: 1, os.EX_UNAVAILABLE: 2, os.EX_TEMPFAIL: 3}
 
 CHUNK = 256 * 1024

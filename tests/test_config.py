@@ -96,7 +96,7 @@ def test_here_is_the_folder_of_the_config_file(tmp_path: Path, full: Settings) -
     assert full.lmtp.listen == f"unix:{here}/var/lmtp.sock"
     reject = full.reject_filters[0]
     assert isinstance(reject, HeaderRegexp)
-    assert here in reject.describe()
+    assert reject.origin == f"header_regexp_file: {here}/reject_headers.txt"
 
 
 def test_here_works_when_the_file_is_named_relatively(

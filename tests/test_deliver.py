@@ -522,9 +522,6 @@ class Boom:
     def __call__(self, message: ParsedMessage, recipient: str) -> str | None:
         raise RuntimeError("bug in a filter")
 
-    def describe(self) -> str:
-        return "boom"
-
 
 def test_error_while_deciding_keeps_a_dead_letter(
     tmp_path: Path, depot: Depot, caplog: pytest.LogCaptureFixture
