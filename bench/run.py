@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -151,6 +152,15 @@ def log(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+def exit_on_sigterm() -> None:
+    """A timeout or a kill unwinds the run, so its servers are killed and its folder removed.
+
+    The servers run in sessions of their own, so they do not get the
+    signal; without this they would outlive a run stopped with SIGTERM.
+    """
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def write_json(path: Path, plan: Plan, results: Results, targets: list[report.Row]) -> None:
     """Every sample, for a script to read: the keys are a format, keep them."""
     path.write_text(
@@ -192,6 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         plan.servers = [k for k in plan.servers if k not in OURS]
         plan.parts -= {"scale", "rss", "consume", "blob", "profile"}
 
+    exit_on_sigterm()
     base = Path(tempfile.mkdtemp(prefix="po-bench-"))
     # Dovecot's and smtp-sink's unprivileged processes must reach their sockets and Maildir.
     base.chmod(0o755)
