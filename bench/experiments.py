@@ -1,0 +1,318 @@
+"""The parts of a run, each a function of the plan that returns its results as plain data.
+
+Every run gets a fresh folder and a fresh store below ``base``, removed
+once it is counted; a run that fails is recorded with its error rather
+than raised, so one broken peer does not cost the rest of the run (a
+failed pre-fill of the depot the scale part starts from still ends it).
+Rounds are interleaved (round 1 of every case, then round 2, ...) so that
+noise from other work on the machine spreads over all servers alike.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import drivers
+import progress
+import servers
+from common import KIB, MIB, BenchError, Plan, Results, Sample, remove
+from procs import process_tree, tail, tree_memory_kib
+from profiling import PROFILE_RATE, recording, summarize_profile
+from servers import OURS, PostofficeServer, running
+
+Log = Callable[[str], None]
+
+# Messages a commit in the inline-or-blob comparison's batched case.
+BLOB_BATCH = 8
+BLOB_SIZES = (16 * KIB, 64 * KIB, 256 * KIB, 1 * MIB)
+
+
+def measure(
+    kind: str,
+    work: Path,
+    size: int,
+    sessions: int,
+    messages: int,
+    round_number: int,
+    prefilled: Path | None = None,
+    expect_extra: int = 0,
+    extra_transactions: int = 0,
+) -> Sample:
+    """Start a fresh server, send, stop, check the count."""
+    sample = Sample(kind, size, sessions, messages, round_number)
+    work.mkdir(parents=True)
+    server = servers.create(kind, work, prefilled)
+    helo = f"r{round_number}.{kind}.{size}.{sessions}.{work.name}.bench"
+    # Dirty pages of earlier runs are written back now, not during this one.
+    os.sync()
+    try:
+        with running(server):
+            data_fs = work / "var" / "Data.fs"
+            size_before = data_fs.stat().st_size if data_fs.exists() else 0
+            user_before, system_before = server.cpu_seconds()
+            sample.seconds = drivers.smtp_source(server.socket, sessions, size, messages, helo)
+            user_after, system_after = server.cpu_seconds()
+            sample.cpu_seconds = user_after - user_before + system_after - system_before
+            sample.cpu_system_seconds = system_after - system_before
+            if isinstance(server, PostofficeServer):
+                sample.extra["storage"] = server.storage_path()
+            sample.delivered = server.stop() - expect_extra
+            if isinstance(server, PostofficeServer):
+                sample.extra["transactions"] = server.transactions - extra_transactions
+                sample.extra["bytes_per_message"] = (server.data_fs_bytes - size_before) / max(
+                    1, sample.delivered
+                )
+        if sample.delivered != messages:
+            sample.error = f"delivered {sample.delivered} of {messages}"
+    except BenchError as exc:
+        sample.error = f"{exc} [{server.output()[-300:]}]"
+    return sample
+
+
+def throughput(plan: Plan, base: Path, log: Log) -> list[Sample]:
+    """Every server, size and session count, on an empty store."""
+    samples = []
+    for round_number in range(1, plan.rounds + 1):
+        for size in plan.sizes:
+            for sessions in plan.sessions:
+                for kind in plan.servers:
+                    messages = plan.sink_messages if kind == "sink" else plan.messages
+                    work = base / f"r{round_number}-{kind}-{size}-{sessions}"
+                    sample = measure(kind, work, size, sessions, messages, round_number)
+                    samples.append(sample)
+                    log(progress.describe(sample))
+                    remove(work)
+    return samples
+
+
+def make_seed(plan: Plan, base: Path, log: Log, name: str = "prefilled") -> tuple[Path, int]:
+    """A depot holding ``plan.prefill`` messages, queued and ledgered; its folder and commits."""
+    seed = base / name
+    seed.mkdir()
+    depot = PostofficeServer(seed)
+    depot.write_config()
+    result = drivers.prefill(
+        depot.config, plan.prefill, "seed.bench", max(120.0, plan.prefill / 200)
+    )
+    seed_count = depot.count()
+    log(progress.prefilled(result, depot.data_fs.stat().st_size))
+    return seed, int(seed_count["transactions"])
+
+
+def scale(plan: Plan, base: Path, log: Log) -> list[Sample]:
+    """1 KiB x 16 sessions on a depot holding ``plan.prefill`` messages, and on an empty one."""
+    sessions = max(plan.sessions)
+    seed, seed_transactions = make_seed(plan, base, log)
+    samples = []
+    for round_number in range(1, plan.rounds + 1):
+        for kind in [k for k in OURS if k in plan.servers]:
+            for label, prefilled in (("empty", None), ("full", seed / "var")):
+                work = base / f"scale-{kind}-{label}-{round_number}"
+                sample = measure(
+                    kind,
+                    work,
+                    KIB,
+                    sessions,
+                    plan.scale_messages,
+                    round_number,
+                    prefilled=prefilled,
+                    expect_extra=plan.prefill if prefilled else 0,
+                    extra_transactions=seed_transactions if prefilled else 0,
+                )
+                sample.extra["depot"] = label
+                samples.append(sample)
+                log(f"{label:>5} depot: {progress.describe(sample)}")
+                remove(work)
+    remove(seed)
+    return samples
+
+
+def _rss_of(kind: str, plan: Plan, work: Path, limit_kib: int) -> dict[str, Any]:
+    """One server's memory, idle and at its peak, while every session is in DATA at once."""
+    server = servers.create(kind, work)
+    if isinstance(server, PostofficeServer):
+        server.max_size = f"{2 * plan.rss_message // MIB}m"
+    result: dict[str, Any] = {
+        "message_bytes": plan.rss_message,
+        "sessions": plan.rss_sessions,
+        "max_message_size": getattr(server, "max_size", None),
+        "limit_kib": limit_kib,
+    }
+    try:
+        with running(server):
+            assert server.proc is not None
+            result["rss_idle_kib"] = tree_memory_kib(server.proc.pid, "VmRSS")
+            result["seconds"] = drivers.send_concurrently(
+                server.socket,
+                plan.rss_sessions,
+                plan.rss_message,
+                f"rss.{kind}.bench",
+                timeout=300,
+            )
+            result["hwm_kib"] = tree_memory_kib(server.proc.pid, "VmHWM")
+            result["processes"] = len(process_tree(server.proc.pid))
+            result["delivered"] = server.stop()
+        if result["delivered"] != plan.rss_sessions:
+            result["error"] = f"delivered {result['delivered']} of {plan.rss_sessions}"
+    except BenchError as exc:
+        result["error"] = f"{exc} [{server.output()[-300:]}]"
+    return result
+
+
+def peak_rss(plan: Plan, base: Path, log: Log) -> dict[str, dict[str, Any]]:
+    """Peak RSS (VmHWM of the server and its children) with concurrent large messages.
+
+    bare aiosmtpd is measured alongside for reference: it keeps every
+    message whole in memory, as lines and then joined.
+    """
+    results: dict[str, Any] = {}
+    limit_kib = (2 * plan.rss_message * plan.rss_sessions + 100 * MIB) // KIB
+    for kind in ("postoffice", "po-direct", "bare"):
+        if kind not in plan.servers:
+            continue
+        work = base / f"rss-{kind}"
+        work.mkdir()
+        results[kind] = _rss_of(kind, plan, work, limit_kib)
+        log(progress.peak_rss(kind, plan, results[kind]))
+        remove(work)
+    return results
+
+
+def _consume_round(plan: Plan, work: Path, round_number: int) -> list[dict[str, Any]]:
+    """One round of the consumer loops on a depot pre-filled with three times the count."""
+    server = PostofficeServer(work)
+    server.write_config()
+    limit = max(120.0, plan.consume / 50)
+    measured: list[dict[str, Any]] = []
+    try:
+        drivers.prefill(
+            server.config, 3 * plan.consume, f"c{round_number}.bench", max(120.0, plan.consume / 30)
+        )
+        os.sync()
+        with running(server):
+            uri = server.consumer_uri()
+            if uri:
+                for mode, per_commit in (("zeo", 1), ("zeo-batch", 10)):
+                    measured.append(
+                        {"mode": mode} | drivers.consume(uri, plan.consume, limit, per_commit)
+                    )
+                floor = drivers.commit_floor(uri, plan.consume, limit)
+            server.stop()
+        measured.append({"mode": "file"} | drivers.consume(server.uri, plan.consume, limit))
+        for result in measured:
+            if result["popped"] != plan.consume:
+                result["error"] = f"popped {result['popped']} of {plan.consume}"
+        if measured[-1]["left"] != plan.consume * (3 - len(measured)):
+            measured[-1]["error"] = f"{measured[-1]['left']} messages left at the end"
+        if uri:
+            measured.append({"mode": "zeo-floor", "popped": floor["commits"]} | floor)
+    except BenchError as exc:
+        measured.append({"mode": "file", "error": str(exc)})
+    return measured
+
+
+def consumer(plan: Plan, base: Path, log: Log) -> list[dict[str, Any]]:
+    """``open_queue`` + ``pop_next`` + ``transaction.commit()`` per message.
+
+    Per round, on one depot pre-filled with three times the count: through
+    the URI a running ``postoffice serve`` prints (its ZEO server, the way
+    applications read while it runs), one message a commit and then ten;
+    the rate of bare one-object commits through that URI (ZEO's ceiling for
+    any one-commit-a-message loop); then on the ``file://`` depot itself
+    once serve has stopped.  With ``share = no`` serve prints no such URI
+    and only the last is measured.
+    """
+    results: list[dict[str, Any]] = []
+    for round_number in range(1, plan.rounds + 1):
+        work = base / f"consume-{round_number}"
+        work.mkdir()
+        for result in _consume_round(plan, work, round_number):
+            results.append(result)
+            log(progress.consumed(round_number, result))
+        remove(work)
+    return results
+
+
+def inline_or_blob(plan: Plan, base: Path, log: Log) -> list[dict[str, Any]]:
+    """Store cost of a message kept inline in its record against one in a blob file.
+
+    Straight through ``Depot.deliver_batch`` (no LMTP), one message a
+    commit and ``BLOB_BATCH`` a commit, for the sizes around the
+    threshold in ``postoffice/store.py``.
+    """
+    results = []
+    for size in BLOB_SIZES:
+        for batch in (1, BLOB_BATCH):
+            work = base / f"blob-{size}-{batch}"
+            work.mkdir()
+            depot = PostofficeServer(work)
+            depot.write_config()
+            count = max(batch, plan.blob_messages * 64 * KIB // max(size, 64 * KIB))
+            os.sync()
+            try:
+                result = drivers.inline_or_blob(depot.config, size, count, batch)
+            except BenchError as exc:
+                result = {"size": size, "batch": batch, "error": str(exc)}
+            results.append(result)
+            log(progress.inline_or_blob(result))
+            remove(work)
+    return results
+
+
+def profile(plan: Plan, base: Path, log: Log) -> dict[str, Any]:
+    """py-spy on the postoffice server during a 1 KiB x 16 sessions run."""
+    spy = shutil.which("py-spy")
+    if spy is None:
+        return {"error": "py-spy not installed (pip install py-spy)"}
+    work = base / "profile"
+    work.mkdir()
+    seed = make_seed(plan, base, log, "profile-seed")[0] / "var" if plan.profile_full else None
+    server = servers.create(plan.profile_server, work, seed)
+    raw = work / "profile.txt"
+    messages = int(plan.profile)
+    result: dict[str, Any] = {"messages": messages}
+    try:
+        with running(server):
+            assert server.proc is not None
+            with recording(spy, server.proc.pid, raw, work / "py-spy.err", plan.profile_gil):
+                time.sleep(1.0)
+                seconds = drivers.smtp_source(
+                    server.socket, max(plan.sessions), KIB, messages, f"profile.{work.name}.bench"
+                )
+            result["rate"] = messages / seconds
+            result["delivered"] = server.stop()
+        result["summary"] = summarize_profile(raw, seconds, PROFILE_RATE)
+        kept = Path(tempfile.gettempdir()) / "postoffice-bench-profile.txt"
+        shutil.copy(raw, kept)
+        result["raw"] = str(kept)
+    except (BenchError, OSError) as exc:
+        result["error"] = f"{exc} [{tail(work / 'py-spy.err')}]"
+    log(f"profile: {result.get('error') or result['raw']}")
+    remove(work)
+    return result
+
+
+# Each part, in the order a run takes them: the field of ``Results`` it fills, and how.
+PARTS: dict[str, tuple[str, Callable[[Plan, Path, Log], Any]]] = {
+    "throughput": ("samples", throughput),
+    "scale": ("scaled", scale),
+    "rss": ("rss", peak_rss),
+    "consume": ("consumed", consumer),
+    "blob": ("blobs", inline_or_blob),
+    "profile": ("profiled", profile),
+}
+
+
+def run(plan: Plan, base: Path, log: Log) -> Results:
+    """The parts the plan asks for, in the order of ``PARTS``."""
+    results = Results()
+    for part, (name, experiment) in PARTS.items():
+        if part in plan.parts:
+            setattr(results, name, experiment(plan, base, log))
+    return results

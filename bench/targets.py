@@ -1,0 +1,92 @@
+"""The targets postoffice is judged by, as one table of data rather than literals in the report.
+
+A target is judged on the default path (``postoffice``); the same
+measure for ``share = no`` (``po-direct``) is shown beside it, judged by
+the same threshold.  A target is listed only when the part it is judged
+on ran; a measure that part could not take (a peer not in
+``--servers``, a case not in ``--sizes``) shows as not measured.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from common import KIB
+
+
+@dataclass(frozen=True)
+class Target:
+    # As printed; {prefill}, {limit} and {floor} are figures of the run.
+    name: str
+    # Which part's measures it is judged on: throughput, scale, rss, consume, consume-zeo.
+    part: str
+    # Which of that part's measures (see the report's measures_of_* functions).
+    measure: str
+    # A number, or the name of a figure of the run (the peak-RSS limit depends on --rss-size).
+    threshold: float | str
+    # Met when the measure is at least the threshold; else when it is at most.
+    at_least: bool = True
+    unit: str = "x"
+    # The share = no column when that path has no such measure.
+    absent: str = "not measured"
+
+    def met(self, value: float | None, threshold: float) -> bool | None:
+        """None when there is nothing to judge, rather than a failure."""
+        if value is None:
+            return None
+        return value >= threshold if self.at_least else value <= threshold
+
+
+def vs_peer(size: int, sessions: int, peer: str) -> str:
+    """The measure of a throughput ratio: ours over ``peer``, messages a second, in one case."""
+    return f"{size} B x {sessions} / {peer}"
+
+
+ZEO = "... through the ZEO server of a running serve, "
+
+TARGETS = (
+    Target("1 KiB x 16 sessions >= 2 x Dovecot", "throughput", vs_peer(KIB, 16, "dovecot"), 2.0),
+    Target(
+        "1 KiB x 16 sessions >= 0.6 x bare aiosmtpd", "throughput", vs_peer(KIB, 16, "bare"), 0.6
+    ),
+    Target("1 KiB x 1 session >= 2 x Dovecot", "throughput", vs_peer(KIB, 1, "dovecot"), 2.0),
+    Target(
+        "50 KiB x 16 sessions >= 1.5 x Dovecot",
+        "throughput",
+        vs_peer(50 * KIB, 16, "dovecot"),
+        1.5,
+    ),
+    Target("{prefill:,} queued >= 0.9 x empty depot", "scale", "full / empty", 0.9),
+    Target(
+        "peak RSS, 16 x 10 MiB at once <= 2 x 160 MiB + 100 MiB = {limit:,.0f} MiB",
+        "rss",
+        "peak MiB",
+        "limit",
+        at_least=False,
+        unit="MiB",
+    ),
+    Target(
+        "a consumer pops and commits >= 1,000 msgs/s: on the file:// FileStorage "
+        "(serve stopped), one commit a message",
+        "consume",
+        "file",
+        1000,
+        unit="msgs/s",
+    ),
+    Target(
+        ZEO + "one commit a message (ZEO's bare one-object commits: {floor})",
+        "consume-zeo",
+        "zeo",
+        1000,
+        unit="msgs/s",
+        absent="n/a (no ZEO)",
+    ),
+    Target(
+        ZEO + "ten pops a commit",
+        "consume-zeo",
+        "zeo-batch",
+        1000,
+        unit="msgs/s",
+        absent="n/a (no ZEO)",
+    ),
+)
