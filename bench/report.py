@@ -391,7 +391,7 @@ def target_lines(rows: list[Row]) -> list[str]:
         return []
     return [
         "",
-        "Targets of issue 6 (judged on the default path; share = no beside it):",
+        "Targets (judged on the default path; share = no beside it):",
         "",
         *table(
             ["target", "postoffice", "met", "share = no", "met"],

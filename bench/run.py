@@ -1,4 +1,4 @@
-"""postoffice against its peers, in one run: ``python3 bench/run.py`` (issue 6).
+"""postoffice against its peers, in one run: ``python3 bench/run.py``.
 
 Each server is started in turn on a unix socket in a fresh temporary
 folder with a fresh store, driven by Postfix's own LMTP client

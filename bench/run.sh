@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The benchmark of issue 6 in one command: install what it needs, then run it.
+# The benchmark in one command: install what it needs, then run it.
 #
 #   bash bench/run.sh            # the full run (about 10 minutes on 2 cores)
 #   bash bench/run.sh --quick    # one round, fewer messages (about a minute)

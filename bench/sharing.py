@@ -1,4 +1,4 @@
-"""What sharing the embedded default costs: ``python3 bench/sharing.py`` (SPEC 8).
+"""What sharing the embedded default costs: ``python3 bench/sharing.py``.
 
 ``postoffice serve`` on a ``file://`` depot opens the FileStorage itself;
 with ``share`` (the default) it also serves it on a unix socket beside it
@@ -13,7 +13,7 @@ second through ``Depot.deliver_batch``, the call the LMTP server makes:
 - ``zeo``: a writer that is a ZEO client of that server
   (``zeo://...?shared_blob_dir=true``), as ``postoffice-deliver`` is while
   ``serve`` runs, and as ``serve`` itself was up to 0.1;
-- ``sqlite``, where RelStorage is installed: SPEC 8's measured alternative,
+- ``sqlite``, where RelStorage is installed: the measured alternative,
   ``sqlite://?data_dir=...&blob_dir=...&shared_blob_dir=true``, which
   several processes open at once with no server.  RelStorage runs SQLite
   in WAL mode with ``synchronous = NORMAL``, which does not sync at each
@@ -21,7 +21,7 @@ second through ``Depot.deliver_batch``, the call the LMTP server makes:
   and the sqlite:// URI has no way to change that;
 - ``sqlite-full``: the same storage built in code with
   ``synchronous = FULL``, so that a commit is on disk when it returns, as
-  a 250 promises (SPEC 5).
+  a 250 promises.
 
 Cases: 1 KiB messages committed one per transaction and sixteen per
 transaction (group commit), and 512 KiB messages one per transaction
