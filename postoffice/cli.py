@@ -26,7 +26,7 @@ import transaction
 
 from postoffice import config, logs
 from postoffice.database import consumer_uri, open_db
-from postoffice.errors import ConfigError, PostofficeError, StorageUnavailable, TemporaryError
+from postoffice.errors import ConfigError, PostofficeError, StorageUnavailable, exit_code
 
 log = logging.getLogger("postoffice.cli")
 
@@ -94,12 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except ConfigError as exc:
-        return _fail(os.EX_CONFIG, str(exc))
-    except TemporaryError as exc:
-        return _fail(os.EX_TEMPFAIL, str(exc))
     except PostofficeError as exc:
-        return _fail(os.EX_UNAVAILABLE, str(exc))
+        return _fail(exit_code(exc), str(exc))
     except KeyError as exc:
         return _fail(os.EX_DATAERR, str(exc.args[0]) if exc.args else "not found")
     except KeyboardInterrupt:
@@ -139,17 +135,10 @@ def open_folder(settings: config.Settings, create: bool = False) -> Iterator[Any
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """The LMTP server; with file:// (and ``share``), sharing the depot over ZEO."""
+    """The LMTP server: what ``python -m postoffice.lmtp`` runs, sharing included."""
     from postoffice import lmtp
-    from postoffice.embedded import shared
 
-    path = config.find_config(args.config)
-    settings = config.load(path)  # refuse a bad file before anything starts
-    with shared(settings.zodb_uri, share=settings.share) as depot:
-        if depot is None:
-            return lmtp.serve(path, args.listen)
-        print(f"postoffice: consumers use {depot.client_uri}", flush=True)
-        return lmtp.serve(path, args.listen, db=depot.db)
+    return lmtp.serve(config.find_config(args.config), args.listen)
 
 
 # --- import-maildir -------------------------------------------------------------

@@ -19,6 +19,8 @@ it as it is, never a traceback.
 
 from __future__ import annotations
 
+import os
+
 
 class PostofficeError(Exception):
     """Base class of every error postoffice raises on purpose."""
@@ -54,3 +56,18 @@ class EmbeddedZeoError(StorageUnavailable):
 
 class QueueEmpty(PostofficeError, IndexError):
     """``pop_next()`` found nothing to pop; an IndexError as in the old package."""
+
+
+def exit_code(error: PostofficeError) -> int:
+    """What a command exits with when ``error`` stops it: the sysexits of the tree above.
+
+    78 for the configuration, 75 when a retry can succeed, 69 otherwise (an
+    address taken, something unavailable).  The commands and ``serve``
+    share this so that each problem exits the same way from all of them;
+    the pipe has its own codes, which Postfix reads as bounce or defer.
+    """
+    if isinstance(error, ConfigError):
+        return os.EX_CONFIG
+    if isinstance(error, TemporaryError):
+        return os.EX_TEMPFAIL
+    return os.EX_UNAVAILABLE

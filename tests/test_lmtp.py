@@ -740,6 +740,9 @@ def test_a_second_server_on_a_live_socket_exits_non_zero(
     process: Callable[[Path], Process], tmp_path: Path
 ) -> None:
     path = write_config(tmp_path)
+    # Not shared: a second server of a shared depot is refused at its ZEO
+    # socket before it reaches the LMTP one (see the test below).
+    path.write_text(path.read_text().replace("[post office]\n", "[post office]\nshare = no\n"))
     first = process(path)
     second = subprocess.run(
         [sys.executable, "-m", "postoffice.lmtp", "-C", str(path)],
@@ -773,6 +776,38 @@ def test_a_bad_listen_address_is_one_line_and_exit_78(tmp_path: Path) -> None:
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("postoffice: ") and "allow_remote" in line
     assert "Traceback" not in result.stderr
+
+
+def test_a_file_depot_is_shared_while_the_server_runs(
+    process: Callable[[Path], Process], tmp_path: Path
+) -> None:
+    """As ``postoffice serve``: consumers read through the URI printed; a second server gets 75."""
+    path = write_config(tmp_path)
+    proc = process(path)
+    printed = re.search(r"^postoffice: consumers use (\S+)$", proc.out.read_text(), re.M)
+    assert printed is not None, proc.out.read_text()
+    uri = printed.group(1)
+    assert uri.startswith("zeo://") and str(tmp_path / "var" / "zeo.sock") in uri
+    lmtp = client(tmp_path / "lmtp.sock")
+    assert codes(send(lmtp, ["user@alpha.test"], mail(subject="shared"))) == [(250, "2.0.0")]
+    lmtp.quit()
+    with open_queue(uri, "Alpha") as queue:
+        (raw,) = [raw for _key, raw, _arrived in queue.messages()]
+    assert b"Subject: shared" in raw
+
+    second = subprocess.run(
+        [sys.executable, "-m", "postoffice.lmtp", "-C", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert second.returncode == 75
+    (line,) = second.stderr.strip().splitlines()
+    assert line.startswith("postoffice: ") and "already shared" in line and uri in line
+    assert proc.stop() == 0
+    assert not (tmp_path / "var" / "zeo.sock").exists()
+    assert len(stored(tmp_path, "Alpha")) == 1
 
 
 def test_writer_commits_sessions_in_groups(

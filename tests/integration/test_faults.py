@@ -507,6 +507,7 @@ CONSUMER = textwrap.dedent(
     import json, os, sys, time
     import transaction
     from postoffice import QueueEmpty, open_queue
+    from postoffice.database import open_db
 
     uri, out, stop_file, deadline = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
     popped, errors, empty, during_load = [], [], 0, None

@@ -1,0 +1,175 @@
+"""The group-commit writer of the LMTP server, and how its results reach the sessions.
+
+This is where the writer thread meets the event loop: jobs go into a
+queue from the loop, results come back through ``call_soon_threadsafe``,
+and a session that went away by then is simply no longer waited for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from postoffice.decide import deferred
+from postoffice.deliver import Delivery, Depot, Outcome, log_outcomes
+from postoffice.errors import PostofficeError
+
+# The package's one logger name (see postoffice.lmtp.session).
+log = logging.getLogger("postoffice.lmtp")
+
+T = TypeVar("T")
+
+
+@dataclass
+class _Job:
+    """A delivery, or a call, waiting for the writer thread."""
+
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Any]
+    delivery: Delivery | None = None
+    call: Callable[[], Any] | None = None
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    """Runs on the event loop: a session that went away no longer waits."""
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+class CommitWriter:
+    """The one thread that commits for every session (group commit).
+
+    The event loop never waits on parsing, rules or ZODB: sessions put their
+    message here and await a future.  The thread takes whatever queued up
+    while the previous commit ran (up to ``commit_batch``), delivers it in
+    one transaction, and only then resolves each future on the loop.  Other
+    work on the database (preparing the queues, SIGHUP's reload) goes
+    through the same thread, so it never races a commit.
+    """
+
+    def __init__(self, depot: Depot, batch: int) -> None:
+        self._depot = depot
+        self._batch = max(1, batch)
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="postoffice-writer", daemon=True)
+        self._stopped = False
+
+    def start(self) -> None:
+        """Start the thread; the server does so once it listens."""
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish what is queued, then end the thread (called off the loop)."""
+        self._stopped = True
+        if self._thread.is_alive():
+            self._jobs.put(None)
+            self._thread.join(timeout)
+
+    def submit(self, delivery: Delivery) -> asyncio.Future[list[Outcome]]:
+        """Queue a message; the future gives one Outcome per recipient after the commit."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[Outcome]] = loop.create_future()
+        if self._stopped:
+            future.set_result(_deferred_all(delivery, "the server is stopping"))
+        else:
+            self._jobs.put(_Job(loop, future, delivery=delivery))
+        return future
+
+    def call(self, func: Callable[[], T]) -> asyncio.Future[T]:
+        """Run ``func`` in the writer thread, between commits."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        if self._stopped:
+            future.set_exception(PostofficeError("the server is stopping"))
+        else:
+            self._jobs.put(_Job(loop, future, call=func))
+        return future
+
+    def _run(self) -> None:
+        """Deliveries in batches, calls alone: a call never shares a transaction."""
+        held: _Job | None = None
+        while True:
+            job = held if held is not None else self._jobs.get()
+            held = None
+            if job is None:
+                return
+            if job.call is not None:
+                self._run_call(job)
+                continue
+            batch = [job]
+            while len(batch) < self._batch:
+                try:
+                    more = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None or more.call is not None:
+                    held = more
+                    break
+                batch.append(more)
+            self._deliver(batch)
+
+    def _run_call(self, job: _Job) -> None:
+        assert job.call is not None
+        try:
+            result, error = job.call(), None
+        except BaseException as exc:
+            result, error = None, exc
+        _resolve(job, result, error)
+
+    def _deliver(self, batch: list[_Job]) -> None:
+        """One transaction for the batch; any failure defers all of it, logged as decided."""
+        deliveries = [job.delivery for job in batch if job.delivery is not None]
+        try:
+            results = self._depot.deliver_batch(deliveries)
+            if len(results) != len(deliveries) or any(
+                len(outcomes) != len(d.recipients)
+                for d, outcomes in zip(deliveries, results, strict=True)
+            ):
+                raise RuntimeError("the depot did not answer every recipient")
+        except Exception:
+            log.exception("delivering %d messages failed; deferring them", len(deliveries))
+            results = [_deferred_all(d, "internal error") for d in deliveries]
+            for delivery, outcomes in zip(deliveries, results, strict=True):
+                with contextlib.suppress(Exception):  # every session waits on this thread
+                    log_outcomes(delivery, outcomes)
+        # One wake-up of the event loop for the whole batch, not one per session.
+        settled: dict[asyncio.AbstractEventLoop, list[tuple[Any, ...]]] = {}
+        for job, outcomes in zip(batch, results, strict=True):
+            settled.setdefault(job.loop, []).append((job.future, outcomes, None))
+        for loop, items in settled.items():
+            _call_on(loop, _settle_all, items)
+
+
+def _settle_all(items: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    """Runs on the event loop: the futures of one batch, in one wake-up."""
+    for future, result, error in items:
+        _settle(future, result, error)
+
+
+def _resolve(job: _Job, result: Any, error: BaseException | None) -> None:
+    """Settle one job's future on its own loop (from the writer thread)."""
+    _call_on(job.loop, _settle, job.future, result, error)
+
+
+def _call_on(loop: asyncio.AbstractEventLoop, func: Callable[..., None], *args: Any) -> None:
+    """Run ``func`` on ``loop`` soon; a loop closed meanwhile has nobody left to tell."""
+    try:
+        loop.call_soon_threadsafe(func, *args)
+    except RuntimeError:  # the loop is closed: nobody waits any more
+        log.debug("event loop closed before a result could be delivered")
+
+
+def _deferred_all(delivery: Delivery, reason: str) -> list[Outcome]:
+    """A 451 for every recipient: what Postfix keeps and tries again."""
+    decision = deferred(reason)
+    return [Outcome(rcpt, decision) for rcpt in delivery.recipients]
