@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import re
 import threading
-import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -27,7 +26,7 @@ import ZODB
 from persistent import Persistent
 from ZODB.POSException import ConflictError
 
-from postoffice import retry
+from postoffice import clock, retry
 from postoffice.config import Settings
 from postoffice.database import is_storage_away, open_db
 from postoffice.decide import (
@@ -182,8 +181,9 @@ class Depot:
         self._db = db
         self._owns_db = db is None
         self._lock = threading.Lock()
-        # The server's clock gives arrival times (rule 8, X-Postoffice-Date).
-        self._clock: Callable[[], float] = clock or time.time
+        # The server's clock gives arrival times (rule 8, X-Postoffice-Date):
+        # the one given, else the depot's (postoffice.clock), read at each use.
+        self._clock: Callable[[], float] | None = clock
         self._reconciled = False
 
     @property
@@ -285,7 +285,8 @@ class Depot:
         self, deliveries: Sequence[Delivery], now: float | None
     ) -> list[list[Outcome]]:
         settings = self._settings
-        now = self._clock() if now is None else now
+        if now is None:
+            now = self._clock() if self._clock is not None else clock.now()
         parsed = [ParsedMessage(d.raw) for d in deliveries]
         try:
             if not self._reconciled:

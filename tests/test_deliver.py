@@ -25,12 +25,12 @@ import pytest
 import transaction
 import ZODB.Connection
 
-from postoffice import database, open_queue, store
+from postoffice import database, open_queue
 from postoffice.config import Settings, loads
 from postoffice.deliver import Delivery, Depot, Outcome
 from postoffice.message import ParsedMessage
 from postoffice.pipe import exit_code
-from postoffice.store import BLOB_THRESHOLD, PRUNE_BATCH, find_folder, new_key
+from postoffice.store import BLOB_THRESHOLD, PRUNE_BATCH, find_folder, new_key, records
 
 T0 = 1_700_000_000.0
 DAY = 24 * 3600.0
@@ -358,8 +358,8 @@ def test_key_generators_with_different_salts_never_collide(
     instants = [T0 + n / 3 for n in range(300)] + [T0] * 50
     per_salt = {}
     for salt in (5, 6):
-        monkeypatch.setattr(store, "_SALT", salt)
-        monkeypatch.setattr(store, "_last_key", 0)
+        monkeypatch.setattr(records, "_SALT", salt)
+        monkeypatch.setattr(records, "_last_key", 0)
         keys = [new_key(now) for now in instants]
         assert keys == sorted(keys) and len(set(keys)) == len(keys)  # FIFO, never repeated
         per_salt[salt] = set(keys)

@@ -4,7 +4,8 @@ Every test runs on a real FileStorage with a blob folder in ``tmp_path``
 (a few on storages without blob support), messages put in with
 ``Depot.deliver`` or ``Queue.add``.  Where durability matters the database
 is closed and opened again from disk.  The only thing replaced is the
-store's clock, to make a claim's lease run out without waiting an hour.
+depot's clock (``postoffice.clock``), to make a claim's lease run out
+without waiting an hour.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +25,7 @@ import ZODB
 from ZODB.POSException import ConflictError
 
 from postoffice import QueueEmpty, open_queue, store
+from postoffice import clock as depot_clock
 from postoffice.config import loads
 from postoffice.database import open_db
 from postoffice.deliver import Depot
@@ -32,6 +35,8 @@ from postoffice.store import (
     CLAIM_LEASE,
     CLEANUP_AT,
     Queue,
+    claims,
+    duplicates,
     find_folder,
     reconcile,
 )
@@ -125,9 +130,9 @@ class Consumer:
 
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[float]]:
-    """The store's clock, settable: ``clock[0] += CLAIM_LEASE`` ends every lease."""
-    now = [store.clock()]
-    monkeypatch.setattr(store, "clock", lambda: now[0])
+    """The depot's clock, settable: ``clock[0] += CLAIM_LEASE`` ends every lease."""
+    now = [depot_clock.now()]
+    monkeypatch.setattr(depot_clock, "now", lambda: now[0])
     yield now
 
 
@@ -427,14 +432,15 @@ def test_a_claim_that_gives_up_keeps_what_the_consumer_claimed_ahead(
         first.pop()
         first.manager.commit()  # 4, 5, 6 claimed ahead
     clock[0] += store.CLAIM_AHEAD_FOR + 1  # so the next pop claims them again
-    claimer = store._claimers[first.connection]
+    claimer = claims.claimer_of(first.connection)
+    assert claimer is not None
     commit = claimer.manager.commit
 
     def conflict() -> None:  # a fault injected into every claim commit
         raise ConflictError("injected")
 
-    monkeypatch.setattr(store, "CLAIM_ATTEMPTS", 2)
-    monkeypatch.setattr(store, "CLAIM_PATIENCE", 0.05)
+    monkeypatch.setattr(claims, "CLAIM_ATTEMPTS", 2)
+    monkeypatch.setattr(claims, "CLAIM_PATIENCE", 0.05)
     monkeypatch.setattr(claimer.manager, "commit", conflict)
     with pytest.raises(TemporaryError):
         first.queue.pop_next()
@@ -509,7 +515,8 @@ def test_messages_claimed_ahead_by_a_consumer_that_died_come_back_after_the_leas
     before_the_lease = consumer.drain()
     held = 12 - 4 - len(before_the_lease)
     assert 1 <= held <= 1 + store.CLAIM_AHEAD  # the popped one and at most a claim ahead
-    clock[0] += CLAIM_LEASE + 1
+    # Past the leases the dead process took, on its own (real) clock.
+    clock[0] = time.time() + CLAIM_LEASE + 1
     assert len(consumer.queue) == held
     after_the_lease = consumer.drain()
     everything = done + before_the_lease + after_the_lease
@@ -762,12 +769,12 @@ def test_a_hash_collision_is_never_taken_for_a_duplicate(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Force every pair onto the same 64-bit key, with a check that differs.
-    real = store._ledger_hash
+    real = duplicates._ledger_hash
 
     def colliding(salt: bytes, message_id: str, recipient: str) -> tuple[int, int]:
         return 42, real(salt, message_id, recipient)[1]
 
-    monkeypatch.setattr(store, "_ledger_hash", colliding)
+    monkeypatch.setattr(duplicates, "_ledger_hash", colliding)
     queue = Queue()
     queue.record_delivery("<a@x>", "r@a.example", T)
     assert queue.has_delivered("<a@x>", "r@a.example", T)
@@ -840,17 +847,3 @@ def test_the_servers_start_reads_the_ledger_into_the_writers_cache(tmp_path: Pat
     assert len(cold) == len(warm) > 5
     assert None in cold
     assert warm == [False] * len(warm)  # every leaf loaded, none of them changed
-
-
-def test_a_ledger_of_the_older_format_starts_again_empty() -> None:
-    from BTrees.OOBTree import OOBTree, OOTreeSet
-
-    queue = Queue()
-    queue._ledger, queue._ledger_by_time = OOBTree(), OOTreeSet()
-    queue._ledger["<a@x>\x00r@a.example"] = T
-    del queue._ledger_salt  # the class default (None) shows through, as for an old queue
-    assert not queue.has_delivered("<a@x>", "r@a.example", T - DAY)
-    assert type(queue._ledger) is OOBTree  # a read does not write (a dry run reads)
-    queue.record_delivery("<a@x>", "r@a.example", T)
-    assert queue.has_delivered("<a@x>", "r@a.example", T - DAY)
-    assert isinstance(queue._ledger, store.Ledger) and queue.ledger_size() == 1

@@ -1,0 +1,103 @@
+"""A queue's duplicate ledger: which (Message-Id, recipient) it stored in the last 24 h.
+
+One entry per pair, in two trees of integers (docs/performance.md measures
+them against the strings and tuples they replace), both attributes of the
+queue, read and written only here:
+
+- ``_ledger``: ``Ledger``, ``key -> check << 32 | arrival``.  ``key`` and
+  ``check`` are 64 and 31 bits of a BLAKE2b hash of the pair, keyed with
+  the queue's random ``_ledger_salt``; ``arrival`` is in whole seconds.
+- ``_ledger_by_time``: ``LedgerTimes``, ``time key -> key``, oldest first,
+  for pruning.  Time keys are the arrival in microseconds, shifted, plus
+  the process's salt, as the queue's own keys: in arrival order, so a
+  commit appends to one leaf, and unique to this process, so two writers
+  never pick the same one.
+
+A different pair with the same 64-bit key is told apart by ``check``, so
+it is taken for a duplicate only when 95 bits agree; it replaces the older
+entry, which could then be delivered twice (a duplicate, never a loss),
+about once in 2**64 / entries deliveries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+
+from postoffice.decide import DUPLICATE_WINDOW
+from postoffice.store.records import PRUNE_BATCH, Ledger, LedgerTimes, time_key
+
+_ARRIVAL_MASK = (1 << 32) - 1
+
+
+class DuplicateLedger:
+    """The ledger of one queue, over the queue's own trees and salt."""
+
+    def __init__(self, entries: Ledger, by_time: LedgerTimes, salt: bytes) -> None:
+        self._entries = entries
+        self._by_time = by_time
+        self._salt = salt
+
+    def has_delivered(self, message_id: str, recipient: str, since: float) -> bool:
+        """Stored for this recipient at ``since`` or later (to the second)?"""
+        key, check = _ledger_hash(self._salt, message_id, recipient)
+        value = self._entries.get(key)
+        if value is None or value >> 32 != check:
+            return False
+        return value & _ARRIVAL_MASK >= int(since)
+
+    def record(self, message_id: str, recipient: str, now: float) -> None:
+        """Remember the pair as stored at ``now``; forget a few that left the window."""
+        key, check = _ledger_hash(self._salt, message_id, recipient)
+        self._entries[key] = check << 32 | _seconds(now)
+        when = time_key(now)
+        while not self._by_time.insert(when, key):
+            when += 1 << 10  # taken (the clock went back): the next microsecond
+        self.prune(now - DUPLICATE_WINDOW)
+
+    def prune(self, before: float, limit: int = PRUNE_BATCH) -> int:
+        """Forget up to ``limit`` entries recorded before ``before``: O(log n) each."""
+        times, entries = self._by_time, self._entries
+        end = int(before * 1_000_000) << 10
+        # The truth of a tree is O(1); its len() would walk every leaf.
+        if not times or times.minKey() >= end:
+            return 0
+        old = list(itertools.islice(times.items(max=end, excludemax=True), limit))
+        cutoff = _seconds(before)
+        for when, key in old:
+            del times[when]
+            value = entries.get(key)
+            # Unless it was recorded again since (its newer time key prunes it).
+            if value is not None and value & _ARRIVAL_MASK < cutoff:
+                del entries[key]
+        return len(old)
+
+    def warm_up(self, budget: int) -> int:
+        """Load up to ``budget`` leaves into the cache; how many it loaded."""
+        loaded = 0
+        with contextlib.suppress(AttributeError):  # an empty tree has no first leaf
+            leaf = self._entries._firstbucket
+            while leaf is not None and loaded < budget:
+                leaf._p_activate()
+                loaded += 1
+                leaf = leaf._next
+        return loaded
+
+    def size(self) -> int:
+        """How many entries (walks every leaf: for tests and tools, not deliveries)."""
+        return len(self._entries)
+
+
+def _seconds(when: float) -> int:
+    """Whole seconds since the epoch, as the ledger keeps them (32 bits: until 2106)."""
+    return min(max(int(when), 0), _ARRIVAL_MASK)
+
+
+def _ledger_hash(salt: bytes, message_id: str, recipient: str) -> tuple[int, int]:
+    """(signed 64-bit key, 31-bit check) of a (Message-Id, recipient) pair."""
+    text = f"{message_id.strip()}\x00{recipient.strip().lower()}"
+    digest = hashlib.blake2b(
+        text.encode("utf-8", "surrogatepass"), digest_size=12, key=salt
+    ).digest()
+    return int.from_bytes(digest[:8], "big", signed=True), int.from_bytes(digest[8:], "big") >> 1

@@ -1,0 +1,223 @@
+"""A queue's messages and the claims on them: what is waiting, who holds what.
+
+Four of the queue's attributes are this state, and only this part reads
+or writes them:
+
+- ``_messages``: ``MessageTree`` key -> ``MessageRecord``, FIFO by key;
+- ``_length``: ``Length``, the messages waiting (not claimed by anybody);
+- ``_holders``: ``LOBTree`` key -> (lease end, holder id) of claimed messages;
+- ``_claims``: ``OOTreeSet`` of (lease end, key): the same claims by age,
+  for leases that ran out and for cleaning up consumed records.
+
+A :class:`Fifo` is a plain object over those trees, made afresh whenever
+it is needed (``Queue.fifo``): the queue's pickled state stays the trees
+themselves, as the databases already written hold them.  Claimers
+(``postoffice.store.claims``) write claims through it in their own
+connection; consumers read it in theirs, and write only ``done`` of a
+record they hold, so a consumer's commit never conflicts with a claim.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from typing import Any
+
+from BTrees.Length import Length
+from BTrees.LOBTree import LOBTree
+from BTrees.OOBTree import OOTreeSet
+
+from postoffice.errors import QueueEmpty
+from postoffice.store.records import PRUNE_BATCH, MessageRecord, MessageTree, new_key
+
+
+class Fifo:
+    """The FIFO and claims state of one queue, over the queue's own trees."""
+
+    def __init__(
+        self, messages: MessageTree, length: Length, holders: LOBTree, claims: OOTreeSet
+    ) -> None:
+        self._messages = messages
+        self._length = length
+        self._holders = holders
+        self._claims = claims
+
+    # -- adding and reading ------------------------------------------------------
+
+    def append(self, raw: bytes, now: float, use_blob: bool) -> tuple[int, MessageRecord]:
+        """A new waiting message at the tail; its key and record."""
+        key = new_key(now)
+        record = MessageRecord(raw, now, use_blob)
+        self._messages[key] = record
+        self._length.change(1)
+        return key, record
+
+    def record(self, key: int) -> MessageRecord | None:
+        return self._messages.get(key)
+
+    def holder_of(self, key: int) -> tuple[float, str] | None:
+        """(lease end, holder) of the claim on a message, in this snapshot."""
+        claim: tuple[float, str] | None = self._holders.get(key)
+        return claim
+
+    def is_waiting(self, key: int, record: MessageRecord, now: float) -> bool:
+        """Poppable: not consumed, and not held by a consumer whose lease still runs."""
+        if record.done:
+            return False
+        claim = self.holder_of(key)
+        return claim is None or claim[0] <= now
+
+    def waiting(self, now: float) -> Iterator[tuple[int, MessageRecord]]:
+        """(key, record) of each poppable message, oldest first (read only)."""
+        for key, record in self._messages.items():
+            if self.is_waiting(key, record, now):
+                yield key, record
+
+    def first_waiting(self, now: float, limit: int, jar: Any = None) -> list[int]:
+        """Keys of the first ``limit`` poppable messages in this snapshot.
+
+        Records not loaded yet are asked of ``jar`` a chunk at a time:
+        through ZEO that is one round trip for the chunk instead of one per
+        record.
+        """
+        found: list[int] = []
+        items = iter(self._messages.items())
+        while len(found) < limit:
+            chunk = list(itertools.islice(items, limit))
+            if not chunk:
+                break
+            if jar is not None:
+                jar.prefetch(record for _key, record in chunk if record._p_changed is None)
+            found.extend(k for k, record in chunk if self.is_waiting(k, record, now))
+        return found[:limit]
+
+    # -- how many wait -------------------------------------------------------------
+
+    def count_waiting(self, now: float, mine: dict[int, bool]) -> int:
+        """Messages waiting to be popped, as a consumer sees them.
+
+        ``mine`` are the keys this consumer claimed, popped or gave back,
+        and whether each waits now (``Claimer.now_waiting``): in this
+        snapshot they still look as they were when it began.  O(1) in the
+        usual case: the ``Length`` of unclaimed messages, corrected for
+        ``mine``, plus claims whose lease ran out (their consumer died;
+        normally none, found in O(log n)).
+        """
+        count: int = self._length()
+        count += len(self.expired_claims(now) - mine.keys())
+        for key, waiting in mine.items():
+            record = self._messages.get(key)
+            if record is None:
+                continue
+            if self.holder_of(key) is None:
+                count -= 1  # unclaimed in the snapshot: its Length counts it
+            if waiting and not record.done:
+                count += 1
+        return max(count, 0)
+
+    def expired_claims(self, now: float) -> set[int]:
+        """Keys whose lease ended before ``now`` (read only, in this snapshot)."""
+        found: set[int] = set()
+        if not self._claims:  # the truth of a tree is O(1)
+            return found
+        for until, key in self._claims:
+            if until > now:
+                break
+            record = self._messages.get(key)
+            claim = self.holder_of(key)
+            if record is not None and not record.done and claim and claim[0] == until:
+                found.add(key)
+        return found
+
+    # -- consuming -----------------------------------------------------------------
+
+    def mark_done(self, key: int) -> MessageRecord:
+        """Consume a message the caller holds (the consumer's only write); its record.
+
+        KeyError when there is no such record.
+        """
+        record: MessageRecord = self._messages[key]
+        record.done = True
+        return record
+
+    def pop_unattached(self) -> tuple[int, MessageRecord]:
+        """A queue not yet in a database (tests, scripts): plain FIFO, no claims."""
+        for key, record in self._messages.items():
+            if not record.done:
+                del self._messages[key]
+                self._length.change(-1)
+                return key, record
+        raise QueueEmpty("the queue is empty")
+
+    # -- claims (written by claimers, in their own connection) ---------------------
+
+    def claimable(self, key: int, holder: str, now: float) -> tuple[MessageRecord, bool] | None:
+        """The record if ``holder`` may claim it, and whether it holds it already.
+
+        Not when it is consumed, gone, or held by another whose lease runs.
+        """
+        record = self._messages.get(key)
+        if record is None or record.done:
+            return None
+        claim = self.holder_of(key)
+        ours = claim is not None and claim[1] == holder
+        if claim is not None and claim[0] > now and not ours:
+            return None
+        return record, ours
+
+    def take(self, key: int, holder: str, until: float) -> None:
+        """Claim a message for ``holder`` until ``until``.
+
+        A claim already there (a lease that ran out, or the holder's own)
+        is moved; an unclaimed message stops counting as waiting.
+        """
+        claim = self.holder_of(key)
+        if claim is not None:
+            self._claims.discard((claim[0], key))
+        else:
+            self._length.change(-1)
+        self._holders[key] = (until, holder)
+        self._claims.add((until, key))
+
+    def give_back(self, key: int, holder: str) -> bool:
+        """End ``holder``'s claim on a message it did not consume; False if it has none."""
+        record = self._messages.get(key)
+        claim = self.holder_of(key)
+        if record is None or record.done or claim is None or claim[1] != holder:
+            return False
+        del self._holders[key]
+        self._claims.discard((claim[0], key))
+        self._length.change(1)
+        return True
+
+    def claim_count(self) -> int:
+        """Claims kept, consumed ones included until :meth:`cleanup` removes them."""
+        return len(self._claims)
+
+    def cleanup(self, holder: str, now: float, limit: int = PRUNE_BATCH) -> int:
+        """Remove up to ``limit`` consumed records, oldest claims first.
+
+        Only records ``holder`` claimed, or whose lease has ended, so two
+        consumers cleaning at once do not fight over one record.  Runs in a
+        claimer's transaction: it writes only what claimers write.
+        """
+        claims, holders = self._claims, self._holders
+        removed = 0
+        for until, key in list(itertools.islice(claims, limit * 4)):
+            if removed >= limit:
+                break
+            claim = holders.get(key)
+            if claim is None or claim[0] != until:
+                claims.remove((until, key))  # a stale index entry
+                continue
+            if claim[1] != holder and until > now:
+                continue
+            record = self._messages.get(key)
+            if record is not None and not record.done:
+                continue
+            if record is not None:
+                del self._messages[key]
+                removed += 1
+            del holders[key]
+            claims.remove((until, key))
+        return removed

@@ -1,0 +1,143 @@
+"""The queues folder at ``zodb_path``: every queue, and the dead letters.
+
+Layout::
+
+    QueuesFolder
+      queues: OOBTree  name -> Queue
+      dead_letters: LOBTree  id -> DeadLetter   (mail we failed to decide)
+      dead_letter_count: Length
+
+Also what the depot needs of it: finding (or creating) it under the root,
+reconciling its queues with the configuration, and the read-only view
+:class:`FolderState` that ``decide`` asks its questions of.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from BTrees.Length import Length
+from BTrees.LOBTree import LOBTree
+from BTrees.OOBTree import OOBTree
+from persistent import Persistent
+from persistent.mapping import PersistentMapping
+
+from postoffice.decide import ThrottleView
+from postoffice.errors import ConfigError
+from postoffice.store.queue import Queue
+from postoffice.store.records import PICKLED_MODULE, DeadLetter, new_key
+
+
+class QueuesFolder(Persistent):
+    """The container of all queues, at ``zodb_path``."""
+
+    __module__ = PICKLED_MODULE
+
+    def __init__(self) -> None:
+        self.queues = OOBTree()
+        self.dead_letters = LOBTree()
+        self.dead_letter_count = Length()
+
+    def __getitem__(self, name: str) -> Queue:
+        return self.queues[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.queues
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.queues.keys())
+
+    def __len__(self) -> int:
+        return len(self.queues)
+
+    def get(self, name: str) -> Queue | None:
+        return self.queues.get(name)
+
+    def names(self) -> list[str]:
+        return list(self.queues.keys())
+
+    def items(self) -> list[tuple[str, Queue]]:
+        return list(self.queues.items())
+
+    def add_dead_letter(
+        self,
+        raw: bytes,
+        sender: str,
+        recipients: tuple[str, ...],
+        error: str,
+        now: float,
+        keep: int,
+    ) -> int:
+        key = new_key(now)
+        self.dead_letters[key] = DeadLetter(raw, sender, recipients, error, now)
+        self.dead_letter_count.change(1)
+        while self.dead_letter_count() > keep and len(self.dead_letters):
+            del self.dead_letters[self.dead_letters.minKey()]
+            self.dead_letter_count.change(-1)
+        return key
+
+
+def find_folder(root: Any, path: str, create: bool = False) -> QueuesFolder:
+    """The QueuesFolder at ``path`` under the root mapping (created if asked)."""
+    names = [n for n in path.strip("/").split("/") if n]
+    if not names:
+        raise ConfigError("zodb_path must name at least one folder, e.g. /postoffice")
+    node = root
+    for name in names[:-1]:
+        if name not in node:
+            if not create:
+                raise KeyError(f"no {path} in the database (has postoffice serve run?)")
+            node[name] = PersistentMapping()
+        node = node[name]
+    last = names[-1]
+    if last not in node:
+        if not create:
+            raise KeyError(f"no {path} in the database (has postoffice serve run?)")
+        node[last] = QueuesFolder()
+    folder = node[last]
+    if not isinstance(folder, QueuesFolder):
+        raise ConfigError(f"{path} in the database is not a postoffice queues folder")
+    return folder
+
+
+def reconcile(folder: QueuesFolder, names: tuple[str, ...]) -> list[str]:
+    """Create queues the config names; retire those it dropped, unless they hold mail.
+
+    Returns warnings for the log: a removed queue that still holds messages
+    (or quarantined ones) is kept, so nothing is lost by editing the config.
+    """
+    warnings = []
+    for name in names:
+        if name not in folder.queues:
+            folder.queues[name] = Queue()
+    for name in list(folder.queues.keys()):
+        if name in names:
+            continue
+        queue = folder.queues[name]
+        if len(queue) or queue.count_quarantined_messages():
+            warnings.append(
+                f"queue {name!r} is no longer in the configuration but holds "
+                f"{len(queue)} messages and {queue.count_quarantined_messages()} "
+                "quarantined ones; kept until they are consumed"
+            )
+        else:
+            del folder.queues[name]
+    return warnings
+
+
+class FolderState:
+    """The read-only view of the queues that ``decide`` asks questions of."""
+
+    def __init__(self, folder: QueuesFolder) -> None:
+        self.folder = folder
+
+    def is_duplicate(self, queue: str, message_id: str, recipient: str, since: float) -> bool:
+        target = self.folder.get(queue)
+        return target is not None and target.has_delivered(message_id, recipient, since)
+
+    def throttle_view(self, queue: str, key: str, now: float, window: float) -> ThrottleView:
+        target = self.folder.get(queue)
+        if target is None:
+            return ThrottleView(None, None, 0)
+        return target.throttle_view(key, now, window)

@@ -1,0 +1,403 @@
+"""One application's queue: the persistent object, composed of its parts.
+
+``Queue`` is what ZODB stores, and its pickled state is its ``__dict__``:
+the trees and counters the databases already hold, under the names they
+hold them.  The logic is in plain helper objects over those trees, one per
+kind of state, made when a method needs them:
+
+- :class:`~postoffice.store.fifo.Fifo`: the messages, their claims, and
+  how many wait; the consumer's claimer (:mod:`postoffice.store.claims`),
+  which the queue finds through its connection, claims through it;
+- :class:`~postoffice.store.duplicates.DuplicateLedger`;
+- :class:`~postoffice.store.throttle.SenderThrottle`;
+- :class:`~postoffice.store.quarantine.Quarantine`.
+
+The methods are the consumer API of ``repoze.postoffice`` 0.25 (``len``,
+``pop_next``, ``bounce``, ``quarantine`` and the rest), and what the depot,
+the commands and the consumer API of this package call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterator
+from email.message import Message
+from typing import Any
+
+import transaction
+from BTrees.Length import Length
+from BTrees.LOBTree import LOBTree
+from BTrees.OOBTree import OOBTree, OOTreeSet
+from persistent import Persistent
+
+from postoffice import clock
+from postoffice.database import has_blobs
+from postoffice.decide import DUPLICATE_WINDOW, ThrottleView
+from postoffice.store import records
+from postoffice.store.claims import Claimer, claimer_of
+from postoffice.store.duplicates import DuplicateLedger
+from postoffice.store.fifo import Fifo
+from postoffice.store.quarantine import Quarantine, quarantine_id
+from postoffice.store.records import (
+    PICKLED_MODULE,
+    PRUNE_BATCH,
+    Ledger,
+    LedgerTimes,
+    MessageRecord,
+    MessageTree,
+    QuarantineRecord,
+)
+from postoffice.store.stored import StoredMessage, as_bytes, stored_message
+from postoffice.store.throttle import OLD_API_WINDOW, SenderThrottle, sender_of, user_key
+
+log = logging.getLogger("postoffice.store")
+
+# How many waiting messages one pop looks at to find one nobody holds.
+CANDIDATES = 64
+
+Send = Callable[[str, list[str], Message], Any]
+
+
+class Queue(Persistent):
+    """One application's FIFO queue, with its duplicate ledger and throttle state."""
+
+    __module__ = PICKLED_MODULE
+
+    def __init__(self) -> None:
+        self._messages = MessageTree()
+        self._length = Length()
+        self._holders = LOBTree()
+        self._claims = OOTreeSet()
+        self._quarantine = LOBTree()
+        self._quarantine_length = Length()
+        self._ledger = Ledger()
+        self._ledger_by_time = LedgerTimes()
+        self._ledger_salt = os.urandom(16)
+        self._senders = OOBTree()
+        self._senders_by_time = OOTreeSet()
+
+    # -- the parts -----------------------------------------------------------------
+
+    @property
+    def fifo(self) -> Fifo:
+        """The messages and their claims, in this connection's snapshot (also for claimers)."""
+        return Fifo(self._messages, self._length, self._holders, self._claims)
+
+    @property
+    def _duplicates(self) -> DuplicateLedger:
+        return DuplicateLedger(self._ledger, self._ledger_by_time, self._ledger_salt)
+
+    @property
+    def _throttle(self) -> SenderThrottle:
+        return SenderThrottle(self._senders, self._senders_by_time)
+
+    @property
+    def _quarantined(self) -> Quarantine:
+        return Quarantine(self._quarantine, self._quarantine_length)
+
+    # -- size ----------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        """Messages waiting to be popped, as this consumer sees them (O(1) usually).
+
+        What this consumer claimed, popped or gave back since its snapshot
+        began looks in that snapshot as it was before; its claimer says how
+        each stands now, and ``Fifo.count_waiting`` counts with that.
+        """
+        claimer = claimer_of(self._p_jar) if self._p_jar is not None else None
+        mine = claimer.now_waiting(self._p_oid) if claimer is not None else {}
+        return self.fifo.count_waiting(clock.now(), mine)
+
+    def __bool__(self) -> bool:
+        return len(self) > 0
+
+    # -- writing -------------------------------------------------------------------
+
+    def store(self, raw: bytes, now: float, created: list[Persistent] | None = None) -> int:
+        """Append raw bytes (already carrying our added lines); return the key.
+
+        The new record is appended to ``created`` when given: the writer
+        turns them into ghosts after its commit, so that its object cache
+        keeps the trees it reads, not the bytes of messages it never reads
+        again (up to ``BLOB_THRESHOLD`` each, ten thousand of them).
+        """
+        jar = self._p_jar
+        # Read at each store (not imported), so the bench can move the threshold.
+        use_blob = len(raw) > records.BLOB_THRESHOLD and jar is not None and has_blobs(jar.db())
+        key, record = self.fifo.append(raw, now, use_blob)
+        if created is not None:
+            created.append(record)
+        return key
+
+    def add(self, message: Message | bytes, now: float | None = None) -> int:
+        """Append a message given as an email Message or bytes (old API)."""
+        raw = message if isinstance(message, bytes) else as_bytes(message)
+        return self.store(raw, clock.now() if now is None else now)
+
+    # -- the duplicate ledger ------------------------------------------------------
+
+    def has_delivered(self, message_id: str, recipient: str, since: float) -> bool:
+        """Stored for this recipient at ``since`` or later (to the second)?"""
+        return self._duplicates.has_delivered(message_id, recipient, since)
+
+    def record_delivery(self, message_id: str, recipient: str, now: float) -> None:
+        self._duplicates.record(message_id, recipient, now)
+
+    def prune_ledger(self, before: float, limit: int = PRUNE_BATCH) -> int:
+        """Forget up to ``limit`` entries recorded before ``before``: O(log n) each."""
+        return self._duplicates.prune(before, limit)
+
+    def warm_up(self, budget: int) -> int:
+        """Load up to ``budget`` leaves of the ledger into the cache; how many it loaded."""
+        return self._duplicates.warm_up(budget)
+
+    def ledger_size(self) -> int:
+        return self._duplicates.size()
+
+    def is_duplicate(self, message: Message, now: float | None = None) -> bool:
+        """Old API: is this Message-Id already here for its X-Original-To?"""
+        message_id = (message.get("Message-Id") or "").strip()
+        recipient = (message.get("X-Original-To") or "").strip()
+        now = clock.now() if now is None else now
+        return bool(message_id) and self.has_delivered(
+            message_id, recipient, now - DUPLICATE_WINDOW
+        )
+
+    # -- throttle state ------------------------------------------------------------
+
+    def throttle_view(self, key: str, now: float, window: float) -> ThrottleView:
+        return self._throttle.view(key, now, window)
+
+    def record_arrival(
+        self, key: str, now: float, window: float, throttle_until: float | None = None
+    ) -> None:
+        """Count one arrival of this sender key; keep only what the window needs."""
+        self._throttle.record_arrival(key, now, window, throttle_until)
+
+    def set_throttle(self, key: str, until: float) -> None:
+        self._throttle.set_throttle(key, until)
+
+    def prune_senders(self, before: float, limit: int = PRUNE_BATCH) -> int:
+        """Drop sender keys with no arrival and no throttle after ``before``."""
+        return self._throttle.prune(before, limit)
+
+    # Old API, kept: ``user`` is the sender address, ``headers`` discriminator values.
+    def collect_frequency_data(
+        self, message: Message, headers: tuple[str, ...] | None = None, now: float | None = None
+    ) -> None:
+        values = tuple((message.get(h) or "").strip() for h in headers or ())
+        now = clock.now() if now is None else now
+        self.record_arrival(user_key(sender_of(message), values), now, window=OLD_API_WINDOW)
+
+    def get_instantaneous_frequency(
+        self, user: str, now: float, headers: tuple[str, ...] | None = None
+    ) -> float:
+        view = self.throttle_view(user_key(user, headers), now, OLD_API_WINDOW)
+        if view.last_arrival is None:
+            return 0.0
+        delta = now - view.last_arrival
+        return float("inf") if delta <= 0 else 60.0 / delta
+
+    def get_average_frequency(
+        self, user: str, now: float, interval: float, headers: tuple[str, ...] | None = None
+    ) -> float:
+        """Messages per minute over the last ``interval`` seconds."""
+        view = self.throttle_view(user_key(user, headers), now, interval)
+        return 60.0 * view.arrivals_in_window / interval if interval > 0 else 0.0
+
+    def throttle(self, user: str, until: float, headers: tuple[str, ...] | None = None) -> None:
+        self.set_throttle(user_key(user, headers), until)
+
+    def is_throttled(self, user: str, now: float, headers: tuple[str, ...] | None = None) -> bool:
+        until = self.throttle_view(user_key(user, headers), now, 1).throttled_until
+        return until is not None and now < until
+
+    # -- consuming -----------------------------------------------------------------
+
+    def pop_next(self) -> StoredMessage:
+        """Take the oldest waiting message, for this consumer only.
+
+        The message leaves the queue for good when the caller's transaction
+        commits; if it aborts, the message is given back at the head of the
+        queue (at this consumer's next pop, or when the connection closes).
+        Raises :class:`postoffice.QueueEmpty` (an IndexError) when nothing waits.
+        """
+        jar = self._p_jar
+        fifo = self.fifo
+        if jar is None:  # not in a database yet (tests, scripts)
+            popped, unattached = fifo.pop_unattached()
+            return stored_message(unattached.raw, popped)
+        claimer = claimer_of(jar, make=True)
+        given_back = claimer.give_back_aborted(self._p_oid, jar.transaction_manager.get())
+        now = clock.now()
+        key = None if given_back else self._claimed_ahead(claimer, fifo, now)
+        if key is None:
+            # Candidates come from this connection's snapshot; the claim looks
+            # at the newest state and skips what others took meanwhile.
+            candidates = fifo.first_waiting(now, CANDIDATES, jar)
+            # What this consumer just gave back may still look claimed here.
+            candidates.extend(key for key in given_back if key not in candidates)
+            key = claimer.claim(self._p_oid, candidates)
+        record = self._consume(claimer, key)
+        return stored_message(record.raw, key)
+
+    def _claimed_ahead(self, claimer: Claimer, fifo: Fifo, now: float) -> int | None:
+        """The oldest message this consumer claimed ahead and may still pop."""
+        while (key := claimer.take_ahead(self._p_oid, now)) is not None:
+            record = fifo.record(key)
+            if record is not None and not record.done:
+                return key
+        return None
+
+    def _consume(self, claimer: Claimer, key: int) -> MessageRecord:
+        """Mark a message this consumer holds done in its transaction (given back on abort)."""
+        record = self.fifo.mark_done(key)
+        claimer.hold_in(self._p_jar.transaction_manager.get(), self._p_oid, key)
+        return record
+
+    def _consume_held(self, key: int) -> MessageRecord | None:
+        """Consume a message if this consumer holds it (popped, not committed); its record."""
+        jar = self._p_jar
+        claimer = claimer_of(jar) if jar is not None else None
+        if claimer is None or not claimer.holds(self._p_oid, key) or self.fifo.record(key) is None:
+            return None
+        return self._consume(claimer, key)
+
+    def messages(self) -> Iterator[tuple[int, bytes, float]]:
+        """(key, raw, arrival) of each waiting message, oldest first (read only)."""
+        for key, record in self.fifo.waiting(clock.now()):
+            yield key, record.raw, record.arrived
+
+    def oldest_arrival(self) -> float | None:
+        """Arrival time of the oldest waiting message (reads no message bytes)."""
+        for _key, record in self.fifo.waiting(clock.now()):
+            return record.arrived
+        return None
+
+    def cleanup(self, holder: str = "", now: float | None = None, limit: int = PRUNE_BATCH) -> int:
+        """Remove up to ``limit`` consumed records, oldest claims first (``Fifo.cleanup``)."""
+        return self.fifo.cleanup(holder, clock.now() if now is None else now, limit)
+
+    # -- bounce and quarantine -----------------------------------------------------
+
+    def bounce(
+        self,
+        message: Message,
+        send: Send,
+        bounce_from_addr: str,
+        bounce_reason: str | None = None,
+        bounce_message: Message | None = None,
+    ) -> None:
+        """Tell the sender the message bounced, once this transaction commits."""
+        from postoffice.notices import make_bounce, mark_ours, message_sender
+
+        if bounce_reason is not None and bounce_message is not None:
+            raise ValueError("give bounce_reason or bounce_message, not both")
+        to_addr = message_sender(message)
+        if to_addr is None:
+            log.warning("bounce: message has no From address; nothing sent")
+            return
+        if bounce_message is not None:
+            bounce = bounce_message
+            mark_ours(bounce)
+        else:
+            bounce = make_bounce(message, bounce_from_addr, bounce_reason, to_addr)
+        self._send_after_commit(send, bounce_from_addr, [to_addr], bounce)
+
+    def quarantine(
+        self,
+        message: Message,
+        error: Any,
+        send: Send | None = None,
+        notice_from: str | None = None,
+    ) -> int:
+        """Move a message out of the queue, with the error, for a person to look at.
+
+        Meant for the message ``pop_next`` returned, also after the
+        transaction that popped it was aborted (the consumer loop of
+        docs/consumers.md): this consumer still holds it, so it goes to the
+        quarantine and never back into the queue once this transaction
+        commits.  Any other message is kept as a copy.  Returns the
+        quarantine id (also set as ``message.__name__``).
+        """
+        from postoffice.notices import format_error, make_notice, message_sender
+
+        if send is not None and notice_from is None:
+            raise ValueError("notice_from is required when send is given")
+        now = clock.now()
+        key = getattr(message, "postoffice_id", None)
+        key = key if isinstance(key, int) else None
+        record = self._consume_held(key) if key is not None else None
+        if record is not None:
+            kept = QuarantineRecord.from_record(record, format_error(error), now)
+        else:
+            kept = QuarantineRecord(as_bytes(message), format_error(error), now)
+        qkey = self._quarantined.add(kept, key, now)
+        with contextlib.suppress(AttributeError, TypeError):
+            message.__name__ = qkey  # type: ignore[attr-defined]
+        if send is not None and notice_from is not None:
+            to_addr = message_sender(message)
+            if to_addr is not None:
+                notice = make_notice(message, notice_from, to_addr)
+                self._send_after_commit(send, notice_from, [to_addr], notice)
+            else:
+                log.warning("quarantine: message has no From address; no notice sent")
+        return qkey
+
+    def get_quarantined_messages(self) -> Iterator[tuple[StoredMessage, str]]:
+        """(message, error text) of each quarantined message, oldest first."""
+        for key, record in self._quarantined.items():
+            yield stored_message(record.raw, key, quarantined=True), record.error
+
+    def get_quarantined_message(self, message_id: int) -> StoredMessage:
+        """One quarantined message by its id; KeyError when there is none."""
+        record = self._quarantined.get(message_id)
+        return stored_message(record.raw, int(message_id), quarantined=True)
+
+    def get_quarantine_error(self, message_id: int) -> str:
+        return str(self._quarantined.get(message_id).error)
+
+    def count_quarantined_messages(self) -> int:
+        return self._quarantined.count()
+
+    def remove_from_quarantine(self, message: Message | int) -> None:
+        """Forget a quarantined message (given as itself or by id); ValueError if absent."""
+        key = message if isinstance(message, int) else quarantine_id(message)
+        quarantined = self._quarantined
+        if key is None or key not in quarantined:
+            raise ValueError("message is not in quarantine")
+        quarantined.remove(key)
+
+    def requeue_quarantined_messages(self) -> int:
+        """Put every quarantined message back at the tail of the queue."""
+        keys = self._quarantined.ids()
+        for key in keys:
+            self.requeue_quarantined_message(key)
+        return len(keys)
+
+    def requeue_quarantined_message(self, key: int) -> int:
+        record = self._quarantined.remove(key)
+        return self.store(record.raw, clock.now())
+
+    def _send_after_commit(
+        self, send: Send, from_addr: str, to_addrs: list[str], message: Message
+    ) -> None:
+        """Side effects wait for the commit, so an aborted or retried one sends nothing.
+
+        ``send`` gets the message object, as in the old package (repoze.sendmail's
+        mailers take one); :class:`postoffice.SMTPSender` takes bytes too.
+        """
+        jar = self._p_jar
+        manager = jar.transaction_manager if jar is not None else transaction.manager
+
+        def hook(status: bool) -> None:
+            if not status:
+                return
+            try:
+                send(from_addr, list(to_addrs), message)
+            except Exception:
+                log.exception("sending to %s failed after commit", to_addrs)
+
+        manager.get().addAfterCommitHook(hook)

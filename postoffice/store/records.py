@@ -1,0 +1,212 @@
+"""What the depot keeps in ZODB besides its containers: records, trees, keys.
+
+The small persistent records (a queued message, a quarantined one, a dead
+letter), the BTree subclasses with small nodes that every delivery writes
+to, and the keys of the FIFO and of the ledger's time index.
+
+Every persistent class here sets ``__module__ = "postoffice.store"``: a
+ZODB record names its class by module and name, and the databases written
+before the store became a package name ``postoffice.store.MessageRecord``
+and so on.  The package re-exports each class under that name, so those
+records load, and new ones are written exactly as before
+(``tests/test_store_format.py`` pins both).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+
+from BTrees.LLBTree import LLBTree
+from BTrees.LOBTree import LOBTree
+from persistent import Persistent
+from ZODB.blob import Blob
+
+from postoffice import clock
+
+# The module under which the persistent classes were first pickled.
+PICKLED_MODULE = "postoffice.store"
+
+# Messages up to this size are kept inline in their record; bigger ones in a
+# blob file.  Measured: see docs/performance.md ("inline or blob").
+BLOB_THRESHOLD = 256 * 1024
+# Bounded work per write, so pruning never makes one delivery slow.
+PRUNE_BATCH = 64
+# Node sizes of the trees every delivery writes to (``MessageTree``,
+# ``Ledger``, ``LedgerTimes``): a commit writes a whole leaf again, and the
+# node above it at a split, so small nodes keep those writes small.
+SMALL_LEAF_SIZE = 32
+SMALL_INTERNAL_SIZE = 64
+
+# --- keys -------------------------------------------------------------------
+#
+# Keys of a queue's messages come from the clock, not from ``max(keys) + 1``:
+# ``microseconds << 10 | salt``, the salt random per process, so two writers
+# in different processes practically never pick the same key, and when they
+# do the BTree's conflict makes one of them retry.
+
+_SALT = random.SystemRandom().getrandbits(10)
+_key_lock = threading.Lock()
+_last_key = 0
+
+
+def new_key(now: float | None = None) -> int:
+    """A FIFO key: the arrival time in microseconds, shifted, plus this process's salt.
+
+    Ascending within a process also when ``now`` repeats or goes back.
+    """
+    global _last_key
+    micros = int((clock.now() if now is None else now) * 1_000_000)
+    with _key_lock:
+        base = max(micros, (_last_key >> 10) + 1)
+        _last_key = (base << 10) | _SALT
+        return _last_key
+
+
+_time_lock = threading.Lock()
+_last_time = -(1 << 62)
+
+
+def time_key(now: float) -> int:
+    """A ledger time key: ``microseconds << 10 | salt``, ascending within a process.
+
+    Unlike :func:`new_key` it never runs ahead of ``now`` by more than the
+    keys of one second: a caller going back in time (tests do; a clock may)
+    gets keys at its own time, and the ledger moves on from one that is
+    taken.
+    """
+    global _last_time
+    micros = int(now * 1_000_000)
+    with _time_lock:
+        if 0 <= _last_time - micros < 1_000_000:
+            micros = _last_time + 1
+        _last_time = micros
+    return micros << 10 | _SALT
+
+
+# --- records ----------------------------------------------------------------
+
+
+class _Bytes:
+    """The bytes of a message kept inline (``data``) or in a blob file (``blob``)."""
+
+    data: bytes | None = None
+    blob: Blob | None = None
+
+    @property
+    def raw(self) -> bytes:
+        if self.data is not None:
+            return self.data
+        assert self.blob is not None
+        with self.blob.open("r") as handle:
+            return handle.read()
+
+
+class MessageRecord(Persistent, _Bytes):
+    """One queued message: bytes inline, or a blob for big ones, and ``done``.
+
+    After it is stored only one transaction ever writes a record: the one
+    of the consumer holding the claim on it, setting ``done``.  Claims live
+    in the queue's own trees, written by the claimers, so a consumer's commit
+    never conflicts with anybody's claim, on any storage (MappingStorage
+    resolves no conflicts at all).
+    """
+
+    __module__ = PICKLED_MODULE
+
+    arrived: float = 0.0
+    done: bool = False
+
+    def __init__(self, raw: bytes, arrived: float, use_blob: bool) -> None:
+        self.arrived = arrived
+        if use_blob:
+            blob = Blob()
+            with blob.open("w") as handle:
+                handle.write(raw)
+                handle.flush()
+                # ZODB renames blob files into place without syncing them.
+                os.fsync(handle.fileno())
+            self.blob = blob
+        else:
+            self.data = raw
+
+
+class QuarantineRecord(Persistent, _Bytes):
+    """A message set aside with its error; a big one shares its record's blob."""
+
+    __module__ = PICKLED_MODULE
+
+    def __init__(self, raw: bytes | None, error: str, when: float) -> None:
+        self.data = raw
+        self.error = error
+        self.when = when
+
+    @classmethod
+    def from_record(cls, record: MessageRecord, error: str, when: float) -> QuarantineRecord:
+        if record.data is not None:
+            return cls(record.data, error, when)
+        kept = cls(None, error, when)
+        kept.blob = record.blob
+        return kept
+
+
+class DeadLetter(Persistent):
+    """Mail the decision failed on: kept with its traceback instead of lost."""
+
+    __module__ = PICKLED_MODULE
+
+    def __init__(
+        self, raw: bytes, sender: str, recipients: tuple[str, ...], error: str, when: float
+    ) -> None:
+        self.data = raw
+        self.sender = sender
+        self.recipients = recipients
+        self.error = error
+        self.when = when
+
+
+# --- trees with small nodes -------------------------------------------------
+
+
+class MessageTree(LOBTree):
+    """A queue's messages, FIFO by key: appended to at the end, consumed from the front.
+
+    Every commit writes its last leaf again, and at every split the node
+    above it: LOBTree's nodes of up to 500 children made that a write of
+    12 KiB every 30 messages once a queue held tens of thousands
+    (docs/performance.md).  Smaller nodes make both writes small.
+    """
+
+    __module__ = PICKLED_MODULE
+
+    max_leaf_size = SMALL_LEAF_SIZE
+    max_internal_size = SMALL_INTERNAL_SIZE
+
+
+class Ledger(LLBTree):
+    """The duplicate ledger's main tree: 64-bit key -> check and arrival.
+
+    Its keys are hashes, so every delivery adds to a random leaf, and the
+    whole leaf is written again at the commit.  Smaller leaves than
+    LLBTree's 120 entries make that write smaller (measured:
+    docs/performance.md, "What was changed").
+    """
+
+    __module__ = PICKLED_MODULE
+
+    max_leaf_size = SMALL_LEAF_SIZE
+    max_internal_size = SMALL_INTERNAL_SIZE
+
+
+class LedgerTimes(LLBTree):
+    """The ledger's time index: appended to in time order, pruned from the front.
+
+    Every commit writes its last leaf again, and the node above it at every
+    split; small nodes keep both writes small.
+    """
+
+    __module__ = PICKLED_MODULE
+
+    max_leaf_size = SMALL_LEAF_SIZE
+    max_internal_size = SMALL_INTERNAL_SIZE
