@@ -244,7 +244,7 @@ def inline_or_blob(plan: Plan, base: Path, log: Log) -> list[dict[str, Any]]:
 
     Straight through ``Depot.deliver_batch`` (no LMTP), one message a
     commit and ``BLOB_BATCH`` a commit, for the sizes around the
-    threshold in ``postoffice/store.py``.
+    threshold in ``postoffice/store/records.py``.
     """
     results = []
     for size in BLOB_SIZES:

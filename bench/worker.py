@@ -95,17 +95,17 @@ def inline_or_blob(config_path: str, size: int, count: int, batch: int) -> dict[
     import shutil
     from pathlib import Path
 
-    import postoffice.store
+    import postoffice.store.records
 
     base = Path(config_path).parent
     settings = load(config_path)
     results: dict[str, object] = {"size": size, "count": count, "batch": batch}
-    saved = postoffice.store.BLOB_THRESHOLD
+    saved = postoffice.store.records.BLOB_THRESHOLD
     try:
         for label, threshold in (("inline", size * 2), ("blob", 0)):
             var = base / "var"
             shutil.rmtree(var, ignore_errors=True)
-            postoffice.store.BLOB_THRESHOLD = threshold
+            postoffice.store.records.BLOB_THRESHOLD = threshold
             depot = Depot(settings)
             try:
                 depot.prepare()
@@ -128,7 +128,7 @@ def inline_or_blob(config_path: str, size: int, count: int, batch: int) -> dict[
                 "blob_bytes_per_message": blobs / count,
             }
     finally:
-        postoffice.store.BLOB_THRESHOLD = saved
+        postoffice.store.records.BLOB_THRESHOLD = saved
     return results
 
 
