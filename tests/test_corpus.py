@@ -14,53 +14,45 @@ the header and body decoding paths all run against hostile input.
 
 from __future__ import annotations
 
-import csv
-import os
-import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from postoffice import open_queue
-from postoffice.config import Settings, loads
+from postoffice.config import Settings
 from postoffice.decide import Action, Envelope, Rule, ThrottleView, decide
 from postoffice.deliver import Depot
 from postoffice.message import ParsedMessage, added_headers, line_ending, to_email_message
+from tests.helpers import (
+    PYTHON_CORPUS,
+    SHARED_CORPUS,
+    T0,
+    in_ci,
+    python_corpus,
+    settings_for,
+    shared_corpus,
+)
 
-T0 = 1_700_000_000.0
-
-
-def _shared_corpus_folder() -> Path:
-    """``$POSTOFFICE_CORPUS`` (another copy, a bigger corpus), else the copy in tests/corpus."""
-    if os.environ.get("POSTOFFICE_CORPUS"):
-        return Path(os.environ["POSTOFFICE_CORPUS"])
-    return Path(__file__).resolve().parent / "corpus"
-
-
-SHARED_CORPUS = _shared_corpus_folder()
-PYTHON_CORPUS = Path(sysconfig.get_paths()["stdlib"]) / "test" / "test_email" / "data"
-
-CONFIG = """\
-[post office]
-zodb_uri = {uri}
-ooo_loop_frequency = 1
-ooo_loop_headers = Subject
-reject_filters =
-    header_regexp: X-Corpus-Reject: yes
-    body_regexp: ^this line rejects the message$
-    to_hostname: .rejected.example
-
-[queue:Never]
-filters =
-    to_hostname: a.example;headers=X-Original-To
-    header_regexp: Subject: .*(?<!\\w)never(?!\\w)
-    body_regexp: (?i)^\\s*never ever\\s*$
-
-[queue:A]
-filters =
-    to_hostname: .a.example
-"""
+# Every filter type on every message: the header and body decoding paths all run.
+DEPOT: dict[str, Any] = {
+    "ooo_loop_frequency": 1,
+    "ooo_loop_headers": "Subject",
+    "reject_filters": [
+        "header_regexp: X-Corpus-Reject: yes",
+        "body_regexp: ^this line rejects the message$",
+        "to_hostname: .rejected.example",
+    ],
+    "queues": {
+        "Never": [
+            "to_hostname: a.example;headers=X-Original-To",
+            r"header_regexp: Subject: .*(?<!\w)never(?!\w)",
+            r"body_regexp: (?i)^\s*never ever\s*$",
+        ],
+        "A": "to_hostname: .a.example",
+    },
+}
 
 # Recipients tried with ``decide``: queue A, no queue, a reject filter, IDN.
 RECIPIENTS = (
@@ -69,23 +61,6 @@ RECIPIENTS = (
     "x@rejected.example",
     "r@bücher.a.example",
 )
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() == "true"
-
-
-def python_corpus() -> list[Path]:
-    return sorted(PYTHON_CORPUS.glob("msg_*.txt")) if PYTHON_CORPUS.is_dir() else []
-
-
-def shared_corpus() -> list[Path]:
-    manifest = SHARED_CORPUS / "MANIFEST.tsv"
-    if not manifest.is_file():
-        return []
-    with manifest.open(newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle, delimiter="\t"))
-    return [SHARED_CORPUS / row["file"] for row in rows]
 
 
 PYTHON_FILES = python_corpus()
@@ -102,12 +77,15 @@ class NoHistory:
         return ThrottleView(None, None, 0)
 
 
+def corpus_depot(folder: Path) -> Depot:
+    depot = Depot(settings_for(folder, **DEPOT))
+    depot.prepare()
+    return depot
+
+
 @pytest.fixture(scope="module")
 def depot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Depot]:
-    folder = tmp_path_factory.mktemp("corpus-depot")
-    uri = f"file://{folder}/Data.fs?blobstorage_dir={folder}/blobs"
-    one = Depot(loads(CONFIG.format(uri=uri), folder / "postoffice.ini"))
-    one.prepare()
+    one = corpus_depot(tmp_path_factory.mktemp("corpus-depot"))
     yield one
     one.close()
 

@@ -51,7 +51,18 @@ from postoffice import pipe as pipe_module
 from postoffice.lmtp import LmtpServer
 from postoffice.message import to_email_message
 from postoffice.store import find_folder, open_db
-from tests.test_corpus import PYTHON_CORPUS, SHARED_CORPUS, in_ci, python_corpus, shared_corpus
+from tests.helpers import (
+    ENVELOPE,
+    HERE_URI,
+    PYTHON_CORPUS,
+    SHARED_CORPUS,
+    client,
+    config_text,
+    in_ci,
+    python_corpus,
+    shared_corpus,
+    wait_for,
+)
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -60,34 +71,25 @@ SENDER = "sender@outside.test"
 # Every queue and rule type is exercised on every message: Alpha takes the
 # envelope recipient alone, Beta reads To and Cc too, Headers needs a
 # header and a body regexp, the reject filters read headers and every text part.
-CONFIG = """\
-[post office]
-zodb_uri = file://%(here)s/var/Data.fs?blobstorage_dir=%(here)s/var/blobs
-max_message_size = {limit}
-reject_filters =
-    header_regexp: Subject: .*REJECT-ME
-    body_regexp: ^reject this body$
-    to_hostname: .rejected.test
-
-[lmtp]
-listen = unix:%(here)s/lmtp.sock
-max_sessions = 8
-idle_timeout = 120
-
-[queue:Headers]
-filters =
-    to_hostname: headers.test;headers=X-Original-To
-    header_regexp: Subject: .*never-ever
-    body_regexp: (?i)^\\s*never ever\\s*$
-
-[queue:Alpha]
-filters =
-    to_hostname: alpha.test;headers=X-Original-To
-
-[queue:Beta]
-filters =
-    to_hostname: .beta.test
-"""
+CONFIG = config_text(
+    HERE_URI,
+    max_message_size=LIMIT,
+    reject_filters=[
+        "header_regexp: Subject: .*REJECT-ME",
+        "body_regexp: ^reject this body$",
+        "to_hostname: .rejected.test",
+    ],
+    lmtp={"listen": "unix:%(here)s/lmtp.sock", "max_sessions": 8, "idle_timeout": 120},
+    queues={
+        "Headers": [
+            "to_hostname: headers.test" + ENVELOPE,
+            "header_regexp: Subject: .*never-ever",
+            r"body_regexp: (?i)^\s*never ever\s*$",
+        ],
+        "Alpha": "to_hostname: alpha.test" + ENVELOPE,
+        "Beta": "to_hostname: .beta.test",
+    },
+)
 RECIPIENTS = (
     "a@alpha.test",  # always Alpha (or a rule refuses or discards it)
     "b@beta.test",  # Beta
@@ -193,12 +195,6 @@ def reply(lmtp: smtplib.LMTP) -> tuple[int, str]:
     return code, text.decode("utf-8", "replace")
 
 
-def connect(sock: Path) -> smtplib.LMTP:
-    lmtp = smtplib.LMTP(str(sock), local_hostname="client.test", timeout=30)
-    assert lmtp.ehlo()[0] == 250
-    return lmtp
-
-
 def transact(
     lmtp: smtplib.LMTP, sender: str, recipients: Sequence[str], message: bytes
 ) -> Sent | None:
@@ -293,7 +289,7 @@ def lmtp_depot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LmtpDepot]:
     """One server for the whole module: hostile mail must not wear it down."""
     folder = tmp_path_factory.mktemp("hostile-lmtp")
     path = folder / "postoffice.ini"
-    path.write_text(CONFIG.format(limit=LIMIT))
+    path.write_text(CONFIG)
     settings_ = config.load(path)
     db = open_db(settings_.zodb_uri)
     server = LmtpServer(settings_, settings_path=path, db=db, grace=5).start()
@@ -301,7 +297,7 @@ def lmtp_depot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LmtpDepot]:
     try:
         yield depot
         # Still up and serving, with no session left behind.
-        lmtp = connect(depot.sock)
+        lmtp = client(depot.sock, timeout=30)
         since = time.time()
         good = b"From: a@outside.test\r\nMessage-Id: <after-all@outside.test>\r\n\r\nok\r\n"
         sent = transact(lmtp, SENDER, ["a@alpha.test"], good)
@@ -311,7 +307,7 @@ def lmtp_depot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LmtpDepot]:
         print("\nhostile input over LMTP, replies after DATA:")
         for what, count in sorted(depot.checked.items()):
             print(f"  {what}: {count}")
-        _wait(lambda: not server.sessions, 5, "sessions to close")
+        wait_for(lambda: not server.sessions, 5, "sessions to close")
         # Nothing was an internal error in disguise (kept as a dead letter).
         connection = db.open()
         try:
@@ -321,14 +317,6 @@ def lmtp_depot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LmtpDepot]:
     finally:
         server.stop()
         db.close()
-
-
-def _wait(check: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 # --- generated mail ---------------------------------------------------------------------
@@ -683,7 +671,7 @@ def test_generated_mail_over_lmtp(
     lmtp_depot: LmtpDepot, message: bytes, sender: str, recipients: list[str]
 ) -> None:
     since = time.time()
-    lmtp = connect(lmtp_depot.sock)
+    lmtp = client(lmtp_depot.sock, timeout=30)
     try:
         lmtp_depot.check(sender, transact(lmtp, sender, recipients, message), since, "generated")
         lmtp.quit()
@@ -716,7 +704,7 @@ def test_corpus_over_lmtp_as_it_is_and_as_postfix_sends_it(
 ) -> None:
     """Every corpus message, twice, in one session: the session must last the whole corpus."""
     files = corpus_files(which)
-    lmtp = connect(lmtp_depot.sock)
+    lmtp = client(lmtp_depot.sock, timeout=30)
     since = time.time()
     queued_files = 0
     for number, path in enumerate(files):
@@ -764,7 +752,7 @@ class PipeDepot:
 def pipe_depot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PipeDepot]:
     folder = tmp_path_factory.mktemp("hostile-pipe")
     path = folder / "postoffice.ini"
-    path.write_text(CONFIG.format(limit=LIMIT))
+    path.write_text(CONFIG)
     depot = PipeDepot(folder, path, config.load(path).zodb_uri)
     yield depot
     print(f"\nhostile input through the pipe ({depot.runs} processes):")
