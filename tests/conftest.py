@@ -9,6 +9,7 @@ import pytest
 
 from postoffice import config
 from postoffice.lmtp import LmtpServer
+from tests.helpers import write_lmtp_config
 from tests.integration.nobody import find_nobody_command
 
 
@@ -20,13 +21,11 @@ def nobody_command(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
 
 @pytest.fixture
 def start(tmp_path: Path) -> Iterator[Callable[..., LmtpServer]]:
-    """Start LmtpServers in threads from test_lmtp's config under tmp_path; stop them after."""
-    from tests.test_lmtp import write_config
-
+    """Start LmtpServers in threads from ``write_lmtp_config`` under tmp_path; stop them after."""
     servers: list[LmtpServer] = []
 
     def run(folder: Path = tmp_path, **options: object) -> LmtpServer:
-        path = write_config(folder, **options)  # type: ignore[arg-type]
+        path = write_lmtp_config(folder, **options)  # type: ignore[arg-type]
         server = LmtpServer(config.load(path), settings_path=path, grace=5)
         servers.append(server.start())
         return server

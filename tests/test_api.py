@@ -8,8 +8,6 @@ that records what it is given (any callable is a valid ``send``).
 from __future__ import annotations
 
 import contextlib
-import glob
-import os
 import sys
 from collections.abc import Iterator
 from email.message import Message
@@ -17,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import test.test_email
 import transaction
 import ZODB
 from persistent.list import PersistentList
@@ -25,45 +22,15 @@ from ZODB.FileStorage import FileStorage
 
 from postoffice import Queue, QueueEmpty, find_queue, open_queue
 from postoffice.api import Closer
-from postoffice.config import loads
 from postoffice.database import open_db
 from postoffice.deliver import Depot
 from postoffice.store import find_folder
-
-CONFIG = """\
-[post office]
-zodb_uri = {uri}
-
-[queue:A]
-filters =
-    to_hostname: a.example
-
-[queue:B]
-filters =
-    to_hostname: b.example
-"""
-
-
-def uri_for(folder: Path) -> str:
-    return f"file://{folder}/Data.fs?blobstorage_dir={folder}/blobs"
-
-
-def message(
-    number: int, subject: str | None = None, sender: str = "sender@outside.example"
-) -> bytes:
-    return (
-        f"From: Sender <{sender}>\r\n"
-        "To: rcpt@a.example\r\n"
-        f"Message-Id: <{number}@outside.example>\r\n"
-        f"Subject: {subject or f'number {number}'}\r\n"
-        "\r\n"
-        f"Body {number}.\r\n"
-    ).encode()
+from tests.helpers import message, python_corpus, settings_for, uri_for
 
 
 @pytest.fixture
 def depot(tmp_path: Path) -> Iterator[Depot]:
-    one = Depot(loads(CONFIG.format(uri=uri_for(tmp_path)), tmp_path / "postoffice.ini"))
+    one = Depot(settings_for(tmp_path))
     one.prepare()
     yield one
     one.close()
@@ -193,16 +160,11 @@ def test_messages_read_back_as_the_stored_bytes_with_decoded_headers(depot: Depo
     assert popped.get_content().rstrip() == "Body 1."
 
 
-def _corpus() -> list[str]:
-    folder = os.path.join(os.path.dirname(test.test_email.__file__), "data")
-    return sorted(glob.glob(os.path.join(folder, "msg_*.txt")))
-
-
-@pytest.mark.skipif(not _corpus(), reason="no email test corpus in this Python")
+@pytest.mark.skipif(not python_corpus(), reason="no email test corpus in this Python")
 def test_every_corpus_message_reads_back_byte_for_byte(depot: Depot) -> None:
     """email's own generator would refold headers and rewrite boundaries: ours must not."""
     db = depot.db()
-    originals = [Path(path).read_bytes() for path in _corpus()]
+    originals = [path.read_bytes() for path in python_corpus()]
     with open_queue(db, "A") as queue:
         for raw in originals:
             queue.add(raw)
@@ -242,7 +204,7 @@ def test_the_spec_loop_quarantines_a_failure_and_consumes_the_rest(
     tmp_path: Path, depot: Depot
 ) -> None:
     for number in range(4):
-        deliver(depot, message(number, subject="poison" if number == 1 else None))
+        deliver(depot, message(number, subject="poison" if number == 1 else f"number {number}"))
     depot.close()
     processed = []
 
@@ -281,7 +243,7 @@ def test_the_batched_loop_of_the_docs_does_every_message_once_and_quarantines_a_
 ) -> None:
     """docs/consumers.md: ten pops a commit, one at a time again after a failure."""
     for number in range(25):
-        deliver(depot, message(number, subject="poison" if number == 13 else None))
+        deliver(depot, message(number, subject="poison" if number == 13 else f"number {number}"))
     depot.close()
     with open_queue(uri_for(tmp_path), "A") as queue:
         root = queue._p_jar.root()

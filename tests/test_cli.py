@@ -14,29 +14,16 @@ import transaction
 
 from postoffice import cli, config, open_queue
 from postoffice.deliver import Depot
+from tests.helpers import HERE_URI, config_text, message
 
-CONFIG = """\
-[post office]
-zodb_uri = file://%(here)s/var/Data.fs?blobstorage_dir=%(here)s/var/blobs
-maildir = %(here)s/Maildir
-reject_filters =
-    to_hostname: .refused.example
-
-[queue:A]
-filters =
-    to_hostname: a.example
-
-[queue:B]
-filters =
-    to_hostname: b.example
-"""
+CONFIG = config_text(
+    HERE_URI, maildir="%(here)s/Maildir", reject_filters=["to_hostname: .refused.example"]
+)
 
 
-def message(n: int, to: str = "user@a.example", extra: str = "") -> bytes:
-    return (
-        f"From: sender@outside.example\nTo: {to}\nSubject: number {n}\n"
-        f"Message-Id: <{n}@outside.example>\n{extra}\nbody {n}\n"
-    ).encode()
+def maildir_message(n: int, to: str = "user@a.example") -> bytes:
+    """A message as a Maildir or the command's standard input holds it: LF line ends."""
+    return message(n, sender="sender@outside.example", to=to, body=f"body {n}\n", eol="\n")
 
 
 @pytest.fixture
@@ -113,8 +100,8 @@ def test_unreachable_database_is_one_line_exit_75(tmp_path: Path) -> None:
 def test_queues_lists_depth_and_quarantine(cfg: Path) -> None:
     settings = config.load(cfg)
     depot = Depot(settings)
-    depot.deliver("s@outside.example", ["user@a.example"], message(1))
-    depot.deliver("s@outside.example", ["user@a.example"], message(2))
+    depot.deliver("s@outside.example", ["user@a.example"], maildir_message(1))
+    depot.deliver("s@outside.example", ["user@a.example"], maildir_message(2))
     depot.close()
     with open_queue(settings.zodb_uri, "A") as queue:
         popped = queue.pop_next()
@@ -134,7 +121,7 @@ def test_quarantine_list_show_requeue_delete(cfg: Path) -> None:
     settings = config.load(cfg)
     depot = Depot(settings)
     for n in (1, 2):
-        depot.deliver("s@outside.example", ["user@a.example"], message(n))
+        depot.deliver("s@outside.example", ["user@a.example"], maildir_message(n))
     depot.close()
     with open_queue(settings.zodb_uri, "A") as queue:
         for _ in range(2):
@@ -169,7 +156,7 @@ def test_quarantine_of_unknown_queue_names_known_ones(cfg: Path) -> None:
 
 def test_try_prints_decision_and_stores_nothing(cfg: Path, tmp_path: Path) -> None:
     eml = tmp_path / "m.eml"
-    eml.write_bytes(message(7))
+    eml.write_bytes(maildir_message(7))
     assert run("-C", str(cfg), "check").returncode == 0
     result = run(
         "-C",
@@ -200,9 +187,11 @@ def make_maildir(path: Path, messages: list[bytes]) -> mailbox.Maildir:
 
 def test_import_maildir_decides_queues_and_archives(cfg: Path, tmp_path: Path) -> None:
     """The old cron script: X-Original-To is the recipient; everything decided is archived."""
-    accepted = b"X-Original-To: user@a.example\nReturn-Path: <s@outside.example>\n" + message(1)
-    refused = b"X-Original-To: x@refused.example\n" + message(2, to="x@refused.example")
-    no_queue = b"X-Original-To: x@nowhere.example\n" + message(3, to="x@nowhere.example")
+    accepted = (
+        b"X-Original-To: user@a.example\nReturn-Path: <s@outside.example>\n" + maildir_message(1)
+    )
+    refused = b"X-Original-To: x@refused.example\n" + maildir_message(2, to="x@refused.example")
+    no_queue = b"X-Original-To: x@nowhere.example\n" + maildir_message(3, to="x@nowhere.example")
     make_maildir(tmp_path / "Maildir", [accepted, refused, no_queue])
     settings = config.load(cfg)
     depot = Depot(settings)
@@ -232,7 +221,7 @@ def test_import_maildir_command_leaves_mail_when_database_is_down(tmp_path: Path
             "zeo://%(here)s/nobody.sock?wait_timeout=1",
         )
     )
-    make_maildir(tmp_path / "Maildir", [b"X-Original-To: user@a.example\n" + message(1)])
+    make_maildir(tmp_path / "Maildir", [b"X-Original-To: user@a.example\n" + maildir_message(1)])
     result = run("-C", str(path), "import-maildir")
     assert result.returncode == 75
     box = mailbox.Maildir(str(tmp_path / "Maildir"), create=False)
@@ -241,7 +230,8 @@ def test_import_maildir_command_leaves_mail_when_database_is_down(tmp_path: Path
 
 def test_import_maildir_command(cfg: Path, tmp_path: Path) -> None:
     make_maildir(
-        tmp_path / "Maildir", [b"X-Original-To: user@b.example\n" + message(1, to="user@b.example")]
+        tmp_path / "Maildir",
+        [b"X-Original-To: user@b.example\n" + maildir_message(1, to="user@b.example")],
     )
     result = run("-C", str(cfg), "import-maildir")
     assert result.returncode == 0, result.stderr

@@ -12,6 +12,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import transaction
@@ -30,40 +31,21 @@ from postoffice.decide import (
 from postoffice.deliver import Depot
 from postoffice.message import ParsedMessage
 from postoffice.store import find_folder
+from tests.helpers import DAY, ENVELOPE, HOUR, T0, config_text, message
 
-HOUR = 3600.0
-DAY = 24 * HOUR
-T0 = 1_700_000_000.0
-
-CONFIG = """\
-[post office]
-zodb_uri = memory://
-max_message_size = 4k
-ooo_loop_frequency = 1
-ooo_throttle_period = 300
-reject_filters =
-    header_regexp: Subject: .*forbidden
-    to_hostname: .partycentral.example
-
-[queue:Customer A]
-filters =
-    to_hostname: a.example app.a.example;headers=X-Original-To
-
-[queue:Customer B]
-filters =
-    to_hostname: .b.example;headers=X-Original-To
-
-[queue:Only subject]
-filters =
-    to_hostname: .both.example
-    header_regexp: Subject: both
-
-[queue:Fallback]
-filters =
-    to_hostname: .both.example
-
-[queue:Nothing]
-"""
+CONFIG = config_text(
+    max_message_size="4k",
+    ooo_loop_frequency=1,
+    ooo_throttle_period=300,
+    reject_filters=["header_regexp: Subject: .*forbidden", "to_hostname: .partycentral.example"],
+    queues={
+        "Customer A": "to_hostname: a.example app.a.example" + ENVELOPE,
+        "Customer B": "to_hostname: .b.example" + ENVELOPE,
+        "Only subject": ["to_hostname: .both.example", "header_regexp: Subject: both"],
+        "Fallback": "to_hostname: .both.example",
+        "Nothing": None,
+    },
+)
 
 
 @dataclass
@@ -98,24 +80,9 @@ def settings(tmp_path: Path) -> Settings:
     return loads(CONFIG, tmp_path / "postoffice.ini")
 
 
-def raw(
-    *extra: str,
-    sender: str | None = "Sender <sender@outside.example>",
-    to: str | None = "rcpt@a.example",
-    message_id: str | None = "<1@outside.example>",
-    subject: str = "hello",
-    body: str = "body\n",
-) -> bytes:
-    lines = []
-    if sender is not None:
-        lines.append(f"From: {sender}")
-    if to is not None:
-        lines.append(f"To: {to}")
-    if message_id is not None:
-        lines.append(f"Message-Id: {message_id}")
-    lines.append(f"Subject: {subject}")
-    lines.extend(extra)
-    return ("\r\n".join(lines) + "\r\n\r\n" + body).encode()
+def raw(*extra: str, **headers: Any) -> bytes:
+    """Message 1 to rcpt@a.example (queue Customer A); ``headers`` as ``message`` takes them."""
+    return message(1, *extra, **headers)
 
 
 def run(
@@ -291,7 +258,7 @@ def test_a_queue_needs_every_filter_to_match(settings: Settings) -> None:
 
 
 def test_a_queue_without_filters_matches_nothing(tmp_path: Path) -> None:
-    only_empty = loads("[post office]\nzodb_uri = memory://\n[queue:Nothing]\n", tmp_path / "p")
+    only_empty = loads(config_text(queues={"Nothing": None}), tmp_path / "p")
     assert run(only_empty, raw()).rule is Rule.NO_QUEUE
 
 

@@ -26,71 +26,30 @@ import transaction
 import ZODB.Connection
 
 from postoffice import database, open_queue
-from postoffice.config import Settings, loads
+from postoffice.config import loads
 from postoffice.deliver import Delivery, Depot, Outcome
 from postoffice.message import ParsedMessage
 from postoffice.pipe import exit_code
 from postoffice.store import BLOB_THRESHOLD, PRUNE_BATCH, find_folder, new_key, records
-
-T0 = 1_700_000_000.0
-DAY = 24 * 3600.0
-
-CONFIG = """\
-[post office]
-zodb_uri = {uri}
-max_message_size = {limit}
-
-[queue:A]
-filters =
-    to_hostname: a.example;headers=X-Original-To
-
-[queue:B]
-filters =
-    to_hostname: b.example;headers=X-Original-To
-"""
-
-
-def uri_for(folder: Path) -> str:
-    return f"file://{folder}/Data.fs?blobstorage_dir={folder}/blobs"
-
-
-def settings_for(folder: Path, limit: str = "2m", uri: str | None = None) -> Settings:
-    text = CONFIG.format(uri=uri or uri_for(folder), limit=limit)
-    return loads(text, folder / "postoffice.ini")
-
-
-def message(
-    number: int = 1, eol: str = "\r\n", extra: tuple[str, ...] = (), body: str = "Hello.\n"
-) -> bytes:
-    lines = [
-        "From: Sender <sender@outside.example>",
-        "To: rcpt@a.example",
-        f"Message-Id: <{number}@outside.example>",
-        f"Subject: message {number}",
-        *extra,
-        "",
-        *body.split("\n"),
-    ]
-    return eol.join(lines).encode()
+from tests.helpers import (
+    DAY,
+    DELIVERY_DEPOT,
+    T0,
+    codes,
+    message,
+    settings_for,
+    stored,
+    uri_for,
+    write_config,
+)
 
 
 @pytest.fixture
 def depot(tmp_path: Path) -> Iterator[Depot]:
-    one = Depot(settings_for(tmp_path))
+    one = Depot(settings_for(tmp_path, **DELIVERY_DEPOT))
     one.prepare()
     yield one
     one.close()
-
-
-def stored(db_or_uri: object, queue: str = "A") -> list[bytes]:
-    """The raw bytes of every waiting message, oldest first, as a consumer reads them."""
-    with open_queue(db_or_uri, queue) as opened:  # type: ignore[arg-type]
-        return [raw for _key, raw, _arrived in opened.messages()]
-
-
-def codes(outcomes: list[Outcome]) -> list[str]:
-    """The reply code and enhanced status of each outcome, e.g. ``250 2.0.0``."""
-    return [" ".join(o.reply.split(" ", 2)[:2]) for o in outcomes]
 
 
 # --- what is stored ------------------------------------------------------------------
@@ -153,7 +112,7 @@ def test_each_recipient_gets_its_own_x_original_to(depot: Depot) -> None:
 
 
 def test_existing_x_original_to_stays_below_ours(depot: Depot) -> None:
-    original = message(extra=("X-Original-To: forged@elsewhere.example",))
+    original = message(1, "X-Original-To: forged@elsewhere.example")
     depot.deliver("s@x.example", ["rcpt@a.example"], original, now=T0)
     (raw,) = stored(depot.db())
     ours = raw.index(b"X-Original-To: rcpt@a.example")
@@ -181,7 +140,7 @@ def test_reply_names_queue_and_id(depot: Depot) -> None:
 
 
 def test_size_limit_counts_the_message_as_received(tmp_path: Path) -> None:
-    limited = Depot(settings_for(tmp_path, limit="1k"))
+    limited = Depot(settings_for(tmp_path, **DELIVERY_DEPOT | {"max_message_size": "1k"}))
     try:
         exact = message(body="x" * (1024 - len(message(body=""))))
         assert len(exact) == 1024
@@ -266,7 +225,7 @@ def test_duplicate_ledger_is_per_queue(depot: Depot) -> None:
 def test_duplicate_ledger_survives_a_restart(tmp_path: Path, depot: Depot) -> None:
     depot.deliver("s@x", ["rcpt@a.example"], message(), now=T0)
     depot.close()
-    restarted = Depot(settings_for(tmp_path))
+    restarted = Depot(settings_for(tmp_path, **DELIVERY_DEPOT))
     try:
         (again,) = restarted.deliver("s@x", ["rcpt@a.example"], message(), now=T0 + 60)
         assert again.queue_key is None
@@ -312,8 +271,8 @@ def ledger_size(depot: Depot) -> int:
 
 
 def test_a_big_ledger_does_not_slow_delivery(tmp_path: Path) -> None:
-    small = Depot(settings_for(tmp_path / "small"))
-    large = Depot(settings_for(tmp_path / "large"))
+    small = Depot(settings_for(tmp_path / "small", **DELIVERY_DEPOT))
+    large = Depot(settings_for(tmp_path / "large", **DELIVERY_DEPOT))
     try:
         for one in (small, large):
             one.prepare()
@@ -367,7 +326,7 @@ def test_key_generators_with_different_salts_never_collide(
 
 
 def test_two_depots_in_threads_share_one_database(tmp_path: Path) -> None:
-    settings = settings_for(tmp_path)
+    settings = settings_for(tmp_path, **DELIVERY_DEPOT)
     first = Depot(settings)
     second = Depot(settings, db=first.db())
     replies: list[str] = []
@@ -470,8 +429,7 @@ def test_two_writer_processes_through_zeo_never_collide(tmp_path: Path) -> None:
     server = ZeoServer(tmp_path)
     uri = server.uri(wait_timeout=20)
     try:
-        config = tmp_path / "postoffice.ini"
-        config.write_text(CONFIG.format(uri=uri, limit="1m"))
+        config = write_config(tmp_path, zodb_uri=uri, **DELIVERY_DEPOT | {"max_message_size": "1m"})
         setup = Depot(loads(config.read_text(), config))
         setup.prepare()
         setup.close()
@@ -564,7 +522,7 @@ def assert_all_deferred(outcomes: list[Outcome], count: int) -> None:
 
 def test_closed_database_defers_every_recipient(tmp_path: Path) -> None:
     db = database.open_db(uri_for(tmp_path))
-    depot = Depot(settings_for(tmp_path), db=db)
+    depot = Depot(settings_for(tmp_path, **DELIVERY_DEPOT), db=db)
     depot.prepare()
     db.close()
     rcpts = ["rcpt@a.example", "two@a.example", "x@unknown.example"]
@@ -573,7 +531,7 @@ def test_closed_database_defers_every_recipient(tmp_path: Path) -> None:
 
 def test_unreachable_zeo_server_defers_every_recipient(tmp_path: Path) -> None:
     uri = f"zeo://{tmp_path}/nobody.sock?wait_timeout=1"
-    depot = Depot(settings_for(tmp_path, uri=uri))
+    depot = Depot(settings_for(tmp_path, zodb_uri=uri, **DELIVERY_DEPOT))
     try:
         rcpts = ["rcpt@a.example", "two@b.example"]
         assert_all_deferred(depot.deliver("s@x", rcpts, message(), now=T0), 2)
@@ -605,7 +563,7 @@ def test_commit_failure_defers_and_stores_nothing(
 def test_a_stopped_zeo_server_defers(tmp_path: Path) -> None:
     server = ZeoServer(tmp_path)
     uri = server.uri(wait_timeout=2)
-    depot = Depot(settings_for(tmp_path, uri=uri))
+    depot = Depot(settings_for(tmp_path, zodb_uri=uri, **DELIVERY_DEPOT))
     try:
         assert codes(depot.deliver("s@x", ["rcpt@a.example"], message(1), now=T0)) == ["250 2.0.0"]
         server.stop()

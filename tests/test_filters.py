@@ -18,17 +18,15 @@ from hypothesis import strategies as st
 
 from postoffice.filters import Filter, parse_filter
 from postoffice.message import ParsedMessage
+from tests.helpers import message_bytes
 
 RCPT = "rcpt@depot.example"
 
 
 def make(headers: str | bytes, body: str | bytes = "body\n", eol: bytes = b"\n") -> ParsedMessage:
-    """A message from header lines and a body, with the given line ending."""
+    """A message from header lines (one a line) and a body, with the given line ending."""
     head = headers.encode("utf-8") if isinstance(headers, str) else headers
-    text = body.encode("utf-8") if isinstance(body, str) else body
-    lines = head.rstrip(b"\n").split(b"\n")
-    raw = eol.join(lines) + eol + eol + eol.join(text.split(b"\n"))
-    return ParsedMessage(raw)
+    return ParsedMessage(message_bytes(head.rstrip(b"\n").split(b"\n"), body, eol))
 
 
 def one(line: str, base: Path | None = None) -> Filter:

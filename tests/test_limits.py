@@ -28,7 +28,18 @@ import pytest
 from postoffice import open_queue
 from postoffice.api import OpenQueue
 from postoffice.lmtp import LmtpServer
-from tests.test_lmtp import client, codes, mail, send, stuff
+from tests.helpers import (
+    ENVELOPE,
+    HERE_URI,
+    client,
+    config_text,
+    mail,
+    reply_codes,
+    send,
+    stuff,
+    uri_for,
+    wait_for,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -65,14 +76,6 @@ def read_all(conn: socket.socket) -> bytes:
 def greeting(sock: Path) -> int:
     with raw_connect(sock) as conn:
         return int(conn.recv(512)[:3])
-
-
-def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def no_errors_logged(caplog: pytest.LogCaptureFixture) -> None:
@@ -164,7 +167,7 @@ def test_idle_sessions_are_closed_in_every_state_and_store_nothing(
     # Every place is free again, and the server delivers.
     wait_for(lambda: not server.sessions, 5, "the sessions to be gone")
     fresh = [client(sock) for _ in range(4)]
-    assert codes(send(fresh[0], ["user@alpha.test"], mail())) == [(250, "2.0.0")]
+    assert reply_codes(send(fresh[0], ["user@alpha.test"], mail())) == [(250, "2.0.0")]
     for lmtp in fresh:
         lmtp.quit()
     assert len(queued(server, "Alpha")) == 1, "nothing of the timed-out DATA was stored"
@@ -186,7 +189,7 @@ def test_a_slow_client_is_not_idle(servers: Callable[..., LmtpServer], tmp_path:
     for piece in pieces:  # each well under the server's read size, none ending the data
         lmtp.send(piece)
         time.sleep(0.2)
-    assert codes([lmtp.getreply()]) == [(250, b"2.0.0")]  # type: ignore[list-item]
+    assert reply_codes([lmtp.getreply()]) == [(250, b"2.0.0")]  # type: ignore[list-item]
     lmtp.quit()
     assert queued(server, "Alpha") == [stored_form(message, "user@alpha.test")]
 
@@ -214,7 +217,7 @@ def test_a_client_that_hangs_up_mid_data_leaves_nothing_behind(
         # The one place (max_sessions = 1) comes back: the session was let go.
         wait_for(lambda: not server.sessions, 5, "the session to be let go")
     lmtp = client(sock)
-    assert codes(send(lmtp, ["user@alpha.test"], mail())) == [(250, "2.0.0")]
+    assert reply_codes(send(lmtp, ["user@alpha.test"], mail())) == [(250, "2.0.0")]
     lmtp.quit()
     assert len(queued(server, "Alpha")) == 1
     assert queued(server, "Beta") == []
@@ -259,7 +262,7 @@ def test_exactly_max_message_size_is_accepted(
     lmtp = client(tmp_path / "lmtp.sock")
     options = [f"SIZE={LIMIT}"] if declared else []
     replies = send(lmtp, RCPTS, message, sender="a@outside.test", mail_options=options)
-    assert codes(replies) == [(250, "2.0.0"), (250, "2.0.0"), (550, "5.1.1")]
+    assert reply_codes(replies) == [(250, "2.0.0"), (250, "2.0.0"), (550, "5.1.1")]
     lmtp.quit()
     assert queued(server, "Alpha") == [stored_form(message, "user@alpha.test")]
     assert queued(server, "Beta") == [stored_form(message, "user@beta.test")]
@@ -278,9 +281,9 @@ def test_one_octet_over_max_message_size_gets_552_for_each_recipient(
     lmtp = client(tmp_path / "lmtp.sock")
     options = [f"SIZE={declared}"] if declared else []
     replies = send(lmtp, RCPTS, sized(LIMIT + 1), mail_options=options)
-    assert codes(replies) == [(552, "5.3.4")] * 3
+    assert reply_codes(replies) == [(552, "5.3.4")] * 3
     # The session goes on.
-    assert codes(send(lmtp, RCPTS[:1], mail())) == [(250, "2.0.0")]
+    assert reply_codes(send(lmtp, RCPTS[:1], mail())) == [(250, "2.0.0")]
     lmtp.quit()
     assert len(queued(server, "Alpha")) == 1
     assert queued(server, "Beta") == []
@@ -332,20 +335,13 @@ def test_100_recipients_in_one_transaction(
 
 # --- memory of a real server process ---------------------------------------------------------
 
-SERVE_CONFIG = """\
-[post office]
-zodb_uri = file://%(here)s/var/Data.fs?blobstorage_dir=%(here)s/var/blobs
-max_message_size = 20m
-share = no
-
-[lmtp]
-listen = unix:%(here)s/lmtp.sock
-max_sessions = 32
-
-[queue:Alpha]
-filters =
-    to_hostname: alpha.test;headers=X-Original-To
-"""
+SERVE_CONFIG = config_text(
+    HERE_URI,
+    max_message_size="20m",
+    share="no",
+    lmtp={"listen": "unix:%(here)s/lmtp.sock", "max_sessions": 32},
+    queues={"Alpha": "to_hostname: alpha.test" + ENVELOPE},
+)
 
 
 class ServeProcess:
@@ -477,4 +473,4 @@ def test_data_over_the_limit_is_not_kept(serve: ServeProcess) -> None:
 
 
 def open_queue_file(folder: Path) -> OpenQueue:
-    return open_queue(f"file://{folder}/var/Data.fs?blobstorage_dir={folder}/var/blobs", "Alpha")
+    return open_queue(uri_for(folder / "var"), "Alpha")

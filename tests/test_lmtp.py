@@ -10,7 +10,6 @@ process.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import re
@@ -33,131 +32,21 @@ from postoffice.database import open_db
 from postoffice.errors import ListenError
 from postoffice.lmtp import LmtpServer
 from postoffice.store import find_folder
+from tests.helpers import (
+    client,
+    mail,
+    reply,
+    reply_codes,
+    send,
+    send_data,
+    stored,
+    stuff,
+    uri_for,
+    wait_for,
+    write_lmtp_config,
+)
 
-CONFIG = """\
-[post office]
-zodb_uri = {zodb_uri}
-max_message_size = {max_size}
-ooo_loop_frequency = 2
-reject_filters =
-    header_regexp: Subject: .*BUY NOW.*
-
-[lmtp]
-listen = unix:{sock}
-socket_mode = {mode}
-max_sessions = {max_sessions}
-idle_timeout = {idle}
-
-[queue:Alpha]
-filters =
-    to_hostname: alpha.test;headers=X-Original-To
-
-[queue:Beta]
-filters =
-    to_hostname: beta.test;headers=X-Original-To
-{extra}"""
-
-FILE_URI = "file://%(here)s/var/Data.fs?blobstorage_dir=%(here)s/var/blobs"
 LIMIT = 256 * 1024
-_count = itertools.count(1)
-
-
-def write_config(
-    folder: Path,
-    *,
-    zodb_uri: str = FILE_URI,
-    max_size: str = "256k",
-    mode: str = "0660",
-    max_sessions: int = 8,
-    idle: float = 60,
-    extra: str = "",
-) -> Path:
-    path = folder / "postoffice.ini"
-    path.write_text(
-        CONFIG.format(
-            zodb_uri=zodb_uri,
-            sock=folder / "lmtp.sock",
-            max_size=max_size,
-            mode=mode,
-            max_sessions=max_sessions,
-            idle=idle,
-            extra=extra,
-        )
-    )
-    return path
-
-
-def file_uri(folder: Path) -> str:
-    return f"file://{folder}/var/Data.fs?blobstorage_dir={folder}/var/blobs"
-
-
-def mail(
-    to: Sequence[str] = ("user@alpha.test",),
-    *,
-    subject: str = "hello",
-    headers: str = "",
-    body: bytes = b"Hello.\r\n",
-    sender: str | None = None,
-) -> bytes:
-    """A message that passes every rule unless told otherwise (each with its own From)."""
-    n = next(_count)
-    head = (
-        f"From: {sender or f'writer{n}@outside.test'}\r\n"
-        f"To: {', '.join(to)}\r\n"
-        f"Subject: {subject}\r\n"
-        f"Message-Id: <{n}.{time.time_ns()}@outside.test>\r\n"
-        f"{headers}"
-    )
-    return head.encode() + b"\r\n" + body
-
-
-def stuff(message: bytes) -> bytes:
-    """The wire form of a message body: dot-stuffed, with the final dot."""
-    return re.sub(rb"(?m)^\.", b"..", message) + b".\r\n"
-
-
-def client(sock: Path) -> smtplib.LMTP:
-    lmtp = smtplib.LMTP(str(sock), local_hostname="client.test", timeout=15)
-    code, _ = lmtp.ehlo()
-    assert code == 250
-    return lmtp
-
-
-def send(
-    lmtp: smtplib.LMTP,
-    recipients: Sequence[str],
-    message: bytes,
-    sender: str = "envelope@outside.test",
-    mail_options: Sequence[str] = (),
-) -> list[tuple[int, str]]:
-    """MAIL, RCPT..., DATA; the replies after the final dot, one per accepted recipient."""
-    assert lmtp.mail(sender, list(mail_options))[0] == 250
-    for rcpt in recipients:
-        assert lmtp.rcpt(rcpt)[0] == 250
-    return send_data(lmtp, stuff(message), len(recipients))
-
-
-def send_data(lmtp: smtplib.LMTP, wire: bytes, replies: int) -> list[tuple[int, str]]:
-    lmtp.putcmd("data")
-    assert lmtp.getreply()[0] == 354
-    lmtp.send(wire)
-    return [_reply(lmtp) for _ in range(replies)]
-
-
-def _reply(lmtp: smtplib.LMTP) -> tuple[int, str]:
-    code, text = lmtp.getreply()
-    return code, text.decode()
-
-
-def codes(replies: Sequence[tuple[int, str]]) -> list[tuple[int, str]]:
-    """(code, enhanced code) of each reply."""
-    return [(code, text.split()[0]) for code, text in replies]
-
-
-def stored(folder: Path, queue: str) -> list[bytes]:
-    """The raw bytes waiting in a queue (read after the server stopped)."""
-    with open_queue(file_uri(folder), queue) as q:
-        return [raw for _key, raw, _arrived in q.messages()]
 
 
 @pytest.fixture
@@ -200,7 +89,7 @@ def test_declared_size_over_the_limit_is_refused_at_mail_from(sock: Path) -> Non
     assert (code, text.split()[0]) == (552, b"5.3.4")
     # The session goes on: a message of an acceptable declared size is taken.
     replies = send(lmtp, ["user@alpha.test"], mail(), mail_options=[f"SIZE={LIMIT}"])
-    assert codes(replies) == [(250, "2.0.0")]
+    assert reply_codes(replies) == [(250, "2.0.0")]
     lmtp.quit()
 
 
@@ -211,10 +100,10 @@ def test_null_sender_is_accepted_and_stored_as_such(
     assert lmtp.mail("<>")[0] == 250
     assert lmtp.rcpt("user@alpha.test")[0] == 250
     replies = send_data(lmtp, stuff(mail()), 1)
-    assert codes(replies) == [(250, "2.0.0")]
+    assert reply_codes(replies) == [(250, "2.0.0")]
     lmtp.quit()
     server.stop()
-    (raw,) = stored(tmp_path, "Alpha")
+    (raw,) = stored(uri_for(tmp_path / "var"), "Alpha")
     assert raw.startswith(b"Return-Path: <>\r\nX-Original-To: user@alpha.test\r\n")
 
 
@@ -229,16 +118,16 @@ def test_three_recipients_two_queues_one_refused(
     rcpts = ["one@alpha.test", "nobody@unknown.test", "two@beta.test"]
     message = mail(rcpts)
     replies = send(lmtp, rcpts, message)
-    assert codes(replies) == [(250, "2.0.0"), (550, "5.1.1"), (250, "2.0.0")]
+    assert reply_codes(replies) == [(250, "2.0.0"), (550, "5.1.1"), (250, "2.0.0")]
     assert "one@alpha.test" in replies[0][1] and "queued in Alpha as" in replies[0][1]
     assert "two@beta.test" in replies[2][1] and "queued in Beta as" in replies[2][1]
     assert lmtp.noop()[0] == 250
     lmtp.quit()
     server.stop()
-    assert [r.split(b"\r\n")[1] for r in stored(tmp_path, "Alpha")] == [
+    assert [r.split(b"\r\n")[1] for r in stored(uri_for(tmp_path / "var"), "Alpha")] == [
         b"X-Original-To: one@alpha.test"
     ]
-    assert [r.split(b"\r\n")[1] for r in stored(tmp_path, "Beta")] == [
+    assert [r.split(b"\r\n")[1] for r in stored(uri_for(tmp_path / "var"), "Beta")] == [
         b"X-Original-To: two@beta.test"
     ]
     # One log line per recipient decision, with what an administrator greps for.
@@ -257,11 +146,11 @@ def test_three_recipients_two_queues_one_refused(
 @pytest.mark.parametrize(
     ("why", "message", "expected"),
     [
-        ("own bounce", mail(headers="X-Postoffice: Bounced\r\n"), (250, "2.0.0")),
+        ("own bounce", mail(headers=["X-Postoffice: Bounced"]), (250, "2.0.0")),
         ("no From", mail().replace(b"From: ", b"X-From: ", 1), (250, "2.0.0")),
         ("reject filter", mail(subject="BUY NOW cheap"), (550, "5.7.1")),
-        ("auto reply", mail(headers="Precedence: bulk\r\n"), (550, "5.7.1")),
-        ("auto submitted", mail(headers="Auto-Submitted: auto-replied\r\n"), (550, "5.7.1")),
+        ("auto reply", mail(headers=["Precedence: bulk"]), (550, "5.7.1")),
+        ("auto submitted", mail(headers=["Auto-Submitted: auto-replied"]), (550, "5.7.1")),
     ],
 )
 def test_one_rule_one_reply(
@@ -274,29 +163,29 @@ def test_one_rule_one_reply(
 ) -> None:
     lmtp = client(sock)
     replies = send(lmtp, ["user@alpha.test", "other@alpha.test"], message)
-    assert codes(replies) == [expected, expected], why
+    assert reply_codes(replies) == [expected, expected], why
     lmtp.quit()
     server.stop()
-    assert stored(tmp_path, "Alpha") == [], f"{why}: nothing is queued"
+    assert stored(uri_for(tmp_path / "var"), "Alpha") == [], f"{why}: nothing is queued"
 
 
 def test_no_from_to_an_unknown_recipient_is_discarded_not_refused(sock: Path) -> None:
     lmtp = client(sock)
     message = mail(["x@unknown.test"]).replace(b"From: ", b"X-From: ", 1)
-    assert codes(send(lmtp, ["x@unknown.test"], message)) == [(250, "2.0.0")]
+    assert reply_codes(send(lmtp, ["x@unknown.test"], message)) == [(250, "2.0.0")]
     lmtp.quit()
 
 
 def test_duplicate_message_id_is_discarded(server: LmtpServer, sock: Path, tmp_path: Path) -> None:
     lmtp = client(sock)
     message = mail()
-    assert codes(send(lmtp, ["user@alpha.test"], message)) == [(250, "2.0.0")]
+    assert reply_codes(send(lmtp, ["user@alpha.test"], message)) == [(250, "2.0.0")]
     second = send(lmtp, ["user@alpha.test"], message)
-    assert codes(second) == [(250, "2.0.0")]
+    assert reply_codes(second) == [(250, "2.0.0")]
     assert "queued in Alpha as" not in second[0][1]
     lmtp.quit()
     server.stop()
-    assert len(stored(tmp_path, "Alpha")) == 1
+    assert len(stored(uri_for(tmp_path / "var"), "Alpha")) == 1
 
 
 def test_a_looping_sender_is_throttled(sock: Path) -> None:
@@ -304,8 +193,8 @@ def test_a_looping_sender_is_throttled(sock: Path) -> None:
     sender = "loop@outside.test"
     first = send(lmtp, ["user@alpha.test"], mail(sender=sender))
     second = send(lmtp, ["user@alpha.test"], mail(sender=sender))
-    assert codes(first) == [(250, "2.0.0")]
-    assert codes(second) == [(550, "5.7.1")]
+    assert reply_codes(first) == [(250, "2.0.0")]
+    assert reply_codes(second) == [(550, "5.7.1")]
     lmtp.quit()
 
 
@@ -318,10 +207,10 @@ def test_an_error_while_deciding_keeps_the_mail_as_a_dead_letter(
     monkeypatch.setattr("postoffice.deliver.decide", broken)
     lmtp = client(sock)
     replies = send(lmtp, ["a@alpha.test", "b@beta.test"], mail())
-    assert codes(replies) == [(250, "2.0.0"), (250, "2.0.0")]
+    assert reply_codes(replies) == [(250, "2.0.0"), (250, "2.0.0")]
     lmtp.quit()
     server.stop()
-    db = open_db(file_uri(tmp_path))
+    db = open_db(uri_for(tmp_path / "var"))
     try:
         connection = db.open()
         folder = find_folder(connection.root(), "/postoffice")
@@ -341,12 +230,12 @@ def test_a_failing_commit_defers_every_recipient(
     with monkeypatch.context() as patch:
         patch.setattr("postoffice.store.Queue.store", disk_full)
         replies = send(lmtp, ["a@alpha.test", "x@unknown.test", "b@beta.test"], mail())
-    assert codes(replies) == [(451, "4.3.0")] * 3
+    assert reply_codes(replies) == [(451, "4.3.0")] * 3
     # Storage works again: the next message is stored, the server never stopped.
-    assert codes(send(lmtp, ["a@alpha.test"], mail())) == [(250, "2.0.0")]
+    assert reply_codes(send(lmtp, ["a@alpha.test"], mail())) == [(250, "2.0.0")]
     lmtp.quit()
     server.stop()
-    assert len(stored(tmp_path, "Alpha")) == 1
+    assert len(stored(uri_for(tmp_path / "var"), "Alpha")) == 1
 
 
 def test_an_internal_error_gives_451_per_recipient(
@@ -359,7 +248,7 @@ def test_an_internal_error_gives_451_per_recipient(
     with monkeypatch.context() as patch:
         patch.setattr("postoffice.deliver.Depot.deliver_batch", crash)
         replies = send(lmtp, ["a@alpha.test", "b@beta.test"], mail())
-    assert codes(replies) == [(451, "4.3.0"), (451, "4.3.0")]
+    assert reply_codes(replies) == [(451, "4.3.0"), (451, "4.3.0")]
     assert lmtp.noop()[0] == 250
     lmtp.quit()
 
@@ -378,10 +267,10 @@ def test_stored_bytes_are_the_wire_bytes_unstuffed_plus_three_lines(
     assert 200 * 1024 < len(message) < LIMIT
     lmtp = client(sock)
     before = int(time.time())
-    assert codes(send(lmtp, ["user@alpha.test"], message)) == [(250, "2.0.0")]
+    assert reply_codes(send(lmtp, ["user@alpha.test"], message)) == [(250, "2.0.0")]
     lmtp.quit()
     server.stop()
-    (raw,) = stored(tmp_path, "Alpha")
+    (raw,) = stored(uri_for(tmp_path / "var"), "Alpha")
     added, _, rest = raw.partition(b"X-Postoffice-Date: ")
     date, _, original = rest.partition(b"\r\n")
     assert added == b"Return-Path: <envelope@outside.test>\r\nX-Original-To: user@alpha.test\r\n"
@@ -410,11 +299,11 @@ def test_dots_at_the_edges_of_the_data(
     lmtp.send(stuff(message)[:-3])
     time.sleep(0.05)
     lmtp.send(b".\r\n")
-    assert codes([_reply(lmtp)]) == [(250, "2.0.0")]
+    assert reply_codes([reply(lmtp)]) == [(250, "2.0.0")]
     assert lmtp.noop()[0] == 250
     lmtp.quit()
     server.stop()
-    (raw,) = stored(tmp_path, "Alpha")
+    (raw,) = stored(uri_for(tmp_path / "var"), "Alpha")
     assert raw.split(b"\r\n", 3)[3] == message
 
 
@@ -426,7 +315,7 @@ def test_a_command_pipelined_behind_the_final_dot_is_answered(sock: Path) -> Non
     lmtp.putcmd("data")
     assert lmtp.getreply()[0] == 354
     lmtp.send(stuff(mail()) + b"RSET\r\nNOOP\r\n")
-    assert [_reply(lmtp)[0] for _ in range(4)] == [250, 250, 250, 250]
+    assert [reply(lmtp)[0] for _ in range(4)] == [250, 250, 250, 250]
     lmtp.quit()
 
 
@@ -436,10 +325,10 @@ def test_data_over_the_limit_gets_one_552_per_recipient(sock: Path) -> None:
     message = mail(rcpts, body=b"x" * 900 + b"\r\n" * 1 + (b"y" * 78 + b"\r\n") * 3400)
     assert len(message) > LIMIT
     replies = send(lmtp, rcpts, message)
-    assert codes(replies) == [(552, "5.3.4")] * 3
+    assert reply_codes(replies) == [(552, "5.3.4")] * 3
     assert lmtp.rset()[0] == 250
     assert lmtp.noop()[0] == 250
-    assert codes(send(lmtp, ["a@alpha.test"], mail())) == [(250, "2.0.0")]
+    assert reply_codes(send(lmtp, ["a@alpha.test"], mail())) == [(250, "2.0.0")]
     lmtp.quit()
 
 
@@ -447,7 +336,7 @@ def test_a_line_of_1001_octets_gets_one_5xx_per_recipient(sock: Path) -> None:
     lmtp = client(sock)
     rcpts = ["a@alpha.test", "b@beta.test", "c@unknown.test"]
     fine = mail(rcpts, body=b"x" * 998 + b"\r\n")  # 1000 octets with CRLF: allowed
-    assert codes(send(lmtp, rcpts[:1], fine)) == [(250, "2.0.0")]
+    assert reply_codes(send(lmtp, rcpts[:1], fine)) == [(250, "2.0.0")]
     too_long = mail(rcpts, body=b"short\r\n" + b"x" * 999 + b"\r\nend\r\n")
     replies = send(lmtp, rcpts, too_long)
     assert [code for code, _ in replies] == [500, 500, 500]
@@ -471,14 +360,6 @@ def _zeo_conf(folder: Path, sock: Path) -> Path:
     return path
 
 
-def _wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 def test_unreachable_database_gives_451_and_the_server_recovers(
     start: Callable[..., LmtpServer], tmp_path: Path
 ) -> None:
@@ -487,7 +368,7 @@ def test_unreachable_database_gives_451_and_the_server_recovers(
     start(zodb_uri=uri)  # starts although nothing serves the database
     lmtp = client(tmp_path / "lmtp.sock")
     replies = send(lmtp, ["a@alpha.test", "x@unknown.test", "b@beta.test"], mail())
-    assert codes(replies) == [(451, "4.3.0")] * 3
+    assert reply_codes(replies) == [(451, "4.3.0")] * 3
     assert lmtp.noop()[0] == 250
 
     zeo = subprocess.Popen(
@@ -496,16 +377,16 @@ def test_unreachable_database_gives_451_and_the_server_recovers(
         stderr=subprocess.DEVNULL,
     )
     try:
-        _wait_for(zeo_sock.exists, 20, "the ZEO server")
+        wait_for(zeo_sock.exists, 20, "the ZEO server")
         # Until the server's ZEO client has reconnected, mail still gets 451
         # (Postfix retries it); once it has, the same session gets 250.
         answers: list[list[tuple[int, str]]] = []
 
         def accepted() -> bool:
-            answers.append(codes(send(lmtp, ["a@alpha.test"], mail())))
+            answers.append(reply_codes(send(lmtp, ["a@alpha.test"], mail())))
             return answers[-1] == [(250, "2.0.0")]
 
-        _wait_for(accepted, 60, "a delivery after the ZEO server started")
+        wait_for(accepted, 60, "a delivery after the ZEO server started")
         assert all(a == [(451, "4.3.0")] for a in answers[:-1])
         lmtp.quit()
         with open_queue(uri, "Alpha") as queue:
@@ -530,7 +411,7 @@ def test_one_session_over_max_sessions_gets_421(
     assert refused.value.smtp_error.startswith(b"4.3.2")
     first.quit()
     # A place is free again (connection_lost runs soon after QUIT).
-    _wait_for(lambda: _greeting(sock) == 220, 5, "a free session")
+    wait_for(lambda: _greeting(sock) == 220, 5, "a free session")
     second.quit()
 
 
@@ -592,12 +473,12 @@ def test_a_live_socket_is_left_alone(start: Callable[..., LmtpServer], tmp_path:
     with pytest.raises(ListenError, match="another server answers"):
         second.start()
     lmtp = client(sock)
-    assert codes(send(lmtp, ["a@alpha.test"], mail())) == [(250, "2.0.0")]
+    assert reply_codes(send(lmtp, ["a@alpha.test"], mail())) == [(250, "2.0.0")]
     lmtp.quit()
 
 
 def test_a_file_that_is_not_a_socket_is_not_touched(tmp_path: Path) -> None:
-    path = write_config(tmp_path)
+    path = write_lmtp_config(tmp_path)
     (tmp_path / "lmtp.sock").write_text("precious")
     with pytest.raises(ListenError, match="not a socket"):
         LmtpServer(config.load(path)).start()
@@ -607,7 +488,7 @@ def test_a_file_that_is_not_a_socket_is_not_touched(tmp_path: Path) -> None:
 def test_tcp_listens_on_loopback_only_unless_allowed(
     start: Callable[..., LmtpServer], tmp_path: Path
 ) -> None:
-    path = write_config(tmp_path)
+    path = write_lmtp_config(tmp_path)
     with pytest.raises(config.ConfigError, match="allow_remote"):
         LmtpServer(config.load(path), listen="192.0.2.1:8024").start()
     with socket.socket() as probe:
@@ -617,7 +498,7 @@ def test_tcp_listens_on_loopback_only_unless_allowed(
     try:
         lmtp = smtplib.LMTP("127.0.0.1", port, local_hostname="client.test", timeout=10)
         lmtp.ehlo()
-        assert codes(send(lmtp, ["a@alpha.test"], mail())) == [(250, "2.0.0")]
+        assert reply_codes(send(lmtp, ["a@alpha.test"], mail())) == [(250, "2.0.0")]
         lmtp.quit()
     finally:
         server.stop()
@@ -648,7 +529,7 @@ class Process:
                 raise AssertionError(f"server exited: {self.err.read_text()}")
             return text in path.read_text()
 
-        _wait_for(seen, timeout, repr(text))
+        wait_for(seen, timeout, repr(text))
 
     def stop(self) -> int:
         if self.proc.poll() is None:
@@ -677,7 +558,7 @@ def test_sigterm_lets_the_delivery_under_way_finish(
     process: Callable[[Path], Process], tmp_path: Path
 ) -> None:
     sock = tmp_path / "lmtp.sock"
-    proc = process(write_config(tmp_path))
+    proc = process(write_lmtp_config(tmp_path))
     idle = client(sock)
     busy = client(sock)
     busy.mail("a@outside.test")
@@ -690,16 +571,16 @@ def test_sigterm_lets_the_delivery_under_way_finish(
 
     proc.proc.send_signal(signal.SIGTERM)
     # It stops accepting at once ...
-    _wait_for(lambda: not _accepts(sock), 10, "the listener to close")
+    wait_for(lambda: not _accepts(sock), 10, "the listener to close")
     # ... closes the idle session with a 421 ...
     assert idle.getreply()[0] == 421
     # ... and the message under way is received, committed and answered.
     busy.send(wire[5000:])
-    assert codes([_reply(busy), _reply(busy)]) == [(250, "2.0.0"), (250, "2.0.0")]
+    assert reply_codes([reply(busy), reply(busy)]) == [(250, "2.0.0"), (250, "2.0.0")]
     assert proc.proc.wait(40) == 0
     assert not sock.exists()
-    assert len(stored(tmp_path, "Alpha")) == 1
-    assert len(stored(tmp_path, "Beta")) == 1
+    assert len(stored(uri_for(tmp_path / "var"), "Alpha")) == 1
+    assert len(stored(uri_for(tmp_path / "var"), "Beta")) == 1
 
 
 def _accepts(sock: Path) -> bool:
@@ -714,16 +595,16 @@ def _accepts(sock: Path) -> bool:
 def test_sighup_reloads_good_rules_and_keeps_them_over_a_broken_file(
     process: Callable[[Path], Process], tmp_path: Path
 ) -> None:
-    path = write_config(tmp_path)
+    path = write_lmtp_config(tmp_path)
     proc = process(path)
     lmtp = client(tmp_path / "lmtp.sock")
-    assert codes(send(lmtp, ["x@gamma.test"], mail(["x@gamma.test"]))) == [(550, "5.1.1")]
+    assert reply_codes(send(lmtp, ["x@gamma.test"], mail(["x@gamma.test"]))) == [(550, "5.1.1")]
 
     path.write_text(path.read_text() + "\n[queue:Gamma]\nfilters =\n    to_hostname: gamma.test\n")
     proc.proc.send_signal(signal.SIGHUP)
     proc.wait_for("reloaded the rules")
     replies = send(lmtp, ["x@gamma.test"], mail(["x@gamma.test"]))
-    assert codes(replies) == [(250, "2.0.0")]
+    assert reply_codes(replies) == [(250, "2.0.0")]
     assert "queued in Gamma" in replies[0][1], "the session opened before SIGHUP goes on"
 
     path.write_text(path.read_text().replace("[queue:Gamma]", "[queue:Gamma"))
@@ -739,7 +620,7 @@ def test_sighup_reloads_good_rules_and_keeps_them_over_a_broken_file(
 def test_a_second_server_on_a_live_socket_exits_non_zero(
     process: Callable[[Path], Process], tmp_path: Path
 ) -> None:
-    path = write_config(tmp_path)
+    path = write_lmtp_config(tmp_path)
     # Not shared: a second server of a shared depot is refused at its ZEO
     # socket before it reaches the LMTP one (see the test below).
     path.write_text(path.read_text().replace("[post office]\n", "[post office]\nshare = no\n"))
@@ -762,7 +643,7 @@ def test_a_second_server_on_a_live_socket_exits_non_zero(
 
 
 def test_a_bad_listen_address_is_one_line_and_exit_78(tmp_path: Path) -> None:
-    path = write_config(tmp_path, extra="")
+    path = write_lmtp_config(tmp_path)
     text = path.read_text().replace(f"unix:{tmp_path / 'lmtp.sock'}", "192.0.2.1:8024")
     path.write_text(text)
     result = subprocess.run(
@@ -782,14 +663,14 @@ def test_a_file_depot_is_shared_while_the_server_runs(
     process: Callable[[Path], Process], tmp_path: Path
 ) -> None:
     """As ``postoffice serve``: consumers read through the URI printed; a second server gets 75."""
-    path = write_config(tmp_path)
+    path = write_lmtp_config(tmp_path)
     proc = process(path)
     printed = re.search(r"^postoffice: consumers use (\S+)$", proc.out.read_text(), re.M)
     assert printed is not None, proc.out.read_text()
     uri = printed.group(1)
     assert uri.startswith("zeo://") and str(tmp_path / "var" / "zeo.sock") in uri
     lmtp = client(tmp_path / "lmtp.sock")
-    assert codes(send(lmtp, ["user@alpha.test"], mail(subject="shared"))) == [(250, "2.0.0")]
+    assert reply_codes(send(lmtp, ["user@alpha.test"], mail(subject="shared"))) == [(250, "2.0.0")]
     lmtp.quit()
     with open_queue(uri, "Alpha") as queue:
         (raw,) = [raw for _key, raw, _arrived in queue.messages()]
@@ -832,7 +713,7 @@ def test_writer_commits_sessions_in_groups(
         assert lmtp.getreply()[0] == 354
     for lmtp in clients:
         lmtp.send(stuff(mail()))
-    assert [codes([_reply(lmtp)]) for lmtp in clients] == [[(250, "2.0.0")]] * 6
+    assert [reply_codes([reply(lmtp)]) for lmtp in clients] == [[(250, "2.0.0")]] * 6
     for lmtp in clients:
         lmtp.quit()
     assert sum(sizes) == 6

@@ -25,19 +25,19 @@ from postoffice.notices import (
     to_wire,
 )
 from postoffice.store import stored_message
+from tests.helpers import message
 
 
-def original(from_line: str = "Sender <sender@outside.example>", extra: str = "") -> Any:
+def original(from_line: str = "Sender <sender@outside.example>") -> Any:
+    """A stored message to the help desk from ``from_line``, with a Date."""
     return stored_message(
-        (
-            f"From: {from_line}\r\n"
-            "To: Help Desk <help@a.example>\r\n"
-            "Date: Tue, 24 Nov 2026 11:18:48 +0000\r\n"
-            "Message-Id: <1@outside.example>\r\n"
-            f"Subject: help me\r\n{extra}"
-            "\r\n"
-            "Body line.\r\n"
-        ).encode()
+        message(
+            sender=from_line,
+            to="Help Desk <help@a.example>",
+            subject="help me",
+            date="Tue, 24 Nov 2026 11:18:48 +0000",
+            body="Body line.\n",
+        )
     )
 
 

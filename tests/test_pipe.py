@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,23 +31,20 @@ from postoffice.database import open_db
 from postoffice.decide import Rule, discard, reject
 from postoffice.deliver import Depot, Outcome
 from postoffice.pipe import CONFIG_FAILED, INTERNAL_ERROR, parse_args, report_lines
+from tests.helpers import ENVELOPE, message, stored, uri_for, write_config
 
 SENDER = "sender@sender.test"
 LIMIT = 1024 * 1024  # max_message_size = 1m
 TIMEOUT = 60.0
 
-CONFIG = """\
-[post office]
-zodb_uri = {uri}
-max_message_size = {limit}
-reject_filters =
-    header_regexp: Subject: .*[Vv]iagra
-    header_regexp: X-Original-To: spam@app\\.test
-
-[queue:App]
-filters =
-    to_hostname: app.test;headers=X-Original-To
-"""
+# Queue App by the envelope recipient; two reject filters (a Subject, one recipient).
+DEPOT: dict[str, Any] = {
+    "reject_filters": [
+        r"header_regexp: Subject: .*[Vv]iagra",
+        r"header_regexp: X-Original-To: spam@app\.test",
+    ],
+    "queues": {"App": "to_hostname: app.test" + ENVELOPE},
+}
 
 
 @dataclass
@@ -94,8 +92,7 @@ class PipeDepot:
 
     def stored(self, queue: str = "App") -> list[bytes]:
         """The waiting messages of ``queue``, read back from disk as a consumer does."""
-        with open_queue(self.uri, queue) as opened:
-            return [raw for _key, raw, _arrived in opened.messages()]
+        return stored(self.uri, queue)
 
     def logged(self) -> str:
         return self.log.read_text() if self.log.exists() else ""
@@ -111,40 +108,27 @@ def env_for(log: Path) -> dict[str, str]:
     return env
 
 
-def file_uri(folder: Path) -> str:
-    return f"file://{folder}/Data.fs?blobstorage_dir={folder}/blobs"
-
-
-def write_config(path: Path, uri: str, limit: str = "1m") -> Path:
-    path.write_text(CONFIG.format(uri=uri, limit=limit))
-    return path
+def pipe_config(folder: Path, uri: str, limit: str = "1m", name: str = "postoffice.ini") -> Path:
+    return write_config(folder, name=name, zodb_uri=uri, max_message_size=limit, **DEPOT)
 
 
 @pytest.fixture
 def depot(tmp_path: Path) -> PipeDepot:
-    uri = file_uri(tmp_path / "var")
-    config = write_config(tmp_path / "postoffice.ini", uri)
+    uri = uri_for(tmp_path / "var")
+    config = pipe_config(tmp_path, uri)
     return PipeDepot(tmp_path, config, uri, tmp_path / "pipe.log")
 
 
-def message(
-    token: str = "m1",
-    to: str = "alice@app.test",
-    extra: Sequence[str] = (),
-    body: bytes = b"Body.\n",
-    eol: bytes = b"\n",
-) -> bytes:
+def pipe_message(token: str = "m1", to: str = "alice@app.test", eol: bytes = b"\n") -> bytes:
     """A message as pipe(8) writes it: LF line ends (LMTP would have CRLF)."""
-    lines = [
-        f"From: Sender <{SENDER}>",
-        f"To: {to}",
-        f"Message-Id: <{token}@sender.test>",
-        f"Subject: order {token}",
-        *extra,
-        "",
-    ]
-    head = eol.join(line.encode() for line in lines) + eol
-    return head + body.replace(b"\n", eol)
+    return message(
+        sender=f"Sender <{SENDER}>",
+        to=to,
+        message_id=f"<{token}@sender.test>",
+        subject=f"order {token}",
+        body="Body.\n",
+        eol=eol,
+    )
 
 
 def ours(sender: str, recipient: str, raw: bytes, before: float, after: float) -> bytes:
@@ -162,7 +146,7 @@ def ours(sender: str, recipient: str, raw: bytes, before: float, after: float) -
 
 
 def test_accepted_message_is_stored_as_received_with_lf_and_our_lines(depot: PipeDepot) -> None:
-    original = message("m1")
+    original = pipe_message("m1")
     before = time.time()
     result = depot.run(["alice@app.test"], original)
     after = time.time()
@@ -178,14 +162,14 @@ def test_accepted_message_is_stored_as_received_with_lf_and_our_lines(depot: Pip
 def test_null_sender_is_an_empty_return_path(depot: PipeDepot, sender_args: list[str]) -> None:
     # Postfix passes the null sender as an empty word (null_sender= in master.cf).
     args = ["-C", str(depot.config), *sender_args]
-    result = depot.run(["alice@app.test"], message("bounce"), args=args)
+    result = depot.run(["alice@app.test"], pipe_message("bounce"), args=args)
     assert result.code == 0, result
     (raw,) = depot.stored()
     assert raw.startswith(b"Return-Path: <>\nX-Original-To: alice@app.test\n")
 
 
 def test_discarded_message_exits_0_and_stores_nothing(depot: PipeDepot) -> None:
-    no_from = message("m2").replace(f"From: Sender <{SENDER}>\n".encode(), b"")
+    no_from = pipe_message("m2").replace(f"From: Sender <{SENDER}>\n".encode(), b"")
     result = depot.run(["alice@app.test"], no_from)
     assert result == Result(0, "", "")
     assert depot.stored() == []
@@ -193,8 +177,8 @@ def test_discarded_message_exits_0_and_stores_nothing(depot: PipeDepot) -> None:
 
 
 def test_same_message_twice_through_the_pipe_is_stored_once(depot: PipeDepot) -> None:
-    assert depot.run(["alice@app.test"], message("twice")).code == 0
-    assert depot.run(["alice@app.test"], message("twice")).code == 0
+    assert depot.run(["alice@app.test"], pipe_message("twice")).code == 0
+    assert depot.run(["alice@app.test"], pipe_message("twice")).code == 0
     assert len(depot.stored()) == 1
     assert "duplicate of <twice@sender.test> already queued in App" in depot.logged()
 
@@ -203,16 +187,16 @@ def test_duplicate_ledger_is_shared_with_the_lmtp_path(depot: PipeDepot) -> None
     # First as the LMTP server stores it: CRLF bytes through Depot.deliver.
     settings = load(depot.config)
     lmtp = Depot(settings)
-    (outcome,) = lmtp.deliver(SENDER, ["alice@app.test"], message("both", eol=b"\r\n"))
+    (outcome,) = lmtp.deliver(SENDER, ["alice@app.test"], pipe_message("both", eol=b"\r\n"))
     assert outcome.reply.startswith("250 2.0.0 <alice@app.test> queued in App")
     lmtp.close()
 
     # Then the same message (LF, as pipe(8) writes it) through the pipe.
-    result = depot.run(["alice@app.test"], message("both"))
+    result = depot.run(["alice@app.test"], pipe_message("both"))
 
     assert result == Result(0, "", "")
     (raw,) = depot.stored()
-    assert raw.endswith(message("both", eol=b"\r\n"))  # the LMTP copy, the only one
+    assert raw.endswith(pipe_message("both", eol=b"\r\n"))  # the LMTP copy, the only one
     assert "duplicate of <both@sender.test> already queued in App" in depot.logged()
 
 
@@ -220,7 +204,7 @@ def test_duplicate_ledger_is_shared_with_the_lmtp_path(depot: PipeDepot) -> None
 
 
 def test_no_queue_exits_67_with_the_reason(depot: PipeDepot) -> None:
-    result = depot.run(["nobody@unknown.test"], message("m3", to="nobody@unknown.test"))
+    result = depot.run(["nobody@unknown.test"], pipe_message("m3", to="nobody@unknown.test"))
     assert result == Result(67, "5.1.1 <nobody@unknown.test>: no queue for this recipient", "")
     assert depot.stored() == []
 
@@ -236,7 +220,7 @@ def test_no_queue_exits_67_with_the_reason(depot: PipeDepot) -> None:
 def test_refused_message_exits_69_with_the_reason(
     depot: PipeDepot, old: bytes, new: bytes, reason: str
 ) -> None:
-    result = depot.run(["alice@app.test"], message("m4").replace(old, new))
+    result = depot.run(["alice@app.test"], pipe_message("m4").replace(old, new))
     assert result.code == 69, result
     assert result.stderr.startswith(reason)
     assert "\n" not in result.stderr
@@ -244,12 +228,12 @@ def test_refused_message_exits_69_with_the_reason(
 
 
 def test_message_at_the_size_limit_is_accepted_one_byte_more_is_refused(depot: PipeDepot) -> None:
-    head = message("big")
+    head = pipe_message("big")
     at_limit = head + b"x" * (LIMIT - len(head) - 1) + b"\n"
     assert len(at_limit) == LIMIT
     assert depot.run(["alice@app.test"], at_limit).code == 0
 
-    over = message("bigger") + b"x" * (LIMIT - len(head)) + b"\n"
+    over = pipe_message("bigger") + b"x" * (LIMIT - len(head)) + b"\n"
     result = depot.run(["alice@app.test"], over)
     assert result == Result(69, f"5.3.4 message size exceeds the limit of {LIMIT} bytes", "")
 
@@ -321,11 +305,11 @@ def stream_into(argv: Sequence[str], env: dict[str, str], data: Iterable[bytes])
 def test_huge_input_is_refused_without_reading_it_into_memory(depot: PipeDepot) -> None:
     argv = ["-C", str(depot.config), "-f", SENDER, "alice@app.test"]
     env = env_for(depot.log)
-    small = stream_into(argv, env, [message("small")])
+    small = stream_into(argv, env, [pipe_message("small")])
     assert small.code == 0, small
 
     total = 200 * 1024 * 1024
-    huge = stream_into(argv, env, chunks_of(total, message("huge")))
+    huge = stream_into(argv, env, chunks_of(total, pipe_message("huge")))
 
     assert huge.code == 69
     assert huge.stderr == f"5.3.4 message size exceeds the limit of {LIMIT} bytes"
@@ -337,14 +321,14 @@ def test_huge_input_is_refused_without_reading_it_into_memory(depot: PipeDepot) 
 
 
 def test_a_large_accepted_message_is_held_in_memory_once_by_the_pipe(tmp_path: Path) -> None:
-    uri = file_uri(tmp_path / "var")
-    config = write_config(tmp_path / "postoffice.ini", uri, limit="100m")
+    uri = uri_for(tmp_path / "var")
+    config = pipe_config(tmp_path, uri, limit="100m")
     argv = ["-C", str(config), "-f", SENDER, "alice@app.test"]
     env = env_for(tmp_path / "pipe.log")
-    small = stream_into(argv, env, [message("small")])
+    small = stream_into(argv, env, [pipe_message("small")])
 
     size = 24 * 1024 * 1024
-    big = stream_into(argv, env, chunks_of(size, message("large")))
+    big = stream_into(argv, env, chunks_of(size, pipe_message("large")))
 
     assert big.code == 0, big
     # One copy read by the pipe, one made while storing it with our lines on top;
@@ -363,9 +347,9 @@ def test_a_large_accepted_message_is_held_in_memory_once_by_the_pipe(tmp_path: P
 def test_unreachable_database_exits_75(depot: PipeDepot, tmp_path: Path) -> None:
     nobody_serves = tmp_path / "zeo.sock"
     uri = f"zeo://{nobody_serves}?wait_timeout=1&blob_dir={tmp_path}/zeo-blobs"
-    config = write_config(tmp_path / "zeo.ini", uri)
+    config = pipe_config(tmp_path, uri, name="zeo.ini")
 
-    result = depot.run(["alice@app.test"], message("m5"), config=config)
+    result = depot.run(["alice@app.test"], pipe_message("m5"), config=config)
 
     assert result == Result(75, "4.3.0 storage temporarily unavailable, try again later", "")
     # The details are for the administrator's log, not for a bounce.
@@ -393,7 +377,7 @@ def test_bad_configuration_exits_75_with_one_line(
         config.parent.mkdir()
         config.write_text(text)
 
-    result = depot.run(["alice@app.test"], message("m6"), config=config)
+    result = depot.run(["alice@app.test"], pipe_message("m6"), config=config)
 
     assert result == Result(75, CONFIG_FAILED + "", "")
     assert logged in depot.logged()
@@ -418,7 +402,7 @@ def test_unexpected_error_exits_75_and_the_traceback_goes_to_the_log(
 
 def test_a_consumer_holding_the_file_briefly_does_not_defer_the_message(depot: PipeDepot) -> None:
     # FileStorage opens in one process only; the command waits for the lock a while.
-    depot.run(["alice@app.test"], message("first"))  # creates the depot
+    depot.run(["alice@app.test"], pipe_message("first"))  # creates the depot
     db = open_db(depot.uri)
     try:
         proc = subprocess.Popen(
@@ -429,7 +413,7 @@ def test_a_consumer_holding_the_file_briefly_does_not_defer_the_message(depot: P
         )
         assert proc.stdin is not None and proc.stderr is not None
         with proc.stdin:
-            proc.stdin.write(message("second"))
+            proc.stdin.write(pipe_message("second"))
         deadline = time.monotonic() + TIMEOUT
         while "database locked by another process, waiting" not in depot.logged():
             assert proc.poll() is None, depot.logged()  # it waits, it does not give up
@@ -452,10 +436,11 @@ def test_a_consumer_holding_the_file_briefly_does_not_defer_the_message(depot: P
     ("raw", "stored"),
     [
         (
-            message("8bit").replace(b"order", b"caf\xe9 \xff\xfe") + b"\xc3\x28 bad utf-8 \x80\n",
+            pipe_message("8bit").replace(b"order", b"caf\xe9 \xff\xfe")
+            + b"\xc3\x28 bad utf-8 \x80\n",
             True,
         ),
-        (message("nul").replace(b"order", b"a\x00b") + b"\x00\x00 binary body \x00\n", True),
+        (pipe_message("nul").replace(b"order", b"a\x00b") + b"\x00\x00 binary body \x00\n", True),
         (b"no headers at all, just text\nand more text\n", False),
         (bytes(range(256)) * 64, False),
         (b"", False),
@@ -481,7 +466,7 @@ def test_broken_message_gets_a_decision_not_a_retry(
 
 
 def test_each_recipient_is_stored_once_with_its_own_x_original_to(depot: PipeDepot) -> None:
-    result = depot.run(["alice@app.test", "bob@app.test", "ALICE@app.test"], message("m7"))
+    result = depot.run(["alice@app.test", "bob@app.test", "ALICE@app.test"], pipe_message("m7"))
     assert result == Result(0, "", "")
     kept = depot.stored()
     assert sorted(raw.split(b"\n")[1] for raw in kept) == [
@@ -492,7 +477,7 @@ def test_each_recipient_is_stored_once_with_its_own_x_original_to(depot: PipeDep
 
 def test_several_recipients_exit_with_the_worst_outcome(depot: PipeDepot) -> None:
     recipients = ["nobody@unknown.test", "alice@app.test", "spam@app.test"]
-    result = depot.run(recipients, message("m8"))
+    result = depot.run(recipients, pipe_message("m8"))
 
     # 69 (refused by a filter) wins over 67 (no queue) and 0; its line comes first,
     # so that the status Postfix reads from the output agrees with the exit status.
@@ -507,15 +492,15 @@ def test_several_recipients_exit_with_the_worst_outcome(depot: PipeDepot) -> Non
 
 
 def test_no_queue_and_queued_exit_67(depot: PipeDepot) -> None:
-    result = depot.run(["alice@app.test", "nobody@unknown.test"], message("m9"))
+    result = depot.run(["alice@app.test", "nobody@unknown.test"], pipe_message("m9"))
     assert result == Result(67, "5.1.1 <nobody@unknown.test>: no queue for this recipient", "")
     assert len(depot.stored()) == 1
 
 
 def test_deferral_of_all_recipients_is_one_line(depot: PipeDepot, tmp_path: Path) -> None:
     uri = f"zeo://{tmp_path}/none.sock?wait_timeout=1&blob_dir={tmp_path}/zeo-blobs"
-    config = write_config(tmp_path / "zeo.ini", uri)
-    result = depot.run(["alice@app.test", "bob@app.test"], message("m10"), config=config)
+    config = pipe_config(tmp_path, uri, name="zeo.ini")
+    result = depot.run(["alice@app.test", "bob@app.test"], pipe_message("m10"), config=config)
     assert result == Result(75, "4.3.0 storage temporarily unavailable, try again later", "")
 
 
@@ -534,7 +519,7 @@ def test_deferral_of_all_recipients_is_one_line(depot: PipeDepot, tmp_path: Path
 def test_wrong_usage_exits_64_with_the_usage_line(
     depot: PipeDepot, args: list[str], why: str
 ) -> None:
-    result = depot.run([], message("m11"), args=["-C", str(depot.config), *args])
+    result = depot.run([], pipe_message("m11"), args=["-C", str(depot.config), *args])
     assert result.code == 64
     assert result.stderr.splitlines() == [
         "usage: postoffice-deliver [-C FILE] [-f SENDER] [--] RECIPIENT...",
@@ -562,7 +547,7 @@ def test_the_console_script_is_the_same_command(depot: PipeDepot) -> None:
         pytest.skip(f"{script} not installed (pip install -e .)")
     proc = subprocess.run(
         [str(script), "-C", str(depot.config), "-f", SENDER, "alice@app.test"],
-        input=message("script"),
+        input=pipe_message("script"),
         capture_output=True,
         env=env_for(depot.log),
         timeout=TIMEOUT,
@@ -608,7 +593,7 @@ def test_delivers_through_the_zeo_server_of_a_running_serve(depot: PipeDepot) ->
             assert time.monotonic() < deadline, out.read_text()
             time.sleep(0.05)
 
-        result = depot.run(["alice@app.test"], message("shared"))
+        result = depot.run(["alice@app.test"], pipe_message("shared"))
 
         assert result == Result(0, "", "")
         assert "database locked" not in depot.logged()
@@ -617,10 +602,14 @@ def test_delivers_through_the_zeo_server_of_a_running_serve(depot: PipeDepot) ->
         # its cache: it must see what the pipe committed through its ZEO
         # server, so the same message over LMTP is a duplicate, not a copy.
         with smtplib.LMTP(str(sock)) as lmtp:
-            assert lmtp.sendmail(SENDER, ["alice@app.test"], message("shared", eol=b"\r\n")) == {}
+            assert (
+                lmtp.sendmail(SENDER, ["alice@app.test"], pipe_message("shared", eol=b"\r\n")) == {}
+            )
             # And the other way round: what serve stored, the pipe sees.
-            assert lmtp.sendmail(SENDER, ["alice@app.test"], message("second", eol=b"\r\n")) == {}
-        assert depot.run(["alice@app.test"], message("second")) == Result(0, "", "")
+            assert (
+                lmtp.sendmail(SENDER, ["alice@app.test"], pipe_message("second", eol=b"\r\n")) == {}
+            )
+        assert depot.run(["alice@app.test"], pipe_message("second")) == Result(0, "", "")
     finally:
         serve.send_signal(signal.SIGTERM)
         assert serve.wait(TIMEOUT) == 0, out.read_text()

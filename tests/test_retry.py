@@ -11,7 +11,7 @@ from ZODB.POSException import ConflictError
 from postoffice import deliver, retry
 from postoffice.deliver import Depot
 from postoffice.errors import StorageUnavailable
-from tests.test_deliver import T0, codes, message, settings_for, stored, uri_for
+from tests.helpers import DELIVERY_DEPOT, T0, codes, message, settings_for, stored, uri_for
 
 
 class FakeClock:
@@ -86,7 +86,7 @@ def conflicting(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
 def test_a_delivery_waits_out_conflicts_and_is_stored_once(
     tmp_path: Path, conflicting: list[int]
 ) -> None:
-    depot = Depot(settings_for(tmp_path))
+    depot = Depot(settings_for(tmp_path, **DELIVERY_DEPOT))
     depot.prepare()
     conflicting[0] = deliver.COMMIT_ATTEMPTS + 5  # more than the minimum: patience covers it
     outcomes = depot.deliver("s@outside.example", ["rcpt@a.example"], message(1), now=T0)
@@ -100,7 +100,7 @@ def test_endless_conflicts_defer_and_store_nothing(
     tmp_path: Path, conflicting: list[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(deliver, "COMMIT_PATIENCE", 0.0)
-    depot = Depot(settings_for(tmp_path))
+    depot = Depot(settings_for(tmp_path, **DELIVERY_DEPOT))
     depot.prepare()
     conflicting[0] = 10**9
     outcomes = depot.deliver("s@outside.example", ["rcpt@a.example"], message(1), now=T0)
@@ -125,7 +125,7 @@ def test_creating_the_queues_waits_out_conflicts(
 
     monkeypatch.setattr(deliver, "reconcile", conflicting_reconcile)
     monkeypatch.setattr(retry.time, "sleep", lambda seconds: None)
-    depot = Depot(settings_for(tmp_path))
+    depot = Depot(settings_for(tmp_path, **DELIVERY_DEPOT))
     depot.prepare()
     outcomes = depot.deliver("s@outside.example", ["rcpt@a.example"], message(1), now=T0)
     depot.close()
@@ -142,7 +142,7 @@ def test_endless_conflicts_creating_the_queues_are_a_clear_error(
     monkeypatch.setattr(deliver, "reconcile", conflicting_reconcile)
     monkeypatch.setattr(deliver, "COMMIT_PATIENCE", 0.0)
     monkeypatch.setattr(retry.time, "sleep", lambda seconds: None)
-    depot = Depot(settings_for(tmp_path))
+    depot = Depot(settings_for(tmp_path, **DELIVERY_DEPOT))
     with pytest.raises(StorageUnavailable, match="could not create the queues: too many conflicts"):
         depot.prepare()
     depot.close()

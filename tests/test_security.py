@@ -41,6 +41,7 @@ from postoffice.lmtp import LmtpServer
 from postoffice.notices import to_wire
 from postoffice.pipe import CONFIG_FAILED
 from postoffice.sockets import bind_unix, check_loopback
+from tests.helpers import ENVELOPE, message, settings_for, uri_for, write_config, write_lmtp_config
 from tests.integration.nobody import nobody_ids
 from tests.integration.postfix_instance import (
     SmtpSink,
@@ -48,7 +49,6 @@ from tests.integration.postfix_instance import (
     make_traversable,
     require_root,
 )
-from tests.test_lmtp import write_config
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -96,7 +96,7 @@ def test_no_moment_where_the_socket_of_a_starting_server_is_world_writable(
     tmp_path: Path,
 ) -> None:
     """``postoffice serve`` started under umask 0, watched by another thread the whole time."""
-    path = write_config(tmp_path, zodb_uri="memory://", mode="0660")
+    path = write_lmtp_config(tmp_path, zodb_uri="memory://", mode="0660")
     sock = tmp_path / "lmtp.sock"
     for _run in range(4):
         seen: set[int] = set()
@@ -127,7 +127,7 @@ def test_no_moment_where_the_socket_of_a_starting_server_is_world_writable(
 @pytest.mark.integration
 @pytest.mark.parametrize("host", ["0.0.0.0", "[::]", "0"])
 def test_serve_refuses_a_non_loopback_address_with_one_line(tmp_path: Path, host: str) -> None:
-    path = write_config(tmp_path, zodb_uri="memory://")
+    path = write_lmtp_config(tmp_path, zodb_uri="memory://")
     port = free_port()
     address = f"{host}:{port}"
     result = subprocess.run(
@@ -164,7 +164,7 @@ def test_loopback_and_unix_addresses_need_nothing(listen: str) -> None:
 
 
 def test_allow_remote_is_read_from_the_config(tmp_path: Path) -> None:
-    path = write_config(tmp_path, zodb_uri="memory://", extra="")
+    path = write_lmtp_config(tmp_path, zodb_uri="memory://")
     text = path.read_text().replace("[lmtp]\n", "[lmtp]\nallow_remote = yes\n")
     path.write_text(text)
     assert config.load(path).lmtp.allow_remote is True
@@ -218,17 +218,17 @@ def original(number: int, lines: list[str]) -> bytes:
     """A message with the hostile lines, and the defaults for whatever they leave out."""
     names = {line.split(":", 1)[0] for line in lines}
     defaults = {
-        "From": f"Sender <{SENDER}>",
-        "To": "help@a.test",
-        "Subject": "help",
-        "Message-Id": f"<{number}@outside.test>",
-        "Date": "Tue, 24 Nov 2026 11:18:48 +0000",
+        "sender": ("From", f"Sender <{SENDER}>"),
+        "to": ("To", "help@a.test"),
+        "subject": ("Subject", "help"),
+        "message_id": ("Message-Id", f"<{number}@outside.test>"),
+        "date": ("Date", "Tue, 24 Nov 2026 11:18:48 +0000"),
     }
-    head = [f"{name}: {value}" for name, value in defaults.items() if name not in names]
-    if "Message-Id" in names:
-        head.append(f"X-Unique: {number}")  # the duplicate ledger must not see two alike
-    text = "\r\n".join([*head, *lines]) + "\r\n\r\nBody.\r\n"
-    return text.encode("utf-8")
+    headers: dict[str, Any] = {
+        field: None if name in names else value for field, (name, value) in defaults.items()
+    }
+    extra = [f"X-Unique: {number}"] if "Message-Id" in names else []  # no two alike for the ledger
+    return message(number, *extra, *lines, **headers, body="Body.\n")
 
 
 def check_ours(wire: bytes, kind: str) -> Message:
@@ -271,12 +271,7 @@ class Recorder:
 @pytest.fixture
 def hostile_queue(tmp_path: Path) -> Iterator[Depot]:
     """A depot whose queue A holds every hostile original, delivered as the LMTP server would."""
-    text = (
-        "[post office]\n"
-        f"zodb_uri = file://{tmp_path}/Data.fs?blobstorage_dir={tmp_path}/blobs\n"
-        "[queue:A]\nfilters =\n    to_hostname: a.test;headers=X-Original-To\n"
-    )
-    depot = Depot(config.loads(text, tmp_path / "postoffice.ini"))
+    depot = Depot(settings_for(tmp_path, queues={"A": "to_hostname: a.test" + ENVELOPE}))
     for number, (what, lines) in enumerate(HOSTILE):
         (outcome,) = depot.deliver(SENDER, [f"help{number}@a.test"], original(number, lines))
         assert "queued in A" in outcome.reply, (what, outcome.reply)
@@ -375,13 +370,12 @@ def nobody_depot(tmp_path: Path, regexp_file: Path | None = None) -> Path:
     depot = tmp_path / "depot"
     depot.mkdir()
     os.chown(depot, *nobody_ids())
-    rule = f"    header_regexp_file: {regexp_file}\n" if regexp_file else ""
-    path = tmp_path / "postoffice.ini"
-    path.write_text(
-        "[post office]\n"
-        f"zodb_uri = file://{depot}/Data.fs?blobstorage_dir={depot}/blobs\n"
-        f"reject_filters =\n{rule}    header_regexp: X-Never: never\n"
-        "[queue:Alpha]\nfilters =\n    to_hostname: alpha.test;headers=X-Original-To\n"
+    rules = [f"header_regexp_file: {regexp_file}"] if regexp_file else []
+    path = write_config(
+        tmp_path,
+        zodb_uri=uri_for(depot),
+        reject_filters=[*rules, "header_regexp: X-Never: never"],
+        queues={"Alpha": "to_hostname: alpha.test" + ENVELOPE},
     )
     path.chmod(0o644)
     return path
@@ -441,7 +435,7 @@ def test_a_symlink_at_the_socket_path_is_never_followed(tmp_path: Path, dangling
         root_only(target, "precious")
     sock = tmp_path / "lmtp.sock"
     sock.symlink_to(target)
-    path = write_config(tmp_path, zodb_uri="memory://", mode="0666")
+    path = write_lmtp_config(tmp_path, zodb_uri="memory://", mode="0666")
     with pytest.raises(ListenError, match="not a socket"):
         LmtpServer(config.load(path)).start()
     assert sock.is_symlink() and os.readlink(sock) == str(target)

@@ -26,7 +26,6 @@ from ZODB.POSException import ConflictError
 
 from postoffice import QueueEmpty, open_queue, store
 from postoffice import clock as depot_clock
-from postoffice.config import loads
 from postoffice.database import open_db
 from postoffice.deliver import Depot
 from postoffice.errors import TemporaryError
@@ -40,43 +39,16 @@ from postoffice.store import (
     find_folder,
     reconcile,
 )
-
-CONFIG = """\
-[post office]
-zodb_uri = {uri}
-
-[queue:A]
-filters =
-    to_hostname: a.example
-
-[queue:B]
-filters =
-    to_hostname: b.example
-"""
-
-
-def uri_for(folder: Path) -> str:
-    return f"file://{folder}/Data.fs?blobstorage_dir={folder}/blobs"
-
-
-def message(number: int, size: int = 0, to: str = "rcpt@a.example") -> bytes:
-    body = f"Body {number}.\r\n" + ("x" * 76 + "\r\n") * (size // 78)
-    return (
-        "From: Sender <sender@outside.example>\r\n"
-        f"To: {to}\r\n"
-        f"Message-Id: <{number}@outside.example>\r\n"
-        f"Subject: number {number}\r\n"
-        "\r\n" + body
-    ).encode()
+from tests.helpers import message, settings_for, uri_for
 
 
 def fill(folder: Path, count: int, size: int = 0, uri: str | None = None, start: int = 0) -> None:
     """Deliver ``count`` messages to queue A the way the LMTP server does."""
-    depot = Depot(loads(CONFIG.format(uri=uri or uri_for(folder)), folder / "postoffice.ini"))
+    depot = Depot(settings_for(folder, zodb_uri=uri))
     try:
         depot.prepare()
         for number in range(start, start + count):
-            raw = message(number, size)
+            raw = message(number, size=size)
             outcomes = depot.deliver("sender@outside.example", ["rcpt@a.example"], raw)
             assert outcomes[0].reply.startswith("250 "), outcomes[0].reply
     finally:
@@ -793,7 +765,7 @@ def test_a_hash_collision_is_never_taken_for_a_duplicate(
 
 def test_ledger_survives_a_reopen_with_its_salt(tmp_path: Path) -> None:
     fill(tmp_path, 3)
-    depot = Depot(loads(CONFIG.format(uri=uri_for(tmp_path)), tmp_path / "postoffice.ini"))
+    depot = Depot(settings_for(tmp_path))
     try:
         outcomes = depot.deliver("sender@outside.example", ["rcpt@a.example"], message(1))
         assert "duplicate" in outcomes[0].reply
@@ -804,10 +776,12 @@ def test_ledger_survives_a_reopen_with_its_salt(tmp_path: Path) -> None:
 
 
 def test_the_writer_keeps_no_message_bytes_in_its_cache_after_the_commit(tmp_path: Path) -> None:
-    depot = Depot(loads(CONFIG.format(uri=uri_for(tmp_path)), tmp_path / "postoffice.ini"))
+    depot = Depot(settings_for(tmp_path))
     try:
         depot.prepare()
-        outcomes = depot.deliver("sender@outside.example", ["rcpt@a.example"], message(7, 4000))
+        outcomes = depot.deliver(
+            "sender@outside.example", ["rcpt@a.example"], message(7, size=4000)
+        )
         assert outcomes[0].queue_key is not None
         connection = depot.db().open()
         try:
@@ -827,7 +801,7 @@ def test_the_servers_start_reads_the_ledger_into_the_writers_cache(tmp_path: Pat
     fill(tmp_path, 300)
 
     def leaf_states(warm: bool) -> list[bool | None]:
-        depot = Depot(loads(CONFIG.format(uri=uri_for(tmp_path)), tmp_path / "postoffice.ini"))
+        depot = Depot(settings_for(tmp_path))
         try:
             depot.prepare(warm=warm)
             connection = depot.db().open()  # the pool hands the prepared connection back

@@ -28,6 +28,8 @@ from typing import NamedTuple, NoReturn
 
 import pytest
 
+from tests.helpers import in_ci
+
 __all__ = [
     "PostfixInstance",
     "SinkMessage",
@@ -60,11 +62,6 @@ def find_tool(name: str) -> str | None:
         if candidate.is_file() and os.access(candidate, os.X_OK):
             return str(candidate)
     return None
-
-
-def in_ci() -> bool:
-    """True under CI, where a missing part must fail the run instead of skipping."""
-    return os.environ.get("CI", "").strip().lower() == "true"
 
 
 def _missing(reason: str) -> NoReturn:

@@ -28,7 +28,8 @@ from typing import Any
 
 import pytest
 
-from tests.integration.postfix_instance import MAX_SOCKET_PATH, PostfixInstance, in_ci
+from tests.helpers import ENVELOPE, in_ci, message
+from tests.integration.postfix_instance import MAX_SOCKET_PATH, PostfixInstance
 
 __all__ = [
     "QUEUES",
@@ -54,28 +55,22 @@ SENDER = "sender@sender.test"
 # Two queues routed by the envelope recipient alone: the default also reads
 # To and Cc, so both recipients of a message to both domains would go to the
 # first queue.
-QUEUES = """\
-[queue:App]
-filters =
-    to_hostname: app.test;headers=X-Original-To
-
-[queue:Other]
-filters =
-    to_hostname: other.test;headers=X-Original-To
-"""
+QUEUES = {
+    "App": "to_hostname: app.test" + ENVELOPE,
+    "Other": "to_hostname: other.test" + ENVELOPE,
+}
 
 
 def make_message(to: str, token: str, body: str | None = None) -> bytes:
     """A small message from SENDER with Message-Id ``<token@sender.test>``."""
-    return (
-        f"From: Sender <{SENDER}>\r\n"
-        f"To: {to}\r\n"
-        f"Subject: order {token}\r\n"
-        f"Message-Id: <{token}@sender.test>\r\n"
-        f"Date: {formatdate()}\r\n"
-        "\r\n"
-        f"{body if body is not None else f'Body of {token}.'}\r\n"
-    ).encode()
+    return message(
+        sender=f"Sender <{SENDER}>",
+        to=to,
+        message_id=f"<{token}@sender.test>",
+        subject=f"order {token}",
+        date=formatdate(),
+        body=f"{body if body is not None else f'Body of {token}.'}\r\n".encode(),
+    )
 
 
 def delivery_status(pf: PostfixInstance, recipient: str, status: str) -> str:

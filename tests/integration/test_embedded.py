@@ -26,28 +26,22 @@ import pytest
 import transaction
 
 from postoffice import open_queue
-from postoffice.config import Settings, loads
 from postoffice.database import FileDepot, open_db, running_client_uri
 from postoffice.deliver import Delivery, Depot
 from postoffice.embedded import SharedDepot, shared
 from postoffice.errors import ConfigError, EmbeddedZeoError
 from postoffice.store import BLOB_THRESHOLD
+from tests.helpers import config_text, message, settings_for, uri_for
 from tests.integration.servers import finished, reaped
 
 pytestmark = pytest.mark.integration
 
 QUEUE = "Customer A"
+RCPT = "someone@app.customera.example"
 # Every wait in this file is bounded by this.
 WAIT = 60.0
 
-CONFIG = """\
-[post office]
-zodb_uri = {uri}
-
-[queue:Customer A]
-filters =
-    to_hostname: app.customera.example
-"""
+QUEUES = {QUEUE: "to_hostname: app.customera.example"}
 
 # A consumer as an application writes it: pop, work, commit; it stops at
 # the message whose Subject is "stop", and prints the Message-Ids it got.
@@ -79,30 +73,13 @@ CONSUMER = textwrap.dedent(
 )
 
 
-def file_uri(folder: Path) -> str:
-    return f"file://{folder}/Data.fs?blobstorage_dir={folder}/blobs"
-
-
-def settings(uri: str, folder: Path) -> Settings:
-    return loads(CONFIG.format(uri=uri), folder / "postoffice.ini")
-
-
-def message(number: int, subject: str = "hello", body: bytes = b"Hello.\r\n") -> bytes:
-    head = (
-        "From: Sender <sender@outside.example>\r\n"
-        "To: someone@app.customera.example\r\n"
-        f"Message-Id: <{number}@outside.example>\r\n"
-        f"Subject: {subject}\r\n"
-        "\r\n"
-    )
-    return head.encode() + body
-
-
 def deliver(depot: Depot, numbers: range, subject: str = "hello", body: bytes = b"Hi.\r\n") -> None:
     """Deliver a batch as the LMTP server does; every recipient must be queued (250)."""
     batch = [
         Delivery(
-            "sender@outside.example", ("someone@app.customera.example",), message(n, subject, body)
+            "sender@outside.example",
+            (RCPT,),
+            message(n, to=RCPT, subject=subject, body=body),
         )
         for n in numbers
     ]
@@ -134,7 +111,7 @@ def var(tmp_path: Path) -> Path:
 @pytest.fixture
 def zeo(var: Path) -> Iterator[SharedDepot]:
     """The depot as serve holds it: the file open here, shared on zeo.sock."""
-    with SharedDepot(file_uri(var)) as server:
+    with SharedDepot(uri_for(var)) as server:
         yield server
 
 
@@ -145,7 +122,7 @@ def test_consumers_in_other_processes_get_every_message_exactly_once(
     zeo: SharedDepot, var: Path, tmp_path: Path
 ) -> None:
     """serve delivers into the file while two applications consume through ZEO."""
-    depot = Depot(settings(file_uri(var), tmp_path), db=zeo.db)
+    depot = Depot(settings_for(tmp_path, zodb_uri=uri_for(var), queues=QUEUES), db=zeo.db)
     depot.prepare()
     consumers = [
         subprocess.Popen(
@@ -177,10 +154,10 @@ def test_consumers_in_other_processes_get_every_message_exactly_once(
 
     zeo.stop()
     assert not zeo.socket_path.exists()
-    assert running_client_uri(file_uri(var)) is None
+    assert running_client_uri(uri_for(var)) is None
 
     # The data is in Data.fs: the file opened directly, as with share = no.
-    with open_queue(file_uri(var), QUEUE) as queue:
+    with open_queue(uri_for(var), QUEUE) as queue:
         assert len(queue) == 2
         first = queue.pop_next()
         second = queue.pop_next()
@@ -194,9 +171,9 @@ def test_consumers_in_other_processes_get_every_message_exactly_once(
 
 def test_running_client_uri_finds_the_server_while_it_runs(zeo: SharedDepot, var: Path) -> None:
     """``postoffice queues`` and friends use the ZEO while serve holds the file."""
-    assert running_client_uri(file_uri(var)) == zeo.client_uri
+    assert running_client_uri(uri_for(var)) == zeo.client_uri
     zeo.stop()
-    assert running_client_uri(file_uri(var)) is None
+    assert running_client_uri(uri_for(var)) is None
 
 
 def test_the_socket_is_not_for_everyone(zeo: SharedDepot, var: Path) -> None:
@@ -207,7 +184,7 @@ def test_the_socket_is_not_for_everyone(zeo: SharedDepot, var: Path) -> None:
 
 
 def test_a_private_socket_mode(var: Path) -> None:
-    with SharedDepot(file_uri(var), socket_mode=0o600) as server:
+    with SharedDepot(uri_for(var), socket_mode=0o600) as server:
         assert stat.S_IMODE(os.stat(server.socket_path).st_mode) == 0o600
 
 
@@ -235,8 +212,8 @@ HANGING_CLIENT = textwrap.dedent(
 def test_a_client_hanging_in_its_commit_holds_up_serve_only_until_the_timeout(
     var: Path, tmp_path: Path
 ) -> None:
-    with SharedDepot(file_uri(var), transaction_timeout=2.0) as server:
-        depot = Depot(settings(file_uri(var), tmp_path), db=server.db)
+    with SharedDepot(uri_for(var), transaction_timeout=2.0) as server:
+        depot = Depot(settings_for(tmp_path, zodb_uri=uri_for(var), queues=QUEUES), db=server.db)
         depot.prepare()
         hanging = subprocess.Popen(
             [sys.executable, "-c", HANGING_CLIENT, str(server.socket_path), str(var / "blobs")],
@@ -260,7 +237,7 @@ def test_a_client_hanging_in_its_commit_holds_up_serve_only_until_the_timeout(
         assert not stuck, "serve's delivery still waits for the commit lock the client took"
         depot.close()
         assert 1.0 < waited < 2.0 + 10.0
-    with open_queue(file_uri(var), QUEUE) as queue:
+    with open_queue(uri_for(var), QUEUE) as queue:
         assert len(queue) == 1
 
 
@@ -271,11 +248,11 @@ def test_a_second_server_for_the_same_data_fs_is_refused(
     zeo: SharedDepot, var: Path, tmp_path: Path
 ) -> None:
     with pytest.raises(EmbeddedZeoError, match="already shared by a running ZEO server"):
-        SharedDepot(file_uri(var)).start()
+        SharedDepot(uri_for(var)).start()
     # The first one is untouched and still serves (here a writer through ZEO,
     # as postoffice-deliver is while serve runs).
     assert zeo.running()
-    depot = Depot(settings(zeo.client_uri, tmp_path))
+    depot = Depot(settings_for(tmp_path, zodb_uri=zeo.client_uri, queues=QUEUES))
     try:
         deliver(depot, range(1))
     finally:
@@ -286,9 +263,9 @@ def test_a_second_server_for_the_same_data_fs_is_refused(
 
 def test_a_data_fs_locked_by_another_process_is_a_clear_error(var: Path) -> None:
     """Someone opened the file:// URI directly (share = no, a consumer, postoffice-deliver)."""
-    db = open_db(file_uri(var))
+    db = open_db(uri_for(var))
     try:
-        server = SharedDepot(file_uri(var))
+        server = SharedDepot(uri_for(var))
         with pytest.raises(EmbeddedZeoError, match=r"Data\.fs is locked by another process"):
             server.start()
         assert not server.running()
@@ -296,7 +273,7 @@ def test_a_data_fs_locked_by_another_process_is_a_clear_error(var: Path) -> None
     finally:
         db.close()
     # Once the other process lets go, the server starts.
-    with SharedDepot(file_uri(var)) as server:
+    with SharedDepot(uri_for(var)) as server:
         assert server.running()
 
 
@@ -306,7 +283,7 @@ def test_a_stale_socket_is_replaced(var: Path) -> None:
     stale = socket.socket(socket.AF_UNIX)
     stale.bind(str(var / "zeo.sock"))
     stale.close()
-    with SharedDepot(file_uri(var)) as server:
+    with SharedDepot(uri_for(var)) as server:
         db = open_db(server.client_uri)
         try:
             assert db.storage.is_connected()
@@ -318,7 +295,7 @@ def test_a_file_where_the_socket_goes_is_left_alone(var: Path) -> None:
     var.mkdir()
     (var / "zeo.sock").write_text("not a socket")
     with pytest.raises(EmbeddedZeoError, match="not a socket"):
-        SharedDepot(file_uri(var)).start()
+        SharedDepot(uri_for(var)).start()
     assert (var / "zeo.sock").read_text() == "not a socket"
 
 
@@ -342,9 +319,9 @@ def test_after_serve_is_killed_the_next_one_shares_the_same_data(var: Path, tmp_
             "outcomes = depot.deliver('s@outside.example', ['a@app.customera.example'], raw)\n"
             "print(outcomes[0].reply, flush=True)\n"
             "time.sleep(120)\n",
-            file_uri(var),
-            CONFIG.format(uri=file_uri(var)),
-            message(1).decode(),
+            uri_for(var),
+            config_text(uri_for(var), queues=QUEUES),
+            message(1, to=RCPT).decode(),
         ],
         stdout=subprocess.PIPE,
         text=True,
@@ -352,13 +329,13 @@ def test_after_serve_is_killed_the_next_one_shares_the_same_data(var: Path, tmp_
     try:
         assert killed.stdout is not None
         assert "queued in Customer A" in killed.stdout.readline()
-        assert running_client_uri(file_uri(var)) is not None
+        assert running_client_uri(uri_for(var)) is not None
     finally:
         killed.kill()
         killed.wait()
     assert (var / "zeo.sock").exists()  # stale
-    assert running_client_uri(file_uri(var)) is None
-    with SharedDepot(file_uri(var)) as server, open_queue(server.client_uri, QUEUE) as queue:
+    assert running_client_uri(uri_for(var)) is None
+    with SharedDepot(uri_for(var)) as server, open_queue(server.client_uri, QUEUE) as queue:
         assert [queue.pop_next()["Message-Id"]] == ["<1@outside.example>"]
         transaction.abort()
 
@@ -370,20 +347,20 @@ def test_only_file_uris_are_shared(var: Path) -> None:
     for other in ("zeo://localhost:8100", "memory://", "postgres://db/postoffice"):
         with shared(other) as depot:
             assert depot is None
-    with shared(file_uri(var), share=False) as depot:
+    with shared(uri_for(var), share=False) as depot:
         assert depot is None
-    assert FileDepot.parse(file_uri(var)).client_uri == (
+    assert FileDepot.parse(uri_for(var)).client_uri == (
         f"zeo://{var}/zeo.sock?shared_blob_dir=true&blob_dir={var}/blobs"
     )
 
 
 def test_shared_runs_the_server_only_for_the_block(var: Path) -> None:
-    with shared(file_uri(var)) as depot:
+    with shared(uri_for(var)) as depot:
         assert depot is not None
-        assert running_client_uri(file_uri(var)) == depot.client_uri
-    assert running_client_uri(file_uri(var)) is None
+        assert running_client_uri(uri_for(var)) == depot.client_uri
+    assert running_client_uri(uri_for(var)) is None
     assert not (var / "zeo.sock").exists()
-    open_db(file_uri(var)).close()  # the file is free again
+    open_db(uri_for(var)).close()  # the file is free again
 
 
 def test_database_options_follow_the_uri_and_storage_options_stay_with_the_server(
@@ -401,4 +378,4 @@ def test_database_options_follow_the_uri_and_storage_options_stay_with_the_serve
 def test_a_socket_path_too_long_for_unix_sockets_is_a_config_error(tmp_path: Path) -> None:
     deep = tmp_path / ("x" * 120)
     with pytest.raises(ConfigError, match="at most 107 bytes"):
-        SharedDepot(file_uri(deep))
+        SharedDepot(uri_for(deep))

@@ -44,6 +44,7 @@ import pytest
 
 from postoffice.database import open_db
 from postoffice.store import find_folder
+from tests.helpers import write_config
 from tests.integration.conftest import PostfixFactory
 from tests.integration.postfix_instance import PostfixInstance, require_tool
 from tests.integration.servers import (
@@ -89,13 +90,9 @@ def start_zeo(zeo_servers: list[ZeoServer], tmp_path: Path) -> ZeoServer:
 def serve_config(folder: Path, zeo: ZeoServer, sock: Path) -> Path:
     """A folder with postoffice.ini: the two queues, a ZEO depot, listening on ``sock``."""
     folder.mkdir(exist_ok=True)
-    config = folder / "postoffice.ini"
-    config.write_text(
-        f"[post office]\nzodb_uri = {zeo_uri(zeo)}\n\n"
-        # 0666 only because the socket is in a test folder (the postfix user connects).
-        f"[lmtp]\nlisten = unix:{sock}\nsocket_mode = 0666\nmax_sessions = 64\n\n{QUEUES}"
-    )
-    return config
+    # 0666 only because the socket is in a test folder (the postfix user connects).
+    lmtp = {"listen": f"unix:{sock}", "socket_mode": "0666", "max_sessions": 64}
+    return write_config(folder, zodb_uri=zeo_uri(zeo), lmtp=lmtp, queues=QUEUES)
 
 
 def start_postfix(postfix_factory: PostfixFactory, sock: Path, **main_cf: str) -> PostfixInstance:

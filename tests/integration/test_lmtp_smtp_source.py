@@ -20,23 +20,17 @@ from pathlib import Path
 import pytest
 
 from postoffice import open_queue
+from tests.helpers import HERE_URI, config_text
 from tests.integration.postfix_instance import require_tool
 
 pytestmark = pytest.mark.integration
 
-CONFIG = """\
-[post office]
-zodb_uri = file://%(here)s/var/Data.fs?blobstorage_dir=%(here)s/var/blobs
-max_message_size = 10m
-
-[lmtp]
-listen = unix:%(here)s/lmtp.sock
-max_sessions = 16
-
-[queue:App]
-filters =
-    to_hostname: app.test
-"""
+CONFIG = config_text(
+    HERE_URI,
+    max_message_size="10m",
+    lmtp={"listen": "unix:%(here)s/lmtp.sock", "max_sessions": 16},
+    queues={"App": "to_hostname: app.test"},
+)
 
 
 @pytest.fixture

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import smtplib
-from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import message
 from tests.integration.conftest import PostfixFactory
 from tests.integration.postfix_instance import SmtpSink, parse_sink_dump
 
@@ -15,13 +15,13 @@ pytestmark = pytest.mark.integration
 
 
 def _message(subject: str, to: str) -> bytes:
-    msg = EmailMessage()
-    msg["From"] = "sender@example.test"
-    msg["To"] = to
-    msg["Subject"] = subject
-    msg["Message-Id"] = f"<{subject.replace(' ', '-')}@example.test>"
-    msg.set_content("first line\n.leading dot survives\n\nlast line\n")
-    return msg.as_bytes(policy=msg.policy.clone(linesep="\r\n"))
+    return message(
+        sender="sender@example.test",
+        to=to,
+        message_id=f"<{subject.replace(' ', '-')}@example.test>",
+        subject=subject,
+        body="first line\n.leading dot survives\n\nlast line\n",
+    )
 
 
 def test_postfix_delivers_over_lmtp_to_smtp_sink(

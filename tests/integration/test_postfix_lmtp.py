@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from postoffice import open_queue
+from tests.helpers import stored, uri_for, write_config
 from tests.integration.conftest import PostfixFactory
 from tests.integration.postfix_instance import (
     PostfixInstance,
@@ -56,32 +56,22 @@ POSTOFFICE_DOMAINS = ("app.test", "other.test", "unknown.test")
 
 
 def file_uri(folder: Path) -> str:
-    return f"file://{folder}/var/Data.fs?blobstorage_dir={folder}/var/blobs"
+    return uri_for(folder / "var")
 
 
-def write_config(folder: Path, zodb_uri: str, lmtp_section: str) -> Path:
-    """postoffice.ini with the two test queues; ``lmtp_section`` is the whole [lmtp] text."""
-    path = folder / "postoffice.ini"
-    path.write_text(f"[post office]\nzodb_uri = {zodb_uri}\n\n{lmtp_section}\n{QUEUES}")
-    return path
-
-
-def lmtp_section(sock: Path) -> str:
+def write_serve_config(folder: Path, zodb_uri: str, sock: Path) -> Path:
+    """postoffice.ini with the two test queues, listening on ``sock``."""
     # 0666 only because this socket is in a test folder; production uses 0660
     # with the group postfix (postfix-examples/lmtp-postoffice.ini).
-    return f"[lmtp]\nlisten = unix:{sock}\nsocket_mode = 0666\n"
-
-
-def stored(uri: str, queue_name: str) -> list[bytes]:
-    with open_queue(uri, queue_name) as queue:
-        return [raw for _key, raw, _arrived in queue.messages()]
+    lmtp = {"listen": f"unix:{sock}", "socket_mode": "0666"}
+    return write_config(folder, zodb_uri=zodb_uri, lmtp=lmtp, queues=QUEUES)
 
 
 def test_message_lands_in_the_queue_of_each_recipient(
     postfix_factory: PostfixFactory, servers: list[Serve], tmp_path: Path
 ) -> None:
     sock = socket_path(tmp_path, "po.sock")
-    server = start_serve(servers, write_config(tmp_path, file_uri(tmp_path), lmtp_section(sock)))
+    server = start_serve(servers, write_serve_config(tmp_path, file_uri(tmp_path), sock))
     pf = postfix_factory({domain: f"lmtp:unix:{sock}" for domain in POSTOFFICE_DOMAINS})
 
     message = make_message("alice@app.test, bob@other.test", "m1")
@@ -112,7 +102,7 @@ def test_unknown_recipient_is_bounced_with_our_reply(
     postfix_factory: PostfixFactory, servers: list[Serve], tmp_path: Path
 ) -> None:
     sock = socket_path(tmp_path, "po.sock")
-    server = start_serve(servers, write_config(tmp_path, file_uri(tmp_path), lmtp_section(sock)))
+    server = start_serve(servers, write_serve_config(tmp_path, file_uri(tmp_path), sock))
     # The sender's domain goes to smtp-sink, which catches the bounce.
     with SmtpSink(tmp_path / "sink", socket_path=socket_path(tmp_path, "sink.sock")) as sink:
         transports = {domain: f"lmtp:unix:{sock}" for domain in POSTOFFICE_DOMAINS}
@@ -157,7 +147,7 @@ def test_unreachable_depot_defers_until_zeo_is_back(
     depot = tmp_path / "depot"
     depot.mkdir()
     zeo_uri = f"zeo://{zeo_sock}?wait_timeout=1&blob_dir={depot}/blobs&shared_blob_dir=true"
-    server = start_serve(servers, write_config(tmp_path, zeo_uri, lmtp_section(sock)))
+    server = start_serve(servers, write_serve_config(tmp_path, zeo_uri, sock))
     pf = postfix_factory({domain: f"lmtp:unix:{sock}" for domain in POSTOFFICE_DOMAINS})
 
     assert pf.send(SENDER, ["alice@app.test"], make_message("alice@app.test", "m3")) == {}
@@ -182,8 +172,7 @@ def test_unreachable_depot_defers_until_zeo_is_back(
         zeo.stop()
 
     # Every 451 stored nothing: the message is in the depot exactly once.
-    depot_uri = f"file://{depot}/Data.fs?blobstorage_dir={depot}/blobs"
-    (raw,) = stored(depot_uri, "App")
+    (raw,) = stored(uri_for(depot), "App")
     copy = parse(raw)
     assert copy["X-Original-To"] == "alice@app.test"
     assert copy["Message-Id"] == "<m3@sender.test>"
@@ -193,7 +182,7 @@ def test_mail_waits_in_postfix_while_serve_is_down(
     postfix_factory: PostfixFactory, servers: list[Serve], tmp_path: Path
 ) -> None:
     sock = socket_path(tmp_path, "po.sock")
-    config_path = write_config(tmp_path, file_uri(tmp_path), lmtp_section(sock))
+    config_path = write_serve_config(tmp_path, file_uri(tmp_path), sock)
     pf = postfix_factory({domain: f"lmtp:unix:{sock}" for domain in POSTOFFICE_DOMAINS})
 
     assert pf.send(SENDER, ["alice@app.test"], make_message("alice@app.test", "m4")) == {}
@@ -270,10 +259,11 @@ def test_the_lmtp_examples_deliver_through_a_chrooted_client(
     ini_lmtp = (EXAMPLES / "lmtp-postoffice.ini").read_text()
     ini_lmtp = ini_lmtp.replace("/var/spool/postfix", str(pf.spool_dir))
     assert "socket_mode = 0660" in ini_lmtp
-    queues = "[queue:Customer A]\nfilters =\n    to_hostname: app.customera.example\n"
-    config_path = tmp_path / "postoffice.ini"
-    config_path.write_text(
-        f"[post office]\nzodb_uri = {file_uri(tmp_path)}\n\n{ini_lmtp}\n{queues}"
+    config_path = write_config(
+        tmp_path,
+        zodb_uri=file_uri(tmp_path),
+        queues={"Customer A": "to_hostname: app.customera.example"},
+        extra="\n" + ini_lmtp,
     )
     server = start_serve(servers, config_path)
     info = sock.stat()

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from postoffice import open_queue
+from tests.helpers import ENVELOPE, stored, uri_for, write_config
 from tests.integration.conftest import PostfixFactory
 from tests.integration.nobody import nobody_ids
 from tests.integration.postfix_instance import (
@@ -40,16 +40,6 @@ pytestmark = pytest.mark.integration
 EXAMPLES = Path(__file__).resolve().parents[2] / "postfix-examples"
 WAIT = 60.0
 LIMIT = 100 * 1024  # max_message_size of the test depot
-
-CONFIG = """\
-[post office]
-zodb_uri = {uri}
-max_message_size = 100k
-
-[queue:App]
-filters =
-    to_hostname: app.test;headers=X-Original-To
-"""
 
 
 # --- the example files, with this test's paths ---------------------------------------------
@@ -110,16 +100,19 @@ class NobodyDepot:
         uid, gid = nobody_ids()
         os.chown(self.folder, uid, gid)
         self.folder.chmod(0o700)
-        self.file_uri = f"file://{self.folder}/Data.fs?blobstorage_dir={self.folder}/blobs"
-        self.config = base / "postoffice.ini"
-        self.config.write_text(CONFIG.format(uri=uri or self.file_uri))
+        self.file_uri = uri_for(self.folder)
+        self.config = write_config(
+            base,
+            zodb_uri=uri or self.file_uri,
+            max_message_size="100k",
+            queues={"App": "to_hostname: app.test" + ENVELOPE},
+        )
         self.config.chmod(0o644)
         self.log = self.folder / "deliver.log"
         make_traversable(base)
 
     def stored(self, queue: str = "App", uri: str | None = None) -> list[bytes]:
-        with open_queue(uri or self.file_uri, queue) as opened:
-            return [raw for _key, raw, _arrived in opened.messages()]
+        return stored(uri or self.file_uri, queue)
 
     def logged(self) -> str:
         return self.log.read_text() if self.log.exists() else ""

@@ -17,39 +17,30 @@ import pytest
 import transaction
 
 from postoffice import SMTPSender, open_queue
-from postoffice.config import loads
 from postoffice.deliver import Depot
+from tests.helpers import message, settings_for
 from tests.integration.postfix_instance import SinkMessage, SmtpSink
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
-CONFIG = """\
-[post office]
-zodb_uri = file://{folder}/Data.fs?blobstorage_dir={folder}/blobs
 
-[queue:A]
-filters =
-    to_hostname: a.example
-"""
-
-
-def message(number: int) -> bytes:
-    return (
-        f"From: Sender {number} <sender{number}@outside.example>\r\n"
-        "To: Help Desk <help@a.example>\r\n"
-        f"Message-Id: <{number}@outside.example>\r\n"
-        f"Subject: ticket {number}\r\n"
-        "\r\n"
-        f"Please help with {number}.\r\n"
-    ).encode()
+def ticket(number: int) -> bytes:
+    """A help request from sender N to the help desk."""
+    return message(
+        number,
+        sender=f"Sender {number} <sender{number}@outside.example>",
+        to="Help Desk <help@a.example>",
+        subject=f"ticket {number}",
+        body=f"Please help with {number}.\n",
+    )
 
 
 @pytest.fixture
 def depot(tmp_path: Path) -> Iterator[Depot]:
-    one = Depot(loads(CONFIG.format(folder=tmp_path), tmp_path / "postoffice.ini"))
+    one = Depot(settings_for(tmp_path, queues={"A": "to_hostname: a.example"}))
     for number in range(4):
         (outcome,) = one.deliver(
-            f"sender{number}@outside.example", ["help@a.example"], message(number)
+            f"sender{number}@outside.example", ["help@a.example"], ticket(number)
         )
         assert outcome.reply.startswith("250 "), outcome.reply
     yield one

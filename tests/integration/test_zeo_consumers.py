@@ -29,8 +29,8 @@ import pytest
 import transaction
 
 from postoffice import open_queue
-from postoffice.config import loads
 from postoffice.deliver import Delivery, Depot
+from tests.helpers import message, settings_for
 from tests.integration.servers import finished, reaped
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -159,21 +159,11 @@ def zeo_uri(tmp_path: Path) -> Iterator[str]:
 
 def _message(number: int) -> bytes:
     subject = f"poison {number}" if number in POISON else f"number {number}"
-    return (
-        "From: Sender <sender@outside.example>\r\n"
-        "To: rcpt@a.example\r\n"
-        f"Message-Id: <{number}@outside.example>\r\n"
-        f"Subject: {subject}\r\n"
-        "\r\n"
-        f"Body of {number}.\r\n"
-    ).encode()
+    return message(number, subject=subject, body=f"Body of {number}.\n")
 
 
 def _fill(tmp_path: Path, uri: str) -> None:
-    config = (
-        f"[post office]\nzodb_uri = {uri}\n\n[queue:A]\nfilters =\n    to_hostname: a.example\n"
-    )
-    depot = Depot(loads(config, tmp_path / "postoffice.ini"))
+    depot = Depot(settings_for(tmp_path, zodb_uri=uri, queues={"A": "to_hostname: a.example"}))
     try:
         deliveries = [
             Delivery("sender@outside.example", ("rcpt@a.example",), _message(n))

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from postoffice.config import loads
 from postoffice.database import open_db
 from postoffice.deliver import Delivery, Depot
+from tests.helpers import message, settings_for
 from tests.integration.servers import ZeoServer, socket_path
 
 pytestmark = pytest.mark.integration
@@ -25,15 +25,13 @@ pytestmark = pytest.mark.integration
 RCPT = "someone@app.example"
 
 
-def message(number: int) -> bytes:
-    return (
-        f"From: Sender <sender@outside.example>\r\nTo: {RCPT}\r\n"
-        f"Message-Id: <{number}@outside.example>\r\nSubject: {number}\r\n\r\nHello.\r\n"
-    ).encode()
-
-
 def deliver(depot: Depot, numbers: range) -> list[str]:
-    batch = [Delivery("sender@outside.example", (RCPT,), message(n)) for n in numbers]
+    batch = [
+        Delivery(
+            "sender@outside.example", (RCPT,), message(n, to=RCPT, subject=str(n), body="Hello.\n")
+        )
+        for n in numbers
+    ]
     return [outcomes[0].reply[:3] for outcomes in depot.deliver_batch(batch)]
 
 
@@ -46,10 +44,7 @@ def test_the_first_batch_after_a_zeo_restart_is_stored(
     zeo_servers.append(zeo)
     zeo.start()
     uri = f"zeo://{zeo.sock}?wait_timeout=30&blob_dir={folder / 'blobs'}&shared_blob_dir=true"
-    config = (
-        f"[post office]\nzodb_uri = {uri}\n\n[queue:App]\nfilters =\n    to_hostname: app.example\n"
-    )
-    settings = loads(config, tmp_path / "postoffice.ini")
+    settings = settings_for(tmp_path, zodb_uri=uri, queues={"App": "to_hostname: app.example"})
     db = open_db(uri)
     depot = Depot(settings, db=db)
     try:
