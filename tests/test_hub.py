@@ -77,9 +77,18 @@ def shared(tmp_path: Path) -> Iterator[Shared]:
     try:
         shared.local.root()["box"] = Box()
         shared.local_tm.commit()
+        # The client hears of that commit asynchronously: until it has, its
+        # root is the empty one, and a test's first commit through it would
+        # conflict with the fixture's instead of testing anything.
+        eventually(lambda: _remote_has_box(shared), "the application to see the fixture")
         yield shared
     finally:
         shared.close()
+
+
+def _remote_has_box(shared: Shared) -> bool:
+    shared.remote_tm.begin()
+    return "box" in shared.remote.root()
 
 
 def remote_value(shared: Shared) -> int:
