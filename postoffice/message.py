@@ -18,7 +18,7 @@ import inspect
 import quopri
 import re
 from collections.abc import Iterator
-from email.message import EmailMessage, Message
+from email.message import Message
 from email.parser import BytesParser
 from functools import cached_property
 
@@ -354,17 +354,6 @@ def added_headers(sender: str, recipient: str, arrival: int, eol: bytes) -> byte
 def _clean(text: str) -> str:
     """No CR, LF or NUL from an envelope address may end up in a header."""
     return re.sub(r"[\r\n\x00]", "", text)
-
-
-def to_email_message(raw: bytes) -> EmailMessage:
-    """The consumer's view: an EmailMessage with decoded header values.
-
-    ``email.policy.default`` decodes RFC 2047 on access; ``as_bytes()`` of an
-    unmodified message gives back the stored bytes as they were parsed.
-    """
-    message = BytesParser(policy=email.policy.default).parsebytes(raw)
-    assert isinstance(message, EmailMessage)
-    return message
 
 
 def safe_header(message: Message, name: str) -> str | None:

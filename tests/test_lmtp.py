@@ -688,7 +688,7 @@ def test_a_file_depot_is_shared_while_the_server_runs(
     assert line.startswith("postoffice: ") and "already shared" in line and uri in line
     assert proc.stop() == 0
     assert not (tmp_path / "var" / "zeo.sock").exists()
-    assert len(stored(tmp_path, "Alpha")) == 1
+    assert len(stored(uri_for(tmp_path / "var"), "Alpha")) == 1
 
 
 def test_writer_commits_sessions_in_groups(
