@@ -16,7 +16,6 @@ import logging
 import mailbox
 import os
 import sys
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any
 
 import transaction
 
-from postoffice import config, logs
+from postoffice import clock, config, logs
 from postoffice.database import consumer_uri, open_db
 from postoffice.errors import ConfigError, PostofficeError, StorageUnavailable, exit_code
 
@@ -177,7 +176,7 @@ def import_maildir(depot: Any, path: Path, now: float | None = None) -> dict[str
     if not (path / "cur").is_dir() and not (path / "new").is_dir():
         raise ConfigError(f"{path}: not a Maildir (no cur/ or new/)")
     maildir = mailbox.Maildir(str(path), factory=None, create=False)
-    day = datetime.datetime.fromtimestamp(now or time.time()).strftime("%Y.%m.%d")
+    day = datetime.datetime.fromtimestamp(now or clock.now()).strftime("%Y.%m.%d")
     counts = {"queued": 0, "discarded": 0, "rejected": 0, "deferred": 0}
     archive = None
     for key in sorted(maildir.keys()):
@@ -316,7 +315,7 @@ def cmd_try(args: argparse.Namespace) -> int:
     raw = Path(args.message_file).read_bytes()
     message = ParsedMessage(raw)
     envelope = Envelope(args.sender, tuple(args.rcpt))
-    now = time.time()
+    now = clock.now()
 
     def show(state: Any, note: str) -> None:
         for rcpt in args.rcpt:

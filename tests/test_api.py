@@ -1,4 +1,4 @@
-"""The consumer API of SPEC 6, as an application uses it.
+"""The consumer API, as an application uses it.
 
 Real FileStorage with blobs in ``tmp_path``; messages put in with
 ``Depot.deliver`` as the LMTP server does.  ``send`` is a plain function
@@ -197,7 +197,7 @@ def test_fifo_across_deliveries(depot: Depot) -> None:
     assert subjects == [f"number {n}" for n in range(5)]
 
 
-# --- the SPEC 6 loop ------------------------------------------------------------------------
+# --- the documented loop --------------------------------------------------------------------
 
 
 def test_the_spec_loop_quarantines_a_failure_and_consumes_the_rest(

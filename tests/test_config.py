@@ -1,4 +1,4 @@
-"""The ini file of SPEC 3: what an administrator writes, and every way it can be wrong.
+"""The ini file: what an administrator writes, and every way it can be wrong.
 
 A bad file must be refused at start with one line that names the file, the
 section and the option (and the line, for regexp files), so the person

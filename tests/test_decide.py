@@ -1,4 +1,4 @@
-"""The decision for one recipient (SPEC 5), row by row and in table order.
+"""The decision for one recipient (docs/decisions.md), row by row and in table order.
 
 Pure rules are tested through ``decide`` with a small in-memory queue state;
 the stateful parts of the throttle (what is counted, per queue, over time)

@@ -1,4 +1,4 @@
-"""Delivery into a real depot: what is stored, what a 250 promises, and the faults of SPEC 9.
+"""Delivery into a real depot: what is stored, what a 250 promises, the faults of 0.25.
 
 Every test uses a FileStorage with a blob folder in ``tmp_path``; where
 durability matters the depot is closed and the database opened again from
@@ -243,7 +243,7 @@ def test_duplicate_recipients_in_one_envelope_are_stored_once(depot: Depot) -> N
     assert len(stored(depot.db())) == 2
 
 
-# --- SPEC 9: the ledger is O(log n) -----------------------------------------------------
+# --- 0.25 fault: the ledger is O(log n) --------------------------------------------------
 
 
 def seed_ledger(depot: Depot, count: int, at: float) -> None:
@@ -307,7 +307,7 @@ def test_ledger_pruning_is_bounded_per_delivery_and_catches_up(depot: Depot) -> 
     assert ledger_size(depot) == 40
 
 
-# --- SPEC 9: keys never come from max(keys) + 1 -----------------------------------------
+# --- 0.25 fault: keys never come from max(keys) + 1 --------------------------------------
 
 
 def test_key_generators_with_different_salts_never_collide(

@@ -1,4 +1,4 @@
-"""The five filters of SPEC 4, rule by rule, on messages as they arrive (bytes).
+"""The five filter types, rule by rule, on messages as they arrive (bytes).
 
 Each filter answers one message and one envelope recipient with a reason
 (it matched) or None.  These tests write the filter lines exactly as an
@@ -66,7 +66,7 @@ def test_exact_host(domain: str, expected: bool) -> None:
         ("a.example.com", True),
         ("a.b.example.com", True),
         ("A.Example.COM", True),
-        # SPEC 9: the old code matched on a bare suffix.
+        # 0.25: the old code matched on a bare suffix.
         ("badexample.com", False),
         ("a.badexample.com", False),
         ("example.com.evil.org", False),
@@ -302,7 +302,7 @@ def test_header_regexp_file_any_line_matches(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("blank", ["\n", "   \n", "\t\n", " \t \n", "\r\n"])
 def test_blank_lines_in_a_regexp_file_match_nothing(tmp_path: Path, blank: str) -> None:
-    # SPEC 9: the old code compiled the blank line and it matched every message.
+    # 0.25: the old code compiled the blank line and it matched every message.
     path = write_rules(tmp_path, f"^X-Spam-Flag: YES\n{blank}^Subject: spam\n{blank}")
     assert not matches(f"header_regexp_file: {path}", make("Subject: hello\nTo: a@b.c"))
 

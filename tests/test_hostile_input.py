@@ -1,6 +1,6 @@
 """Hostile mail through both front doors: an answer for every recipient, the bytes kept.
 
-The promise to Postfix (SPEC 5): after the final dot, exactly one reply per
+The promise to Postfix: after the final dot, exactly one reply per
 accepted recipient, each a ``250`` or a ``5xx``, and never a ``4xx`` for
 mail that is merely strange (a ``4xx`` makes Postfix retry the same bytes
 for days); the session goes on; the server stays up.  The promise to the

@@ -449,7 +449,7 @@ def test_memory_stays_bounded_under_16_concurrent_10_mb_messages(serve: ServePro
     peak = serve.peak_rss()
     total = 16 * 10 * MB
     print(f"\npeak RSS {peak / MB:.0f} MB (at start {before / MB:.0f} MB) for {total // MB} MB")
-    # Measured: about 2.4 x the data (385 MB); issue 6 aims at 2 x the data + 100 MB.
+    # Measured: about 2.4 x the data (385 MB); the target is 2 x the data + 100 MB.
     assert peak < 3 * total + 150 * MB
     serve.stop()
     with open_queue_file(serve.folder) as queue:

@@ -107,7 +107,7 @@ def test_null_sender_is_accepted_and_stored_as_such(
     assert raw.startswith(b"Return-Path: <>\r\nX-Original-To: user@alpha.test\r\n")
 
 
-# --- the rows of SPEC 5 on the wire -------------------------------------------------
+# --- the rules on the wire ------------------------------------------------------
 
 
 def test_three_recipients_two_queues_one_refused(

@@ -1,4 +1,4 @@
-"""The embedded default serves applications too (SPEC 8): a real ZEO server beside Data.fs.
+"""The embedded default serves applications too: a real ZEO server beside Data.fs.
 
 A FileStorage can be opened by one process only.  These tests open a
 ``file://`` depot as ``postoffice serve`` does (the file itself, plus the

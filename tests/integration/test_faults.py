@@ -1,6 +1,6 @@
 """Nothing lost, nothing doubled: faults under load, with real parts only.
 
-The promise to users (SPEC 5): a 250 means the message is in the database
+The promise to users: a 250 means the message is in the database
 exactly once; anything else means Postfix still has it. Each test sends a
 few thousand messages with Postfix's ``smtp-source`` and breaks something
 while they flow:

@@ -1,4 +1,4 @@
-"""The ready ``SMTPSender`` against Postfix's own ``smtp-sink`` (SPEC 6).
+"""The ready ``SMTPSender`` against Postfix's own ``smtp-sink``.
 
 A consumer bounces one message and quarantines another with a notice; the
 sink, started by the test on 127.0.0.1 and dumping every transaction to a

@@ -1,8 +1,8 @@
-"""Two consumer processes share one queue through a real ZEO server (SPEC 6, 8).
+"""Two consumer processes share one queue through a real ZEO server.
 
 The test starts ``python -m ZEO.runzeo`` on a unix socket over a FileStorage
 with blobs, puts 200 messages in a queue (ten of which make the consumer's
-processing fail), and runs two consumer processes at once, each the SPEC 6
+processing fail), and runs two consumer processes at once, each the documented
 loop.  Afterwards every good message was processed exactly once, every bad
 one is in the quarantine exactly once, nothing is left in the queue, and
 neither consumer ever saw an exception other than ``QueueEmpty``: the
