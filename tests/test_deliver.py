@@ -25,7 +25,7 @@ import pytest
 import transaction
 import ZODB.Connection
 
-from postoffice import database, open_queue
+from postoffice import database, open_queue, sockets
 from postoffice.config import loads
 from postoffice.deliver import Delivery, Depot, Outcome
 from postoffice.message import ParsedMessage
@@ -384,7 +384,7 @@ class ZeoServer:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.socket_dir = folder
-        if len(str(folder / "zeo.sock")) > 100:  # sun_path holds 107 bytes
+        if sockets.too_long(folder / "zeo.sock"):
             self.socket_dir = Path(tempfile.mkdtemp(prefix="po-zeo-", dir="/tmp"))
         self.socket = self.socket_dir / "zeo.sock"
         self.log = folder / "zeo.log"

@@ -28,6 +28,7 @@ from typing import NamedTuple, NoReturn
 
 import pytest
 
+from postoffice.sockets import MAX_SOCKET_PATH
 from tests.helpers import in_ci
 
 __all__ = [
@@ -45,9 +46,6 @@ __all__ = [
 
 #: Debian installs the Postfix programs here; /usr/sbin is often not in a user's PATH.
 TOOL_DIRS = ("/usr/sbin", "/usr/lib/postfix/sbin")
-
-#: Longest path a unix socket may have (sun_path is 108 bytes on Linux, with a NUL).
-MAX_SOCKET_PATH = 107
 
 COMMAND_TIMEOUT = 30.0
 

@@ -28,8 +28,9 @@ from typing import Any
 
 import pytest
 
+from postoffice.sockets import MAX_SOCKET_PATH
 from tests.helpers import ENVELOPE, in_ci, message
-from tests.integration.postfix_instance import MAX_SOCKET_PATH, PostfixInstance
+from tests.integration.postfix_instance import PostfixInstance
 
 __all__ = [
     "QUEUES",

@@ -24,11 +24,11 @@ from pathlib import Path
 
 import pytest
 
+from postoffice.sockets import MAX_SOCKET_PATH
 from tests.helpers import ENVELOPE, stored, uri_for, write_config
 from tests.integration.conftest import PostfixFactory
 from tests.integration.nobody import nobody_ids
 from tests.integration.postfix_instance import (
-    MAX_SOCKET_PATH,
     PostfixInstance,
     SmtpSink,
     make_traversable,
