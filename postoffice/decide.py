@@ -133,10 +133,7 @@ def decide(
     if reason is not None:
         return reject(Rule.REJECT_FILTER, 550, "5.7.1", f"rejected: {reason}")
 
-    queue = next(
-        (rule.name for rule in settings.queues if all_match(rule.filters, message, recipient)),
-        None,
-    )
+    queue, why = _first_queue(settings, message, recipient)
     if queue is None:
         return reject(Rule.NO_QUEUE, 550, "5.1.1", f"<{recipient}>: no queue for this recipient")
 
@@ -184,11 +181,22 @@ def decide(
         Rule.QUEUED,
         250,
         "2.0.0",
-        f"queued in {queue}",
+        f"queued in {queue} ({'; '.join(why)})",
         queue=queue,
         throttle_key=key,
         count_arrival=counted,
     )
+
+
+def _first_queue(
+    settings: Settings, message: ParsedMessage, recipient: str
+) -> tuple[str | None, tuple[str, ...]]:
+    """The first queue, in file order, whose filters all match; and what matched."""
+    for rule in settings.queues:
+        why = all_match(rule.filters, message, recipient)
+        if why is not None:
+            return rule.name, why
+    return None, ()
 
 
 def _missing_headers(message: ParsedMessage) -> str | None:

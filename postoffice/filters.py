@@ -17,7 +17,10 @@ from typing import Protocol
 
 from postoffice.message import ParsedMessage, domain_of
 
-DEFAULT_HOSTNAME_HEADERS = ("To", "Cc", "X-Original-To")
+# By default a queue is chosen by the envelope recipient alone: each recipient
+# of a message reaches its own application, whatever the sender wrote in To
+# and Cc.  ``;headers=To,Cc,X-Original-To`` is repoze.postoffice 0.25's default.
+DEFAULT_HOSTNAME_HEADERS = ("X-Original-To",)
 ENVELOPE_HEADER = "x-original-to"
 # An inline comment on a to_hostname line: ` #...`, or ` ;...` unless that is an
 # attribute (` ;headers=To`), which is refused or used, never silently dropped.
@@ -53,22 +56,29 @@ class ToHostname:
     wildcards: tuple[str, ...]
     headers: tuple[str, ...] = DEFAULT_HOSTNAME_HEADERS
 
-    def matches_domain(self, domain: str) -> bool:
+    def matching_host(self, domain: str) -> str | None:
+        """The host as written in the filter (``.example.com`` for a wildcard), or None."""
         domain = idna(domain)
         if domain in self.hosts:
-            return True
-        return any(domain == w or domain.endswith("." + w) for w in self.wildcards)
+            return domain
+        for wildcard in self.wildcards:
+            if domain == wildcard or domain.endswith("." + wildcard):
+                return "." + wildcard
+        return None
 
     def __call__(self, message: ParsedMessage, recipient: str) -> str | None:
         for header in self.headers:
             if header.lower() == ENVELOPE_HEADER:
                 addresses = [recipient.lower()]
+                what = "envelope recipient"
             else:
                 addresses = message.addresses(header)
+                what = f"{header} address"
             for address in addresses:
                 domain = domain_of(address)
-                if domain and self.matches_domain(domain):
-                    return f"{header} domain {domain} is in to_hostname"
+                host = self.matching_host(domain) if domain else None
+                if host is not None:
+                    return f"{what} {address} matches to_hostname {host}"
         return None
 
 
@@ -213,6 +223,20 @@ def first_match(filters: Iterable[Filter], message: ParsedMessage, recipient: st
     return None
 
 
-def all_match(filters: tuple[Filter, ...], message: ParsedMessage, recipient: str) -> bool:
-    """A queue wins when it has filters and every one matches; with none it matches nothing."""
-    return bool(filters) and all(f(message, recipient) is not None for f in filters)
+def all_match(
+    filters: tuple[Filter, ...], message: ParsedMessage, recipient: str
+) -> tuple[str, ...] | None:
+    """Why a queue wins (each filter's reason), or None.
+
+    A queue wins when it has filters and every one matches; with none it
+    matches nothing.
+    """
+    if not filters:
+        return None
+    reasons = []
+    for one in filters:
+        reason = one(message, recipient)
+        if reason is None:
+            return None
+        reasons.append(reason)
+    return tuple(reasons)

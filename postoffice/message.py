@@ -287,11 +287,17 @@ def parse_addresses(values: list[str]) -> list[str]:
     strict mode that drops the whole list when one address is odd, hence
     ``strict=False`` where it exists.  An addr-spec needs a local part and
     a domain without spaces; anything else is skipped, never fatal.
+
+    An empty ``<>`` is a mailbox with no address: ``karin@example.com <>``
+    is one broken mailbox (a display name and nothing to deliver to), not
+    the address ``karin@example.com``, which the lenient parser would
+    make of it.  So a mailbox that ends in ``<>`` is dropped whole before
+    the list is parsed.
     """
     result: list[str] = []
     for value in values:
         try:
-            pairs = _getaddresses([value])
+            pairs = _getaddresses([_EMPTY_MAILBOX.sub("", value)])
         except Exception:  # RecursionError on deeply nested comments, and the like
             continue
         for _name, addr in pairs:
@@ -321,6 +327,9 @@ def _good_local(local: str) -> bool:
 _HAS_STRICT = "strict" in inspect.signature(email.utils.getaddresses).parameters
 _getaddresses = _lenient_getaddresses
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# A mailbox (from a list's start or comma, not into quotes or comments) that
+# ends in an empty angle address.
+_EMPTY_MAILBOX = re.compile(r'(?:^|(?<=,))[^,<>"()]*<\s*>')
 _BAD_DOMAIN = re.compile(r"[\s\x00-\x1f\x7f@<>(),;:\\\"]")
 _BAD_LOCAL = re.compile(r"[\s\x00-\x1f\x7f<>()\[\],;:\\\"@]")
 

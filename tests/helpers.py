@@ -31,8 +31,8 @@ DAY = 24 * HOUR
 
 # --- ini files ---------------------------------------------------------------------------
 
-# A to_hostname filter that reads the envelope recipient alone: the default
-# also reads To and Cc, which routes a message to the queue its To names.
+# A to_hostname filter that reads the envelope recipient alone, written out
+# (it is also the default).
 ENVELOPE = ";headers=X-Original-To"
 
 # Two queues by recipient domain, a.example and b.example.

@@ -178,6 +178,25 @@ def test_try_prints_decision_and_stores_nothing(cfg: Path, tmp_path: Path) -> No
         assert len(queue) == 0
 
 
+def test_try_names_the_filter_and_address_that_routed_each_recipient(
+    cfg: Path, tmp_path: Path
+) -> None:
+    """A message To: a customer of queue A and Cc: one of B: each copy goes to its own queue."""
+    eml = tmp_path / "m.eml"
+    eml.write_bytes(
+        message(3, "Cc: b1@b.example", sender="s@outside.example", to="a1@a.example", eol="\n")
+    )
+    result = run(
+        "-C", str(cfg), "try", str(eml), "--rcpt", "a1@a.example", "--rcpt", "b1@b.example"
+    )
+    assert result.returncode == 0, result.stderr
+    first, second = result.stdout.splitlines()[:2]
+    assert first.startswith("a1@a.example: accept (rule 9) 250 2.0.0 queue=A")
+    assert "envelope recipient a1@a.example matches to_hostname a.example" in first
+    assert second.startswith("b1@b.example: accept (rule 9) 250 2.0.0 queue=B")
+    assert "envelope recipient b1@b.example matches to_hostname b.example" in second
+
+
 def make_maildir(path: Path, messages: list[bytes]) -> mailbox.Maildir:
     box = mailbox.Maildir(str(path), create=True)
     for raw in messages:

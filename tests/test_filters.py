@@ -21,6 +21,9 @@ from postoffice.message import ParsedMessage
 from tests.helpers import message_bytes
 
 RCPT = "rcpt@depot.example"
+# repoze.postoffice 0.25's default: any address in To, Cc and the envelope.
+# The tests of address parsing route on To with it.
+HEADERS_025 = ";headers=To,Cc,X-Original-To"
 
 
 def make(headers: str | bytes, body: str | bytes = "body\n", eol: bytes = b"\n") -> ParsedMessage:
@@ -55,7 +58,7 @@ def matches(line: str, message: ParsedMessage, rcpt: str = RCPT, base: Path | No
 )
 def test_exact_host(domain: str, expected: bool) -> None:
     message = make(f"To: someone@{domain}")
-    assert matches("to_hostname: example.com", message) is expected
+    assert matches("to_hostname: example.com" + HEADERS_025, message) is expected
 
 
 @pytest.mark.parametrize("wildcard", [".example.com", "*.example.com"])
@@ -75,26 +78,43 @@ def test_exact_host(domain: str, expected: bool) -> None:
 )
 def test_subdomains_on_a_label_boundary_only(wildcard: str, domain: str, expected: bool) -> None:
     message = make(f"To: someone@{domain}")
-    assert matches(f"to_hostname: {wildcard}", message) is expected
+    assert matches(f"to_hostname: {wildcard}" + HEADERS_025, message) is expected
 
 
 def test_any_of_several_hosts() -> None:
     line = "to_hostname: app.customera.com app.aliasa.com"
-    assert matches(line, make("To: x@app.aliasa.com"))
-    assert matches(line, make("To: x@app.customera.com"))
-    assert not matches(line, make("To: x@customera.com"))
+    assert matches(line, make("To: x@other.org"), rcpt="x@app.aliasa.com")
+    assert matches(line, make("To: x@other.org"), rcpt="x@app.customera.com")
+    assert not matches(line, make("To: x@app.customera.com"), rcpt="x@customera.com")
 
 
-def test_default_headers_are_to_and_cc() -> None:
-    line = "to_hostname: example.com"
+def test_by_default_only_the_envelope_recipient_counts() -> None:
+    """Each recipient reaches its own queue, whatever the sender wrote in To and Cc."""
+    line = "to_hostname: .customera.example"
+    to_a_cc_b = make("To: a1@app.customera.example\nCc: b1@x.customerb.example")
+    assert matches(line, to_a_cc_b, rcpt="a1@app.customera.example")
+    assert not matches(line, to_a_cc_b, rcpt="b1@x.customerb.example")
+    reason = one(line)(to_a_cc_b, "a1@app.customera.example")
+    assert (
+        reason
+        == "envelope recipient a1@app.customera.example matches to_hostname .customera.example"
+    )
+
+
+def test_headers_of_025_restore_routing_on_to_and_cc() -> None:
+    line = "to_hostname: example.com" + HEADERS_025
     assert matches(line, make("To: a@other.org\nCc: b@example.com"))
+    assert one(line)(make("To: a@other.org\nCc: b@example.com"), RCPT) == (
+        "Cc address b@example.com matches to_hostname example.com"
+    )
     assert not matches(line, make("From: b@example.com\nTo: a@other.org"))
     assert not matches(line, make("To: a@other.org\nReply-To: b@example.com"))
     assert not matches(line, make("To: a@other.org\nBcc: b@example.com"))
 
 
 def test_every_to_header_counts_not_only_the_first() -> None:
-    assert matches("to_hostname: example.com", make("To: a@other.org\nTo: b@example.com"))
+    line = "to_hostname: example.com" + HEADERS_025
+    assert matches(line, make("To: a@other.org\nTo: b@example.com"))
 
 
 def test_x_original_to_is_the_envelope_recipient() -> None:
@@ -144,7 +164,7 @@ def test_headers_attribute_names_are_case_insensitive() -> None:
     ],
 )
 def test_rfc5322_address_lists(to: str, expected: bool) -> None:
-    assert matches("to_hostname: example.com", make(f"To: {to}")) is expected
+    assert matches("to_hostname: example.com" + HEADERS_025, make(f"To: {to}")) is expected
 
 
 @pytest.mark.parametrize(
@@ -160,12 +180,19 @@ def test_rfc5322_address_lists(to: str, expected: bool) -> None:
     ],
 )
 def test_broken_addresses_are_skipped_not_fatal(to: str) -> None:
-    assert matches("to_hostname: example.com", make(f"To: {to}"))
+    assert matches("to_hostname: example.com" + HEADERS_025, make(f"To: {to}"))
+
+
+def test_an_empty_angle_address_after_a_bare_address_is_skipped() -> None:
+    line = "to_hostname: example.com" + HEADERS_025
+    assert not matches(line, make("To: karin@example.com <>"), rcpt="r@other.org")
+    assert matches(line, make("To: karin@example.com <>, k@example.com"), rcpt="r@other.org")
 
 
 @pytest.mark.parametrize("to", ["@", "<>", ":;", '"', "(", "a@", "@example.com", ",,,", ""])
 def test_only_broken_addresses_match_nothing(to: str) -> None:
-    assert not matches("to_hostname: .example.com", make(f"To: {to}"), rcpt="r@other.org")
+    line = "to_hostname: .example.com" + HEADERS_025
+    assert not matches(line, make(f"To: {to}"), rcpt="r@other.org")
 
 
 @pytest.mark.parametrize(
@@ -180,7 +207,7 @@ def test_only_broken_addresses_match_nothing(to: str) -> None:
 )
 def test_idn_domains_compare_in_idna_form(host: str, address: str) -> None:
     # The header carries raw UTF-8 (RFC 6532); the ini file is UTF-8 too.
-    assert matches(f"to_hostname: {host}", make(f"To: {address}"))
+    assert matches(f"to_hostname: {host}" + HEADERS_025, make(f"To: {address}"))
 
 
 def test_idn_envelope_recipient() -> None:
@@ -190,11 +217,12 @@ def test_idn_envelope_recipient() -> None:
 
 
 def test_idn_does_not_loosen_the_label_boundary() -> None:
-    assert not matches("to_hostname: .bücher.example", make("To: a@xbücher.example"))
+    line = "to_hostname: .bücher.example" + HEADERS_025
+    assert not matches(line, make("To: a@xbücher.example"))
 
 
 def test_domain_literal() -> None:
-    assert matches("to_hostname: 192.0.2.1", make("To: a@[192.0.2.1]"))
+    assert matches("to_hostname: 192.0.2.1" + HEADERS_025, make("To: a@[192.0.2.1]"))
 
 
 # --- header_regexp ---------------------------------------------------------------
@@ -526,8 +554,8 @@ def test_a_huge_address_list_is_parsed_in_linear_time() -> None:
     message = make(f"To: {to}\nCc: {to}")
     started = time.perf_counter()
     for rcpt in ("a@x.example", "b@y.example", "c@z.example"):
-        assert matches("to_hostname: host19999.example", message, rcpt=rcpt)
-        assert not matches("to_hostname: .nowhere.example", message, rcpt=rcpt)
+        assert matches("to_hostname: host19999.example" + HEADERS_025, message, rcpt=rcpt)
+        assert not matches("to_hostname: .nowhere.example" + HEADERS_025, message, rcpt=rcpt)
     assert time.perf_counter() - started < 3.0
 
 

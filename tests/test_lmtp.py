@@ -110,6 +110,35 @@ def test_null_sender_is_accepted_and_stored_as_such(
 # --- the rules on the wire ------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("headers", "alpha", "beta"),
+    [
+        ("", ["X-Original-To: one@alpha.test"], ["X-Original-To: two@beta.test"]),
+        # 0.25's default: the first queue any To/Cc address matches takes every copy.
+        (
+            ";headers=To,Cc,X-Original-To",
+            ["X-Original-To: one@alpha.test", "X-Original-To: two@beta.test"],
+            [],
+        ),
+    ],
+)
+def test_each_recipient_reaches_its_own_queue_by_default(
+    tmp_path: Path, headers: str, alpha: list[str], beta: list[str]
+) -> None:
+    """To: both customers, as swaks writes it: by default each copy goes by its recipient."""
+    path = write_lmtp_config(tmp_path)
+    path.write_text(path.read_text().replace(";headers=X-Original-To", headers))
+    rcpts = ["one@alpha.test", "two@beta.test"]
+    with LmtpServer(config.load(path), settings_path=path, grace=5):
+        lmtp = client(tmp_path / "lmtp.sock")
+        assert reply_codes(send(lmtp, rcpts, mail(rcpts))) == [(250, "2.0.0")] * 2
+        lmtp.quit()
+    uri = uri_for(tmp_path / "var")
+    for queue, expected in (("Alpha", alpha), ("Beta", beta)):
+        lines = [raw.split(b"\r\n")[1].decode() for raw in stored(uri, queue)]
+        assert sorted(lines) == expected, queue
+
+
 def test_three_recipients_two_queues_one_refused(
     server: LmtpServer, sock: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -380,6 +380,9 @@ def test_decode_text_with_a_bogus_charset_degrades(charset: str) -> None:
         (["Name <> a@b.test"], ["a@b.test"]),  # <> after a bare name
         (["joe <>, bob@b.test"], ["bob@b.test"]),
         (["bare name <>"], []),
+        # An address written as the display name of an empty <> is no address.
+        (["karin@example.com <>"], []),
+        (["a@b.test, karin@example.com <>, c@d.test"], ["a@b.test", "c@d.test"]),
         (["<>"], []),
         (["a@b.test,,,c@d.test"], ["a@b.test", "c@d.test"]),
         (["a@b.test, <broken, c@d.test"], ["a@b.test", "c@d.test"]),
