@@ -41,7 +41,7 @@ CONSUMER = textwrap.dedent(
 
     uri, name, out, expected, stop_file, pause = sys.argv[1:7]
     expected, pause = int(expected), float(pause)
-    seen, crlf, errors, transient = [], [], [], []
+    seen, crlf, sizes, errors, transient = [], [], [], [], []
     deadline = time.monotonic() + 150
     with open_queue(uri, name) as queue:
         while time.monotonic() < deadline and not (expected and len(seen) >= expected):
@@ -67,8 +67,10 @@ CONSUMER = textwrap.dedent(
                 continue
             seen.append(message["Message-Id"])
             crlf.append(b"\\r\\n" in message.as_bytes())
+            sizes.append(len(message.as_bytes()))
     with open(out, "w") as handle:
-        json.dump({"seen": seen, "crlf": crlf, "errors": errors, "transient": transient}, handle)
+        result = {"seen": seen, "crlf": crlf, "sizes": sizes, "errors": errors}
+        json.dump({**result, "transient": transient}, handle)
     """
 )
 
@@ -183,6 +185,32 @@ def test_consumer_reads_while_smtp_source_delivers(tmp_path: Path) -> None:
         f"file://{tmp_path}/var/Data.fs?blobstorage_dir={tmp_path}/var/blobs", "Customer A"
     ) as queue:
         assert len(queue) == 0
+
+
+@pytest.mark.timeout(120)
+def test_a_consumer_reads_a_large_message_through_the_printed_uri(tmp_path: Path) -> None:
+    """A 300 KiB message is a blob: the URI serve prints lets a consumer process read it."""
+    shutil.copytree(REPO / "etc", tmp_path / "etc")
+    proc, uri, socket = start_serve(tmp_path / "etc" / "postoffice.ini")
+    try:
+        body = b"".join(b"line %06d " % n + b"x" * 60 + b"\r\n" for n in range(4400))
+        raw = (
+            b"From: sender@example.org\r\nTo: user@app.customera.example\r\n"
+            b"Message-Id: <large@example.org>\r\nSubject: large\r\n\r\n" + body
+        )
+        assert len(raw) > 300 * 1024
+        with smtplib.LMTP(str(socket), local_hostname="client.test", timeout=60) as lmtp:
+            refused = lmtp.sendmail("sender@example.org", ["user@app.customera.example"], raw)
+        assert refused == {}
+        out = tmp_path / "consumed.json"
+        consumer = start_consumer(uri, out, expected=1)
+        assert consumer.wait(timeout=60) == 0
+        result = json.loads(out.read_text())
+    finally:
+        assert stop(proc) == 0
+    assert result["errors"] == [] and result["seen"] == ["<large@example.org>"]
+    (size,) = result["sizes"]
+    assert size > len(raw)  # what was sent, and the three lines put on top
 
 
 @pytest.mark.timeout(240)
