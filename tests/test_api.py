@@ -194,18 +194,19 @@ def test_the_queues_folder_is_a_full_mapping_of_queues(depot: Depot) -> None:
 
 
 OLD_APPLICATION = """
-import datetime, sys, traceback
+import datetime, sys
 import transaction
-from repoze_like import open_queue
+from postoffice import open_queue
 
 queue, closer = open_queue(sys.argv[1], "A")
 now = datetime.datetime.now()
-for message in list(iter(lambda: queue.pop_next() if queue else None, None)):
+while len(queue):
+    message = queue.pop_next()
     user = message["From"]
     queue.collect_frequency_data(message, headers=["To"])
     headers = {"To": message["To"]}
-    print("instant", queue.get_instantaneous_frequency(user, now + datetime.timedelta(seconds=30),
-                                                        headers) > 0)
+    soon = now + datetime.timedelta(seconds=30)
+    print("instant", queue.get_instantaneous_frequency(user, soon, headers) > 0)
     print("average", queue.get_average_frequency(user, now, datetime.timedelta(minutes=5), headers))
     queue.throttle(user, now + datetime.timedelta(minutes=10), headers)
     print("throttled", queue.is_throttled(user, now, headers), queue.is_throttled(user, now))
@@ -215,6 +216,9 @@ for message in list(iter(lambda: queue.pop_next() if queue else None, None)):
     except ValueError:
         queue.quarantine(message, sys.exc_info())
     transaction.commit()
+# A sender this queue never saw: no throttle state yet.
+queue.throttle("Fresh <fresh@outside.example>", now + datetime.timedelta(minutes=10))
+transaction.commit()
 for message, error in queue.get_quarantined_messages():
     again = queue.get_quarantined_message(message["X-Postoffice-Id"])
     print("quarantined", again["Subject"], error.strip().splitlines()[-1])
@@ -242,9 +246,7 @@ def test_an_old_application_script_runs_and_deliveries_still_get_250_or_550(
         assert outcome.reply.startswith("250 "), outcome.reply
     finally:
         depot.close()
-    shim = tmp_path / "repoze_like.py"  # what an application's own import line would be
-    shim.write_text("from postoffice import open_queue\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     script = tmp_path / "old_application.py"
     script.write_text(OLD_APPLICATION)
     result = subprocess.run(
@@ -267,6 +269,10 @@ def test_an_old_application_script_runs_and_deliveries_still_get_250_or_550(
     try:
         # The sender the script throttled, to the same To: refused, not deferred.
         (refused,) = depot.deliver("s@outside.example", ["rcpt@a.example"], message(2))
+        assert refused.reply.startswith("550 5.7.1"), refused.reply
+        # The sender throttled before it had any state: refused.
+        fresh = message(4, sender="fresh@outside.example")
+        (refused,) = depot.deliver("f@outside.example", ["rcpt@a.example"], fresh)
         assert refused.reply.startswith("550 5.7.1"), refused.reply
         # Another sender: queued.
         other = message(3, sender="other@outside.example")

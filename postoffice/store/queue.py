@@ -198,7 +198,7 @@ class Queue(Persistent):
 
     def is_duplicate(self, message: Message, now: float | None = None) -> bool:
         """Old API: is this Message-Id already here for its X-Original-To (else its To)?"""
-        message_id, recipient = ledger_pair(as_bytes(message))
+        message_id, recipient = ledger_pair(message)
         now = clock.now() if now is None else now
         return bool(message_id) and self.has_delivered(
             message_id, recipient, now - DUPLICATE_WINDOW
@@ -303,6 +303,9 @@ class Queue(Persistent):
         The message leaves the queue for good when the caller's transaction
         commits; if it aborts, the message is given back at the head of the
         queue (at this consumer's next pop, or when the connection closes).
+        What ``add`` or a requeue put in the queue in this same transaction
+        is popped too, after the committed messages (nobody else can see
+        it, so it needs no claim).
         Raises :class:`postoffice.QueueEmpty` (an IndexError) when nothing waits.
         """
         jar = self._p_jar
