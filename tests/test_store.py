@@ -1058,3 +1058,30 @@ def test_quarantine_keeps_any_error_value_as_text(db: ZODB.DB, error: object, ke
     ((_message, text),) = consumer.queue.get_quarantined_messages()
     assert kept in text
     consumer.close()
+
+
+def test_a_queue_an_earlier_version_let_a_datetime_throttle_into_takes_mail_again(
+    tmp_path: Path, db: ZODB.DB
+) -> None:
+    """``throttle(user, datetime)`` on a queue without throttle state stored the datetime in
+    both trees; every later delivery then failed its commit with TypeError (451)."""
+    consumer = Consumer(db)
+    until = datetime.datetime.now() + datetime.timedelta(hours=1)
+    consumer.queue._senders["loop@outside.example"] = ((), until)
+    consumer.queue._senders_by_time.add((until, "loop@outside.example"))
+    consumer.manager.commit()
+    consumer.close()
+    db.close()
+    depot = Depot(settings_for(tmp_path, ooo_loop_frequency=1))
+    try:
+        depot.prepare()
+        (queued,) = depot.deliver("s@outside.example", ["rcpt@a.example"], message(1))
+        assert queued.reply.startswith("250 2.0.0"), queued.reply
+        looping = message(2, sender="loop@outside.example")
+        (refused,) = depot.deliver("loop@outside.example", ["rcpt@a.example"], looping)
+        assert refused.reply.startswith("550 5.7.1"), refused.reply
+    finally:
+        depot.close()
+    with open_queue(uri_for(tmp_path), "A") as queue:
+        assert all(type(when) is float for when, _key in queue._senders_by_time)
+        assert all(type(entry[1]) in (float, type(None)) for entry in queue._senders.values())

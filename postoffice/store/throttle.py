@@ -109,15 +109,42 @@ class SenderThrottle:
         until: float | None,
         previous_activity: float | None,
     ) -> None:
-        if previous_activity is not None:
-            self._by_time.discard((previous_activity, key))
         self._senders[key] = (arrivals, until)
         activity = _activity(arrivals, until)
+        try:
+            self._index(key, previous_activity, activity)
+        except TypeError:
+            self._heal()
+            self._index(key, previous_activity, activity)
+
+    def _index(self, key: str, previous: float | None, activity: float | None) -> None:
+        if previous is not None:
+            self._by_time.discard((previous, key))
         if activity is not None:
             self._by_time.add((activity, key))
 
+    def _heal(self) -> None:
+        """Make every time in the index seconds again.
+
+        An earlier version let the old API store a ``datetime`` as a
+        throttle's end; in the index it cannot be compared with the
+        seconds of the other entries, and every insert raised TypeError
+        (a 451 for every delivery).  Rebuilt once, in O(n).
+        """
+        entries = [(seconds(activity), key) for activity, key in self._by_time]
+        self._by_time.clear()
+        for entry in entries:
+            self._by_time.add(entry)
+
     def prune(self, before: float, limit: int = PRUNE_BATCH) -> int:
         """Drop sender keys with no arrival and no throttle after ``before``."""
+        try:
+            return self._prune(before, limit)
+        except TypeError:
+            self._heal()
+            return self._prune(before, limit)
+
+    def _prune(self, before: float, limit: int) -> int:
         removed = 0
         # The truth of a tree is O(1); its len() walks every bucket.
         while removed < limit and self._by_time:
@@ -125,8 +152,7 @@ class SenderThrottle:
             if activity >= before:
                 break
             self._by_time.remove((activity, key))
-            entry = self._senders.get(key)
-            if entry is not None and _activity(*entry) == activity:
+            if key in self._senders and _activity(*self._entry(key)) == activity:
                 del self._senders[key]
             removed += 1
         return removed
