@@ -9,6 +9,8 @@ closer)``, and is also a context manager::
 
 from __future__ import annotations
 
+import logging
+import weakref
 from types import TracebackType
 from typing import Any
 
@@ -20,15 +22,17 @@ from postoffice.store import Queue, QueuesFolder, find_folder
 
 DEFAULT_PATH = "/postoffice"
 
+log = logging.getLogger("postoffice.api")
 
-class Closer:
-    """Closes what ``open_queue`` opened: the connection, and the database if it made it."""
+
+class _Opened:
+    """The connection ``open_queue`` opened, and the database if it made it."""
 
     def __init__(self, connection: Any, db: ZODB.DB | None) -> None:
         self.connection = connection
         self.db = db
 
-    def __call__(self) -> None:
+    def close(self) -> None:
         """Close; work not committed through this connection is abandoned (aborted)."""
         connection, self.connection = self.connection, None
         try:
@@ -43,6 +47,41 @@ class Closer:
             db, self.db = self.db, None
             if db is not None:
                 db.close()
+
+
+def _close_dropped(opened: _Opened) -> None:
+    """A closer dropped without being called (or the end of the process): close anyway."""
+    try:
+        opened.close()
+    except Exception:
+        log.debug("closing a dropped open_queue failed", exc_info=True)
+
+
+class Closer:
+    """Closes what ``open_queue`` opened: the connection, and the database if it made it.
+
+    Dropped without being called, it closes them when it is collected (or
+    at the end of the process), as 0.25's closer did; a ``ZODB.DB`` the
+    caller passed in is never closed.  Keep the closer as long as you use
+    the queue.
+    """
+
+    def __init__(self, connection: Any, db: ZODB.DB | None) -> None:
+        self._opened = _Opened(connection, db)
+        self._finalizer = weakref.finalize(self, _close_dropped, self._opened)
+
+    @property
+    def connection(self) -> Any:
+        return self._opened.connection
+
+    @property
+    def db(self) -> ZODB.DB | None:
+        return self._opened.db
+
+    def __call__(self) -> None:
+        """Close; work not committed through this connection is abandoned (aborted)."""
+        self._finalizer.detach()
+        self._opened.close()
 
     close = __call__
 
@@ -86,7 +125,7 @@ def open_queue(db_or_uri: str | ZODB.DB, queue_name: str, path: str = DEFAULT_PA
         connection = db.open()
         queue = find_queue(connection.root(), queue_name, path)
     except BaseException:
-        Closer(connection, db if own_db else None)()
+        _Opened(connection, db if own_db else None).close()
         raise
     return OpenQueue(queue, Closer(connection, db if own_db else None))
 

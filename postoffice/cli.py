@@ -166,20 +166,27 @@ def import_maildir(depot: Any, path: Path, now: float | None = None) -> dict[str
     """Deliver each message of a Maildir through the same decision as LMTP.
 
     The recipient is the message's ``X-Original-To`` (written by Postfix's
-    local delivery), the sender its ``Return-Path``.  Every message decided
+    local delivery), the sender its ``Return-Path``, the arrival time (for
+    ``X-Postoffice-Date`` and the loop throttle) the file's modification
+    time, when Postfix wrote it: a backlog is decided as it arrived, oldest
+    first, not as if all of it came at once.  Every message decided
     (queued, discarded or refused) is moved into the Maildir folder of the
-    day, ``.YYYY.MM.DD``; a message the database could not take stays for
-    the next run.
+    day of ``now`` (the run), ``.YYYY.MM.DD``; one refused is logged as a
+    warning with the reply; a message the database could not take stays
+    for the next run.
     """
     from postoffice.message import ParsedMessage, parse_addresses
 
     if not (path / "cur").is_dir() and not (path / "new").is_dir():
         raise ConfigError(f"{path}: not a Maildir (no cur/ or new/)")
     maildir = mailbox.Maildir(str(path), factory=None, create=False)
-    day = datetime.datetime.fromtimestamp(now or clock.now()).strftime("%Y.%m.%d")
+    run_time = clock.now() if now is None else now
+    day = datetime.datetime.fromtimestamp(run_time).strftime("%Y.%m.%d")
     counts = {"queued": 0, "discarded": 0, "rejected": 0, "deferred": 0}
     archive = None
-    for key in sorted(maildir.keys()):
+    # Oldest first, as they arrived (the names' order is not always that).
+    backlog = sorted((_arrival(maildir, key, run_time), key) for key in maildir.iterkeys())
+    for arrived, key in backlog:
         try:
             raw = maildir.get_bytes(key)
         except (KeyError, OSError):
@@ -192,7 +199,7 @@ def import_maildir(depot: Any, path: Path, now: float | None = None) -> dict[str
             log.warning("%s: no X-Original-To; archived without delivery", key)
             outcomes = []
         else:
-            outcomes = depot.deliver(sender, recipients, raw, now=now)
+            outcomes = depot.deliver(sender, recipients, raw, now=arrived)
         if any(o.decision.action.value == "defer" for o in outcomes):
             counts["deferred"] += 1
             log.warning("%s: database unavailable; left for the next run", key)
@@ -200,7 +207,10 @@ def import_maildir(depot: Any, path: Path, now: float | None = None) -> dict[str
         for outcome in outcomes:
             action = outcome.decision.action.value
             counts[{"accept": "queued", "discard": "discarded"}.get(action, "rejected")] += 1
-            log.info("%s: %s: %s", key, outcome.recipient, outcome.reply)
+            if action == "reject":
+                log.warning("%s: %s: not queued: %s", key, outcome.recipient, outcome.reply)
+            else:
+                log.info("%s: %s: %s", key, outcome.recipient, outcome.reply)
         if archive is None:
             archive = (
                 maildir.add_folder(day)
@@ -213,6 +223,14 @@ def import_maildir(depot: Any, path: Path, now: float | None = None) -> dict[str
 
 
 # --- queues and quarantine ------------------------------------------------------
+
+
+def _arrival(maildir: mailbox.Maildir, key: str, default: float) -> float:
+    """When a Maildir message arrived: its file's modification time (``default`` if gone)."""
+    try:
+        return os.path.getmtime(os.path.join(maildir._path, maildir._lookup(key)))  # type: ignore[attr-defined]
+    except (KeyError, OSError):
+        return default
 
 
 def cmd_queues(args: argparse.Namespace) -> int:
@@ -351,12 +369,18 @@ def cmd_shell(args: argparse.Namespace) -> int:
     with open_folder(settings) as folder:
         banner = (
             f"postoffice shell on {consumer_uri(settings.zodb_uri)}\n"
-            "  folder: the queues folder; folder['NAME'] is a queue\n"
+            "  folder (or root): the queues folder; folder['NAME'] is a queue\n"
             "  transaction: commit or abort your changes"
         )
         code.interact(
             banner=banner,
-            local={"folder": folder, "transaction": transaction, "settings": settings},
+            # ``root``: the old po_debug name of the folder.
+            local={
+                "folder": folder,
+                "root": folder,
+                "transaction": transaction,
+                "settings": settings,
+            },
         )
     return os.EX_OK
 

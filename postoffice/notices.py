@@ -69,8 +69,18 @@ def message_sender(message: Message) -> str | None:
 
 
 def format_error(error: Any) -> str:
-    """An exception, an exc_info tuple or a text, as the text kept in quarantine."""
-    if isinstance(error, tuple) and len(error) == 3:
+    """An exception, an exc_info tuple or a text, as the text kept in quarantine.
+
+    Anything else (a tuple that is no ``exc_info``, a number) is kept as
+    ``str(error)``, as 0.25 kept whatever it was given.
+    """
+    if (
+        isinstance(error, tuple)
+        and len(error) == 3
+        and isinstance(error[1], BaseException)
+        and isinstance(error[0], type)
+        and isinstance(error[1], error[0])
+    ):
         return "".join(traceback.format_exception(*error))
     if isinstance(error, BaseException):
         return "".join(traceback.format_exception(type(error), error, error.__traceback__))

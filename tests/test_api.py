@@ -8,6 +8,9 @@ that records what it is given (any callable is a valid ``send``).
 from __future__ import annotations
 
 import contextlib
+import gc
+import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from email.message import Message
@@ -140,6 +143,143 @@ def test_find_queue_takes_a_root_a_connection_or_a_folder(depot: Depot) -> None:
             find_queue(root, "A", path="/elsewhere")
     finally:
         connection.close()
+
+
+def test_the_old_form_closes_its_database_when_the_closer_is_dropped(
+    tmp_path: Path, depot: Depot
+) -> None:
+    """As 0.25's closer did in ``__del__``: a script that forgets ``closer()`` frees the file."""
+    deliver(depot, message(1))
+    depot.close()
+    queue, closer = open_queue(uri_for(tmp_path), "A")
+    assert len(queue) == 1
+    storage = queue._p_jar.db().storage
+    del queue, closer
+    gc.collect()
+    assert storage._file.closed  # closed, not only unreachable
+    reopen_ok(tmp_path)
+
+
+def test_a_dropped_closer_leaves_a_db_the_caller_passed_open(depot: Depot) -> None:
+    deliver(depot, message(1))
+    db = depot.db()
+    queue, closer = open_queue(db, "A")
+    assert len(queue) == 1
+    del queue, closer
+    gc.collect()
+    assert open_connections(db) == []
+    with open_queue(db, "A") as queue:  # the database is still open
+        assert len(queue) == 1
+
+
+def test_the_queues_folder_is_a_full_mapping_of_queues(depot: Depot) -> None:
+    connection = depot.db().open()
+    try:
+        folder = find_folder(connection.root(), "/postoffice")
+        assert folder.keys() == ["A", "B"] and list(folder) == ["A", "B"]
+        assert folder.values() == [folder["A"], folder["B"]]
+        assert folder.items() == [("A", folder["A"]), ("B", folder["B"])]
+        assert folder.get("C") is None and folder.get("C", 5) == 5
+        folder["C"] = Queue()
+        assert "C" in folder and len(folder) == 3
+        with pytest.raises(TypeError):
+            folder["D"] = PersistentList()
+        del folder["C"]
+        assert "C" not in folder
+        with pytest.raises(KeyError):
+            del folder["C"]
+        transaction.abort()
+    finally:
+        connection.close()
+
+
+OLD_APPLICATION = """
+import datetime, sys
+import transaction
+from postoffice import open_queue
+
+queue, closer = open_queue(sys.argv[1], "A")
+now = datetime.datetime.now()
+while len(queue):
+    message = queue.pop_next()
+    user = message["From"]
+    queue.collect_frequency_data(message, headers=["To"])
+    headers = {"To": message["To"]}
+    soon = now + datetime.timedelta(seconds=30)
+    print("instant", queue.get_instantaneous_frequency(user, soon, headers) > 0)
+    print("average", queue.get_average_frequency(user, now, datetime.timedelta(minutes=5), headers))
+    queue.throttle(user, now + datetime.timedelta(minutes=10), headers)
+    print("throttled", queue.is_throttled(user, now, headers), queue.is_throttled(user, now))
+    print("other", queue.is_throttled("someone@else.example", now))
+    try:
+        raise ValueError("cannot handle " + message["Subject"])
+    except ValueError:
+        queue.quarantine(message, sys.exc_info())
+    transaction.commit()
+# A sender this queue never saw: no throttle state yet.
+queue.throttle("Fresh <fresh@outside.example>", now + datetime.timedelta(minutes=10))
+transaction.commit()
+for message, error in queue.get_quarantined_messages():
+    again = queue.get_quarantined_message(message["X-Postoffice-Id"])
+    print("quarantined", again["Subject"], error.strip().splitlines()[-1])
+    queue.remove_from_quarantine(again)
+transaction.commit()
+print("left", len(queue), queue.count_quarantined_messages())
+closer()
+"""
+
+
+def test_an_old_application_script_runs_and_deliveries_still_get_250_or_550(
+    tmp_path: Path,
+) -> None:
+    """A consumer written for 0.25, run as it runs: a process of its own.
+
+    Datetimes, timedeltas and header dicts, ``queue, closer = open_queue(...)``,
+    quarantined messages found by their ``X-Postoffice-Id``; afterwards the
+    loop throttle of the depot still decides 250 or 550, never 451.
+    """
+    settings = settings_for(tmp_path, ooo_loop_frequency=1, ooo_loop_headers="To")
+    depot = Depot(settings)
+    depot.prepare()
+    try:
+        (outcome,) = depot.deliver("s@outside.example", ["rcpt@a.example"], message(1))
+        assert outcome.reply.startswith("250 "), outcome.reply
+    finally:
+        depot.close()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    script = tmp_path / "old_application.py"
+    script.write_text(OLD_APPLICATION)
+    result = subprocess.run(
+        [sys.executable, str(script), uri_for(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "instant True",
+        "average 0.4",  # the delivery and the script's own count
+        "throttled True True",
+        "other False",
+        "quarantined number 1 ValueError: cannot handle number 1",
+        "left 0 0",
+    ], result.stderr
+    depot = Depot(settings)
+    try:
+        # The sender the script throttled, to the same To: refused, not deferred.
+        (refused,) = depot.deliver("s@outside.example", ["rcpt@a.example"], message(2))
+        assert refused.reply.startswith("550 5.7.1"), refused.reply
+        # The sender throttled before it had any state: refused.
+        fresh = message(4, sender="fresh@outside.example")
+        (refused,) = depot.deliver("f@outside.example", ["rcpt@a.example"], fresh)
+        assert refused.reply.startswith("550 5.7.1"), refused.reply
+        # Another sender: queued.
+        other = message(3, sender="other@outside.example")
+        (queued,) = depot.deliver("o@outside.example", ["rcpt@a.example"], other)
+        assert queued.reply.startswith("250 2.0.0"), queued.reply
+    finally:
+        depot.close()
 
 
 # --- what a consumer reads ------------------------------------------------------------------
@@ -301,13 +441,17 @@ def test_quarantine_keeps_error_text_and_can_be_read_removed_and_requeued(
     depot.close()
     with open_queue(uri_for(tmp_path), "A") as queue:
         first, second = queue.pop_next(), queue.pop_next()
+        first_bytes = first.as_bytes()
         first_id = queue.quarantine(first, "broken one")
         second_id = queue.quarantine(second, ValueError("broken two"))
         transaction.commit()
         assert queue.count_quarantined_messages() == 2
         assert len(queue) == 1
         assert queue.get_quarantined_message(first_id)["Subject"] == "number 0"
-        assert queue.get_quarantined_message(first_id).as_bytes() == first.as_bytes()
+        # The bytes as stored, under the id header that 0.25's quarantine added.
+        assert queue.get_quarantined_message(first_id).as_bytes() == (
+            f"X-Postoffice-Id: {first_id}\r\n".encode() + first_bytes
+        )
         errors = {m["Subject"]: e for m, e in queue.get_quarantined_messages()}
         assert errors["number 0"] == "broken one"
         assert "ValueError: broken two" in errors["number 1"]

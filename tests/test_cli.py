@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import mailbox
 import os
 import subprocess
@@ -257,3 +258,69 @@ def test_import_maildir_command(cfg: Path, tmp_path: Path) -> None:
     assert "imported 1 queued" in result.stdout
     with open_queue(config.load(cfg).zodb_uri, "B") as queue:
         assert len(queue) == 1
+
+
+def test_shell_offers_the_folder_as_root_too(cfg: Path) -> None:
+    """``root`` is the old ``po_debug`` name of the queues folder."""
+    fill = Depot(config.load(cfg))
+    fill.prepare()
+    fill.close()
+    result = run("-C", str(cfg), "shell", stdin=b"print('same', root is folder, sorted(root))\n")
+    assert result.returncode == 0, result.stderr
+    assert "same True ['A', 'B']" in result.stdout
+
+
+def test_import_maildir_takes_each_arrival_time_from_the_file(cfg: Path, tmp_path: Path) -> None:
+    """A backlog from one sender, a message an hour: all queued, dated by their files."""
+    settings = config.load(cfg)
+    throttled = cfg.read_text().replace(
+        "[post office]\n", "[post office]\nooo_loop_frequency = 1\n"
+    )
+    cfg.write_text(throttled)
+    settings = config.load(cfg)
+    backlog = [
+        b"X-Original-To: user@a.example\n" + maildir_message(n, to="user@a.example")
+        for n in range(1, 4)
+    ]
+    box = make_maildir(tmp_path / "Maildir", backlog)
+    t0 = 1_700_000_000
+    for hour, key in enumerate(sorted(box.keys(), reverse=True)):  # file order is not time order
+        os.utime(os.path.join(str(tmp_path / "Maildir"), box._lookup(key)), (t0 + hour * 3600,) * 2)
+    depot = Depot(settings)
+    try:
+        counts = cli.import_maildir(depot, tmp_path / "Maildir", now=t0 + 4 * 3600)
+    finally:
+        depot.close()
+    assert counts == {"queued": 3, "discarded": 0, "rejected": 0, "deferred": 0}
+    with open_queue(settings.zodb_uri, "A") as queue:
+        popped = [queue.pop_next() for _ in range(3)]
+        transaction.abort()
+    dates = [int(m["X-Postoffice-Date"]) for m in popped]
+    assert dates == [t0, t0 + 3600, t0 + 7200]
+    assert [m["Subject"] for m in popped] == ["number 3", "number 2", "number 1"]
+
+
+def test_import_maildir_says_why_it_refused_a_message(
+    cfg: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Refused mail is archived, not queued: the log says so, as a warning."""
+    cfg.write_text(
+        cfg.read_text().replace("[post office]\n", "[post office]\nooo_loop_frequency = 1\n")
+    )
+    settings = config.load(cfg)
+    backlog = [
+        b"X-Original-To: user@a.example\n" + maildir_message(n, to="user@a.example")
+        for n in range(1, 3)
+    ]
+    box = make_maildir(tmp_path / "Maildir", backlog)
+    for key in box.iterkeys():  # both in the same second: a loop
+        os.utime(os.path.join(str(tmp_path / "Maildir"), box._lookup(key)), (1_700_000_000,) * 2)
+    depot = Depot(settings)
+    try:
+        with caplog.at_level(logging.INFO, logger="postoffice"):
+            counts = cli.import_maildir(depot, tmp_path / "Maildir")
+    finally:
+        depot.close()
+    assert counts["queued"] == 1 and counts["rejected"] == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("550" in text and "not queued" in text for text in warnings), warnings

@@ -10,6 +10,7 @@ without waiting an hour.
 
 from __future__ import annotations
 
+import datetime
 import random
 import subprocess
 import sys
@@ -821,3 +822,266 @@ def test_the_servers_start_reads_the_ledger_into_the_writers_cache(tmp_path: Pat
     assert len(cold) == len(warm) > 5
     assert None in cold
     assert warm == [False] * len(warm)  # every leaf loaded, none of them changed
+
+
+# --- the old API's types: datetimes, timedeltas, header dicts -----------------------------
+
+
+def test_throttle_methods_take_datetimes_and_timedeltas_and_store_only_numbers(
+    db: ZODB.DB,
+) -> None:
+    consumer = Consumer(db)
+    queue = consumer.queue
+    t0 = datetime.datetime(2023, 11, 14, 12, 0, 0)  # naive: local time, as datetime.now()
+    mail = store.stored_message(message(1))
+    for minutes in (0, 1, 2, 3):
+        queue.collect_frequency_data(
+            mail, now=(t0 + datetime.timedelta(minutes=minutes)).timestamp()
+        )
+    user = "Sender <sender@outside.example>"  # the From header, as 0.25 took it
+    later = t0 + datetime.timedelta(minutes=4)
+    assert queue.get_instantaneous_frequency(user, later) == pytest.approx(1.0)
+    assert queue.get_average_frequency(
+        user, later, datetime.timedelta(minutes=10)
+    ) == pytest.approx(0.4)
+    queue.throttle(user, later + datetime.timedelta(hours=1))
+    queue.throttle("new@outside.example", later.astimezone(datetime.UTC))
+    consumer.manager.commit()
+    assert queue.is_throttled(user, later)
+    assert not queue.is_throttled(user, later + datetime.timedelta(hours=2))
+    assert queue.is_throttled("new@outside.example", later.timestamp() - 1)
+    for arrivals, until in queue._senders.values():
+        assert all(type(t) is float for t in arrivals)
+        assert until is None or type(until) is float
+    with pytest.raises(TypeError):
+        queue.throttle(user, "tomorrow")  # type: ignore[arg-type]
+    consumer.close()
+
+
+def test_a_datetime_stored_by_an_earlier_version_reads_as_seconds(db: ZODB.DB) -> None:
+    consumer = Consumer(db)
+    queue = consumer.queue
+    until = datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC)
+    queue._senders["sender@outside.example"] = ((), until)
+    assert queue.is_throttled("sender@outside.example", until.timestamp() - 1)
+    assert queue.throttle_view("sender@outside.example", 0.0, 60).throttled_until == (
+        until.timestamp()
+    )
+    consumer.close()
+
+
+def test_header_dicts_name_discriminators_and_no_headers_covers_every_key(db: ZODB.DB) -> None:
+    consumer = Consumer(db)
+    queue = consumer.queue
+    t0 = 1_700_000_000.0
+    one = store.stored_message(message(1, subject="ping"))
+    two = store.stored_message(message(2, subject="pong"))
+    queue.collect_frequency_data(one, headers=("To", "Subject"), now=t0)
+    queue.collect_frequency_data(two, headers=("To", "Subject"), now=t0 + 30)
+    user = "sender@outside.example"
+    ping = {"To": "rcpt@a.example", "Subject": "ping"}
+    # A dict is read by its values: the key of the arrivals with those header values.
+    assert queue.get_average_frequency(user, t0 + 60, 120.0, headers=ping) == 0.5
+    assert queue.get_instantaneous_frequency(user, t0 + 60, headers=ping) == 1.0
+    # The same values in another order name the same key.
+    swapped = {"Subject": "ping", "To": "rcpt@a.example"}
+    assert queue.get_average_frequency(user, t0 + 60, 120.0, headers=swapped) == 0.5
+    # A dict naming fewer headers covers every key that has those values.
+    assert (
+        queue.get_average_frequency(user, t0 + 60, 120.0, headers={"To": "rcpt@a.example"}) == 1.0
+    )
+    # No headers: every arrival of the user, whatever its discriminators.
+    assert queue.get_average_frequency(user, t0 + 60, 120.0) == 1.0
+    assert queue.get_instantaneous_frequency(user, t0 + 60) == 2.0
+    assert not queue.is_throttled(user, t0 + 60)
+    queue.throttle(user, t0 + 600, headers=swapped)
+    consumer.manager.commit()
+    assert queue.is_throttled(user, t0 + 60, headers=ping)
+    assert not queue.is_throttled(
+        user, t0 + 60, headers={"To": "rcpt@a.example", "Subject": "pong"}
+    )
+    assert queue.is_throttled(user, t0 + 60)  # some key of the user is throttled
+    # The delivery's own key for ping is the one throttled.
+    key = "\x00".join([user, "rcpt@a.example", "ping"])
+    assert queue.throttle_view(key, t0 + 60, 60).throttled_until == t0 + 600
+    consumer.close()
+
+
+def test_throttling_a_user_without_headers_throttles_every_key_of_the_user(db: ZODB.DB) -> None:
+    consumer = Consumer(db)
+    queue = consumer.queue
+    t0 = 1_700_000_000.0
+    queue.collect_frequency_data(
+        store.stored_message(message(1, subject="ping")), headers=("Subject",), now=t0
+    )
+    queue.throttle("sender@outside.example", t0 + 600)
+    consumer.manager.commit()
+    for key in ("sender@outside.example\x00ping", "sender@outside.example\x00never seen"):
+        assert queue.throttle_view(key, t0 + 60, 60).throttled_until == t0 + 600
+    assert not queue.is_throttled("other@outside.example", t0 + 60)
+    consumer.close()
+
+
+# --- add and requeue: the duplicate ledger, and pops in the same transaction --------------
+
+
+def test_add_and_requeue_record_the_message_id_as_a_delivery_does(
+    tmp_path: Path, db: ZODB.DB
+) -> None:
+    consumer = Consumer(db)
+    added = store.stored_message(b"X-Original-To: rcpt@a.example\r\n" + message(1))
+    consumer.queue.add(added)
+    to_only = store.stored_message(message(2, to="Someone <rcpt@a.example>"))
+    consumer.queue.add(to_only)
+    quarantined = store.stored_message(message(3))
+    consumer.queue.quarantine(quarantined, "kept")
+    consumer.manager.commit()
+    assert consumer.queue.is_duplicate(added)
+    assert consumer.queue.is_duplicate(to_only)
+    assert not consumer.queue.is_duplicate(quarantined)
+    assert consumer.queue.requeue_quarantined_messages() == 1
+    consumer.manager.commit()
+    assert consumer.queue.is_duplicate(quarantined)
+    consumer.close()
+    db.close()
+    depot = Depot(settings_for(tmp_path))
+    try:
+        depot.prepare()
+        for number in (1, 2, 3):
+            (outcome,) = depot.deliver("s@outside.example", ["rcpt@a.example"], message(number))
+            assert outcome.reply.startswith("250 2.0.0"), outcome.reply
+            assert "duplicate" in outcome.decision.reason, outcome.decision.reason
+    finally:
+        depot.close()
+    assert len(subjects_left(uri_for(tmp_path))) == 3
+
+
+def test_pop_next_sees_what_its_own_transaction_added(db: ZODB.DB) -> None:
+    fill_one = Consumer(db)
+    fill_one.queue.add(message(0))
+    fill_one.manager.commit()
+    fill_one.close()
+    consumer = Consumer(db)
+    other = Consumer(db)
+    consumer.queue.add(message(1))
+    consumer.queue.add(message(2))
+    assert len(consumer.queue) == 3
+    # The committed one first, then what this transaction added, in order.
+    assert [consumer.pop() for _ in range(3)] == ["number 0", "number 1", "number 2"]
+    assert len(consumer.queue) == 0
+    with pytest.raises(QueueEmpty):
+        consumer.queue.pop_next()
+    consumer.manager.commit()
+    other.manager.abort()  # a fresh snapshot
+    with pytest.raises(QueueEmpty):
+        other.queue.pop_next()
+    assert len(other.queue) == 0
+    assert subjects_left(db) == []
+    # Added and popped, then aborted: neither happened.
+    consumer.queue.add(message(4))
+    assert consumer.pop() == "number 4"
+    consumer.manager.abort()
+    assert len(consumer.queue) == 0
+    # A requeue, then a pop, in one transaction.
+    consumer.queue.quarantine(store.stored_message(message(5)), "kept")
+    consumer.manager.commit()
+    consumer.queue.requeue_quarantined_messages()
+    assert consumer.pop() == "number 5"
+    consumer.manager.commit()
+    other.manager.abort()
+    assert len(other.queue) == 0 and subjects_left(db) == []
+    consumer.close()
+    other.close()
+
+
+def test_an_added_message_popped_after_a_savepoint_rollback_is_not_there(db: ZODB.DB) -> None:
+    consumer = Consumer(db)
+    savepoint = consumer.manager.savepoint()
+    consumer.queue.add(message(1))
+    savepoint.rollback()
+    with pytest.raises(QueueEmpty):
+        consumer.queue.pop_next()
+    consumer.close()
+
+
+# --- quarantine: the X-Postoffice-Id header, any error value -------------------------------
+
+
+def test_quarantined_messages_carry_their_id_as_x_postoffice_id(db: ZODB.DB) -> None:
+    consumer = Consumer(db)
+    queue = consumer.queue
+    queue.add(message(1))
+    consumer.manager.commit()
+    popped = queue.pop_next()
+    stored_bytes = popped.as_bytes()
+    qid = queue.quarantine(popped, "kept")
+    consumer.manager.commit()
+    assert popped["X-Postoffice-Id"] == str(qid)
+    ((kept, error),) = queue.get_quarantined_messages()
+    assert kept["X-Postoffice-Id"] == str(qid) and error == "kept"
+    again = queue.get_quarantined_message(kept["X-Postoffice-Id"])
+    assert again.as_bytes() == f"X-Postoffice-Id: {qid}\r\n".encode() + stored_bytes
+    queue.remove_from_quarantine(str(qid))
+    consumer.manager.abort()
+    queue.remove_from_quarantine(qid)
+    consumer.manager.abort()
+    plain = store.stored_message(again.as_bytes())  # only the header says which it is
+    queue.remove_from_quarantine(plain)
+    assert "X-Postoffice-Id" not in plain
+    consumer.manager.commit()
+    assert queue.count_quarantined_messages() == 0
+    with pytest.raises(ValueError):
+        queue.remove_from_quarantine(str(qid))
+    with pytest.raises(ValueError):
+        queue.remove_from_quarantine("not an id")
+    # Requeued, the message has no X-Postoffice-Id.
+    queue.quarantine(store.stored_message(stored_bytes), "again")
+    queue.requeue_quarantined_messages()
+    consumer.manager.commit()
+    assert "X-Postoffice-Id" not in queue.pop_next()
+    consumer.close()
+
+
+@pytest.mark.parametrize(
+    ("error", "kept"),
+    [
+        (("a", "three", "tuple"), "('a', 'three', 'tuple')"),
+        ((ValueError, "not an exception", None), "not an exception"),
+        (42, "42"),
+        (None, "None"),
+    ],
+)
+def test_quarantine_keeps_any_error_value_as_text(db: ZODB.DB, error: object, kept: str) -> None:
+    consumer = Consumer(db)
+    consumer.queue.quarantine(store.stored_message(message(1)), error)
+    consumer.manager.commit()
+    ((_message, text),) = consumer.queue.get_quarantined_messages()
+    assert kept in text
+    consumer.close()
+
+
+def test_a_queue_an_earlier_version_let_a_datetime_throttle_into_takes_mail_again(
+    tmp_path: Path, db: ZODB.DB
+) -> None:
+    """``throttle(user, datetime)`` on a queue without throttle state stored the datetime in
+    both trees; every later delivery then failed its commit with TypeError (451)."""
+    consumer = Consumer(db)
+    until = datetime.datetime.now() + datetime.timedelta(hours=1)
+    consumer.queue._senders["loop@outside.example"] = ((), until)
+    consumer.queue._senders_by_time.add((until, "loop@outside.example"))
+    consumer.manager.commit()
+    consumer.close()
+    db.close()
+    depot = Depot(settings_for(tmp_path, ooo_loop_frequency=1))
+    try:
+        depot.prepare()
+        (queued,) = depot.deliver("s@outside.example", ["rcpt@a.example"], message(1))
+        assert queued.reply.startswith("250 2.0.0"), queued.reply
+        looping = message(2, sender="loop@outside.example")
+        (refused,) = depot.deliver("loop@outside.example", ["rcpt@a.example"], looping)
+        assert refused.reply.startswith("550 5.7.1"), refused.reply
+    finally:
+        depot.close()
+    with open_queue(uri_for(tmp_path), "A") as queue:
+        assert all(type(when) is float for when, _key in queue._senders_by_time)
+        assert all(type(entry[1]) in (float, type(None)) for entry in queue._senders.values())

@@ -22,8 +22,11 @@ about once in 2**64 / entries deliveries.
 from __future__ import annotations
 
 import contextlib
+import email.parser
+import email.policy
 import hashlib
 import itertools
+from email.message import Message
 
 from postoffice.decide import DUPLICATE_WINDOW
 from postoffice.store.records import PRUNE_BATCH, Ledger, LedgerTimes, time_key
@@ -87,6 +90,36 @@ class DuplicateLedger:
     def size(self) -> int:
         """How many entries (walks every leaf: for tests and tools, not deliveries)."""
         return len(self._entries)
+
+
+def ledger_pair(message: Message | bytes) -> tuple[str, str]:
+    """(Message-Id, recipient) a message is recorded under when it is added, not delivered.
+
+    As a delivery records it: the Message-Id token, and the recipient the
+    message says it was delivered to, ``X-Original-To`` (the line our
+    delivery puts on top), else the first ``To`` address.  ``""`` for
+    what is missing.
+    """
+    from postoffice.message import normalize_message_id, parse_addresses
+
+    if isinstance(message, bytes):
+        parser = email.parser.BytesHeaderParser(policy=email.policy.compat32)
+        message = parser.parsebytes(message)
+    message_id = normalize_message_id(_header(message, "Message-Id")) or ""
+    for name in ("X-Original-To", "To"):
+        value = _header(message, name)
+        addresses = parse_addresses([value]) if value else []
+        if addresses:
+            return message_id, addresses[0]
+    return message_id, ""
+
+
+def _header(message: Message, name: str) -> str | None:
+    try:
+        value = message.get(name)
+    except Exception:  # a header the modern policy cannot parse
+        return None
+    return None if value is None else str(value)
 
 
 def _seconds(when: float) -> int:

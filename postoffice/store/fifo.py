@@ -140,6 +140,11 @@ class Fifo:
         record.done = True
         return record
 
+    def remove_unclaimed(self, key: int) -> None:
+        """Take out a waiting message nobody claimed (one this transaction added)."""
+        del self._messages[key]
+        self._length.change(-1)
+
     def pop_unattached(self) -> tuple[int, MessageRecord]:
         """A queue not yet in a database (tests, scripts): plain FIFO, no claims."""
         for key, record in self._messages.items():

@@ -30,7 +30,7 @@ from postoffice.store.records import PICKLED_MODULE, DeadLetter, new_key
 
 
 class QueuesFolder(Persistent):
-    """The container of all queues, at ``zodb_path``."""
+    """The container of all queues, at ``zodb_path``: a mapping of name to ``Queue``."""
 
     __module__ = PICKLED_MODULE
 
@@ -51,14 +51,31 @@ class QueuesFolder(Persistent):
     def __len__(self) -> int:
         return len(self.queues)
 
-    def get(self, name: str) -> Queue | None:
-        return self.queues.get(name)
+    def get(self, name: str, default: Any = None) -> Any:
+        return self.queues.get(name, default)
 
     def names(self) -> list[str]:
         return list(self.queues.keys())
 
+    # The rest of a mapping, as 0.25's folder (an OOBTree) was one.
+    def keys(self) -> list[str]:
+        return self.names()
+
+    def values(self) -> list[Queue]:
+        return list(self.queues.values())
+
     def items(self) -> list[tuple[str, Queue]]:
         return list(self.queues.items())
+
+    def __setitem__(self, name: str, queue: Queue) -> None:
+        """Add (or replace) a queue; the configuration's queues come back at ``reconcile``."""
+        if not isinstance(queue, Queue):
+            raise TypeError(f"a queues folder holds queues, not {type(queue).__name__}")
+        self.queues[name] = queue
+
+    def __delitem__(self, name: str) -> None:
+        """Drop a queue and what it holds (KeyError when there is none)."""
+        del self.queues[name]
 
     def add_dead_letter(
         self,

@@ -7,7 +7,10 @@ Two attributes of the queue, read and written only here:
 
 An id is the key the message had in the queue when it was quarantined
 from there, else a new key; ``pop_next`` sets it as ``postoffice_id`` and
-the old API knew it as ``__name__``.
+the old API knew it as ``__name__`` and as the ``X-Postoffice-Id`` header
+(a string) of a quarantined message: :func:`with_id_header` puts it on
+top of the stored bytes as they are read back, the bytes kept stay as
+they were received.
 """
 
 from __future__ import annotations
@@ -61,10 +64,35 @@ class Quarantine:
         return list(self._records.keys())
 
 
+ID_HEADER = "X-Postoffice-Id"
+
+
 def quarantine_id(message: Message) -> int | None:
-    """The quarantine id of a message: ``__name__`` (old API) or ``postoffice_id``."""
-    for name in ("__name__", "postoffice_id"):
-        key = getattr(message, name, None)
-        if isinstance(key, int):
-            return key
+    """The quarantine id of a message: ``__name__``, ``X-Postoffice-Id`` or ``postoffice_id``."""
+    key = getattr(message, "__name__", None)
+    if isinstance(key, int):
+        return key
+    header = message.get(ID_HEADER)
+    if header is not None:
+        return parse_id(str(header))
+    key = getattr(message, "postoffice_id", None)
+    return key if isinstance(key, int) else None
+
+
+def parse_id(value: object) -> int | None:
+    """A quarantine id given as an int or as the text of one (None when it is neither)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str | bytes):
+        try:
+            return int(value.strip())
+        except ValueError:
+            return None
     return None
+
+
+def with_id_header(raw: bytes, key: int) -> bytes:
+    """The stored bytes with ``X-Postoffice-Id: key`` on top, in the message's line ends."""
+    first_line = raw.split(b"\n", 1)[0]
+    eol = b"\r\n" if first_line.endswith(b"\r") else b"\n"
+    return f"{ID_HEADER}: {key}".encode() + eol + raw

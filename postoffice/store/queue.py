@@ -22,7 +22,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterator
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from email.message import Message
 from typing import Any
 
@@ -35,11 +36,12 @@ from persistent import Persistent
 from postoffice import clock
 from postoffice.database import has_blobs
 from postoffice.decide import DUPLICATE_WINDOW, ThrottleView
+from postoffice.errors import QueueEmpty
 from postoffice.store import records
 from postoffice.store.claims import Claimer, claimer_of
-from postoffice.store.duplicates import DuplicateLedger
+from postoffice.store.duplicates import DuplicateLedger, ledger_pair
 from postoffice.store.fifo import Fifo
-from postoffice.store.quarantine import Quarantine, quarantine_id
+from postoffice.store.quarantine import ID_HEADER, Quarantine, parse_id, quarantine_id
 from postoffice.store.records import (
     PICKLED_MODULE,
     PRUNE_BATCH,
@@ -50,7 +52,17 @@ from postoffice.store.records import (
     QuarantineRecord,
 )
 from postoffice.store.stored import StoredMessage, as_bytes, stored_message
-from postoffice.store.throttle import OLD_API_WINDOW, SenderThrottle, sender_of, user_key
+from postoffice.store.throttle import (
+    OLD_API_WINDOW,
+    Headers,
+    SenderThrottle,
+    duration,
+    header_values,
+    normal_user,
+    seconds,
+    sender_of,
+    user_key,
+)
 
 log = logging.getLogger("postoffice.store")
 
@@ -58,6 +70,19 @@ log = logging.getLogger("postoffice.store")
 CANDIDATES = 64
 
 Send = Callable[[str, list[str], Message], Any]
+
+
+# What each transaction added to each queue (keys, oldest first), for its own
+# pops: nobody else can see those records until it commits.
+_added: weakref.WeakKeyDictionary[Any, dict[int, list[int]]] = weakref.WeakKeyDictionary()
+
+
+def added_in(txn: Any, queue: Queue) -> list[int]:
+    """Keys ``txn`` added to ``queue`` (the list itself, to append to or pop from)."""
+    per_queue = _added.get(txn)
+    if per_queue is None:
+        per_queue = _added[txn] = {}
+    return per_queue.setdefault(id(queue), [])
 
 
 class Queue(Persistent):
@@ -132,9 +157,24 @@ class Queue(Persistent):
         return key
 
     def add(self, message: Message | bytes, now: float | None = None) -> int:
-        """Append a message given as an email Message or bytes (old API)."""
+        """Append a message given as an email Message or bytes (old API).
+
+        Its Message-Id is recorded in the duplicate ledger for its recipient
+        (``X-Original-To``, else ``To``), as a delivery records it; and this
+        transaction's ``pop_next`` can pop it before it is committed.
+        """
         raw = message if isinstance(message, bytes) else as_bytes(message)
-        return self.store(raw, clock.now() if now is None else now)
+        return self._add_raw(raw, clock.now() if now is None else now)
+
+    def _add_raw(self, raw: bytes, now: float) -> int:
+        key = self.store(raw, now)
+        message_id, recipient = ledger_pair(raw)
+        if message_id:
+            self.record_delivery(message_id, recipient, now)
+        jar = self._p_jar
+        if jar is not None:
+            added_in(jar.transaction_manager.get(), self).append(key)
+        return key
 
     # -- the duplicate ledger ------------------------------------------------------
 
@@ -157,9 +197,8 @@ class Queue(Persistent):
         return self._duplicates.size()
 
     def is_duplicate(self, message: Message, now: float | None = None) -> bool:
-        """Old API: is this Message-Id already here for its X-Original-To?"""
-        message_id = (message.get("Message-Id") or "").strip()
-        recipient = (message.get("X-Original-To") or "").strip()
+        """Old API: is this Message-Id already here for its X-Original-To (else its To)?"""
+        message_id, recipient = ledger_pair(message)
         now = clock.now() if now is None else now
         return bool(message_id) and self.has_delivered(
             message_id, recipient, now - DUPLICATE_WINDOW
@@ -183,36 +222,78 @@ class Queue(Persistent):
         """Drop sender keys with no arrival and no throttle after ``before``."""
         return self._throttle.prune(before, limit)
 
-    # Old API, kept: ``user`` is the sender address, ``headers`` discriminator values.
+    # The old API: ``user`` is the sender (its address, or a From value as 0.25
+    # took it); times are datetimes or epoch seconds, intervals timedeltas or
+    # seconds; ``headers`` a {name: value} dict as in 0.25, or the values in
+    # the order of ``ooo_loop_headers``, or None for all of the user's keys
+    # (docs/consumers.md, "Frequencies and throttles").
     def collect_frequency_data(
-        self, message: Message, headers: tuple[str, ...] | None = None, now: float | None = None
+        self, message: Message, headers: Sequence[str] | None = None, now: Any = None
     ) -> None:
         values = tuple((message.get(h) or "").strip() for h in headers or ())
-        now = clock.now() if now is None else now
+        now = clock.now() if now is None else seconds(now)
         self.record_arrival(user_key(sender_of(message), values), now, window=OLD_API_WINDOW)
 
+    def _views(self, user: str, headers: Headers, now: float, window: float) -> list[ThrottleView]:
+        """The throttle views of the keys a question about ``user`` and ``headers`` covers."""
+        throttle = self._throttle
+        values = header_values(headers)
+        if values is not None and not isinstance(headers, Mapping):
+            return [throttle.view(user_key(user, values), now, window)]
+        address = normal_user(user)
+        keys = list(throttle.keys_of(address, values)) or [user_key(address, values)]
+        return [throttle.view(key, now, window) for key in keys]
+
     def get_instantaneous_frequency(
-        self, user: str, now: float, headers: tuple[str, ...] | None = None
+        self, user: str, now: Any = None, headers: Headers = None
     ) -> float:
-        view = self.throttle_view(user_key(user, headers), now, OLD_API_WINDOW)
-        if view.last_arrival is None:
+        """Messages per minute, from the time since the user's last message (0.0: none)."""
+        now = clock.now() if now is None else seconds(now)
+        lasts = [v.last_arrival for v in self._views(user, headers, now, OLD_API_WINDOW)]
+        known = [last for last in lasts if last is not None]
+        if not known:
             return 0.0
-        delta = now - view.last_arrival
+        delta = now - max(known)
         return float("inf") if delta <= 0 else 60.0 / delta
 
     def get_average_frequency(
-        self, user: str, now: float, interval: float, headers: tuple[str, ...] | None = None
+        self, user: str, now: Any = None, interval: Any = 60.0, headers: Headers = None
     ) -> float:
-        """Messages per minute over the last ``interval`` seconds."""
-        view = self.throttle_view(user_key(user, headers), now, interval)
-        return 60.0 * view.arrivals_in_window / interval if interval > 0 else 0.0
+        """Messages per minute over the last ``interval`` (a timedelta or seconds)."""
+        now = clock.now() if now is None else seconds(now)
+        window = duration(interval)
+        if window <= 0:
+            return 0.0
+        views = self._views(user, headers, now, window)
+        return 60.0 * sum(v.arrivals_in_window for v in views) / window
 
-    def throttle(self, user: str, until: float, headers: tuple[str, ...] | None = None) -> None:
-        self.set_throttle(user_key(user, headers), until)
+    def throttle(self, user: str, until: Any, headers: Headers = None) -> None:
+        """Refuse the user's mail until ``until`` (a datetime or epoch seconds).
 
-    def is_throttled(self, user: str, now: float, headers: tuple[str, ...] | None = None) -> bool:
-        until = self.throttle_view(user_key(user, headers), now, 1).throttled_until
-        return until is not None and now < until
+        Without headers, every key of the user (a throttle of the bare
+        address holds for all of them); with a dict, the keys whose
+        discriminators are its values, or the key of its values if there
+        is none yet.
+        """
+        when = seconds(until)
+        values = header_values(headers)
+        throttle = self._throttle
+        if values is None:
+            throttle.set_throttle(normal_user(user), when)
+            return
+        if not isinstance(headers, Mapping):
+            throttle.set_throttle(user_key(user, values), when)
+            return
+        address = normal_user(user)
+        keys = [k for k in throttle.keys_of(address, values) if k.count("\x00") == len(values)]
+        for key in keys or [user_key(address, values)]:
+            throttle.set_throttle(key, when)
+
+    def is_throttled(self, user: str, now: Any = None, headers: Headers = None) -> bool:
+        """Throttled at ``now``: without headers, if any key of the user is."""
+        now = clock.now() if now is None else seconds(now)
+        views = self._views(user, headers, now, 1)
+        return any(v.throttled_until is not None and now < v.throttled_until for v in views)
 
     # -- consuming -----------------------------------------------------------------
 
@@ -222,6 +303,9 @@ class Queue(Persistent):
         The message leaves the queue for good when the caller's transaction
         commits; if it aborts, the message is given back at the head of the
         queue (at this consumer's next pop, or when the connection closes).
+        What ``add`` or a requeue put in the queue in this same transaction
+        is popped too, after the committed messages (nobody else can see
+        it, so it needs no claim).
         Raises :class:`postoffice.QueueEmpty` (an IndexError) when nothing waits.
         """
         jar = self._p_jar
@@ -239,9 +323,31 @@ class Queue(Persistent):
             candidates = fifo.first_waiting(now, CANDIDATES, jar)
             # What this consumer just gave back may still look claimed here.
             candidates.extend(key for key in given_back if key not in candidates)
-            key = claimer.claim(self._p_oid, candidates)
+            added = added_in(jar.transaction_manager.get(), self)
+            candidates = [key for key in candidates if key not in added]
+            try:
+                key = claimer.claim(self._p_oid, candidates)
+            except QueueEmpty:
+                own = self._pop_added(added)
+                if own is None:
+                    raise
+                return own
         record = self._consume(claimer, key)
         return stored_message(record.raw, key)
+
+    def _pop_added(self, added: list[int]) -> StoredMessage | None:
+        """The oldest message this transaction added (nobody else can see it yet).
+
+        It leaves the queue in this transaction: committed, neither the add
+        nor the pop happened for anybody else; aborted, neither happened.
+        """
+        while added:
+            key = added.pop(0)
+            record = self.fifo.record(key)
+            if record is not None and not record.done:  # not rolled back to a savepoint
+                self.fifo.remove_unclaimed(key)
+                return stored_message(record.raw, key)
+        return None
 
     def _claimed_ahead(self, claimer: Claimer, fifo: Fifo, now: float) -> int | None:
         """The oldest message this consumer claimed ahead and may still pop."""
@@ -333,10 +439,15 @@ class Queue(Persistent):
         if record is not None:
             kept = QuarantineRecord.from_record(record, format_error(error), now)
         else:
+            with contextlib.suppress(Exception):
+                del message[ID_HEADER]  # of an earlier quarantine: the new id replaces it
             kept = QuarantineRecord(as_bytes(message), format_error(error), now)
         qkey = self._quarantined.add(kept, key, now)
         with contextlib.suppress(AttributeError, TypeError):
             message.__name__ = qkey  # type: ignore[attr-defined]
+        with contextlib.suppress(Exception):
+            del message[ID_HEADER]
+            message[ID_HEADER] = str(qkey)  # as 0.25 did
         if send is not None and notice_from is not None:
             to_addr = message_sender(message)
             if to_addr is not None:
@@ -351,24 +462,40 @@ class Queue(Persistent):
         for key, record in self._quarantined.items():
             yield stored_message(record.raw, key, quarantined=True), record.error
 
-    def get_quarantined_message(self, message_id: int) -> StoredMessage:
-        """One quarantined message by its id; KeyError when there is none."""
-        record = self._quarantined.get(message_id)
-        return stored_message(record.raw, int(message_id), quarantined=True)
+    def get_quarantined_message(self, message_id: int | str) -> StoredMessage:
+        """One quarantined message by its id (an int, or its ``X-Postoffice-Id`` text).
 
-    def get_quarantine_error(self, message_id: int) -> str:
-        return str(self._quarantined.get(message_id).error)
+        KeyError when there is none.
+        """
+        key = parse_id(message_id)
+        if key is None:
+            raise KeyError(message_id)
+        record = self._quarantined.get(key)
+        return stored_message(record.raw, key, quarantined=True)
+
+    def get_quarantine_error(self, message_id: int | str) -> str:
+        key = parse_id(message_id)
+        if key is None:
+            raise KeyError(message_id)
+        return str(self._quarantined.get(key).error)
 
     def count_quarantined_messages(self) -> int:
         return self._quarantined.count()
 
-    def remove_from_quarantine(self, message: Message | int) -> None:
-        """Forget a quarantined message (given as itself or by id); ValueError if absent."""
-        key = message if isinstance(message, int) else quarantine_id(message)
+    def remove_from_quarantine(self, message: Message | int | str) -> None:
+        """Forget a quarantined message; ValueError if it is not there.
+
+        Given as itself (its ``__name__`` or ``X-Postoffice-Id``, which is
+        then deleted from it, as 0.25 did) or by id, an int or its text.
+        """
+        key = quarantine_id(message) if isinstance(message, Message) else parse_id(message)
         quarantined = self._quarantined
         if key is None or key not in quarantined:
             raise ValueError("message is not in quarantine")
         quarantined.remove(key)
+        if isinstance(message, Message):
+            with contextlib.suppress(Exception):
+                del message[ID_HEADER]
 
     def requeue_quarantined_messages(self) -> int:
         """Put every quarantined message back at the tail of the queue."""
@@ -378,8 +505,9 @@ class Queue(Persistent):
         return len(keys)
 
     def requeue_quarantined_message(self, key: int) -> int:
+        """Put one quarantined message back at the tail of the queue, as ``add`` does."""
         record = self._quarantined.remove(key)
-        return self.store(record.raw, clock.now())
+        return self._add_raw(record.raw, clock.now())
 
     def _send_after_commit(
         self, send: Send, from_addr: str, to_addrs: list[str], message: Message

@@ -86,7 +86,14 @@ def _same_shape(now: tuple[Any, ...], then: tuple[Any, ...]) -> bool:
 
 
 def stored_message(raw: bytes, key: int | None = None, quarantined: bool = False) -> StoredMessage:
-    """The consumer's view of stored bytes (``postoffice_id`` names the record)."""
+    """The consumer's view of stored bytes (``postoffice_id`` names the record).
+
+    A quarantined one carries its id as ``X-Postoffice-Id`` too, as in 0.25.
+    """
+    if quarantined and key is not None:
+        from postoffice.store.quarantine import with_id_header
+
+        raw = with_id_header(raw, key)
     message = BytesParser(_class=StoredMessage, policy=email.policy.default).parsebytes(raw)
     assert isinstance(message, StoredMessage)
     message._stored = raw
