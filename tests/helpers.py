@@ -11,7 +11,10 @@ import csv
 import itertools
 import os
 import re
+import signal
 import smtplib
+import subprocess
+import sys
 import sysconfig
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -297,6 +300,42 @@ def wait_for(check: Callable[[], object], timeout: float, what: str, pause: floa
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(pause)
+
+
+# --- a server process -----------------------------------------------------------------
+
+
+class Process:
+    """``python -m postoffice.lmtp -C CONFIG`` with its output in files we can poll.
+
+    Its stdout and stderr go to ``server.out`` and ``server.err`` in ``folder``.
+    """
+
+    def __init__(self, folder: Path, config_path: Path) -> None:
+        self.out = folder / "server.out"
+        self.err = folder / "server.err"
+        with self.out.open("wb") as out, self.err.open("wb") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "postoffice.lmtp", "-C", str(config_path)],
+                stdout=out,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
+            )
+
+    def wait_for(self, text: str, stream: str = "err", timeout: float = 30) -> None:
+        path = self.err if stream == "err" else self.out
+
+        def seen() -> bool:
+            if self.proc.poll() is not None and text not in path.read_text():
+                raise AssertionError(f"server exited: {self.err.read_text()}")
+            return text in path.read_text()
+
+        wait_for(seen, timeout, repr(text))
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(40)
 
 
 # --- the mail corpora --------------------------------------------------------------------

@@ -33,6 +33,7 @@ from postoffice.errors import ListenError
 from postoffice.lmtp import LmtpServer
 from postoffice.store import find_folder
 from tests.helpers import (
+    Process,
     client,
     mail,
     reply,
@@ -534,36 +535,6 @@ def test_tcp_listens_on_loopback_only_unless_allowed(
 
 
 # --- the process: SIGTERM, SIGHUP, exit codes ---------------------------------------
-
-
-class Process:
-    """``python -m postoffice.lmtp -C CONFIG`` with its output in files we can poll."""
-
-    def __init__(self, folder: Path, config_path: Path) -> None:
-        self.out = folder / "server.out"
-        self.err = folder / "server.err"
-        with self.out.open("wb") as out, self.err.open("wb") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "postoffice.lmtp", "-C", str(config_path)],
-                stdout=out,
-                stderr=err,
-                stdin=subprocess.DEVNULL,
-            )
-
-    def wait_for(self, text: str, stream: str = "err", timeout: float = 30) -> None:
-        path = self.err if stream == "err" else self.out
-
-        def seen() -> bool:
-            if self.proc.poll() is not None and text not in path.read_text():
-                raise AssertionError(f"server exited: {self.err.read_text()}")
-            return text in path.read_text()
-
-        wait_for(seen, timeout, repr(text))
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(40)
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -146,12 +146,23 @@ class LmtpServer:
 
     # -- running ---------------------------------------------------------------------
 
-    async def open(self) -> None:
-        """Listen, start the writer, create and reconcile the queues; print where we listen."""
+    def _begin(self) -> None:
+        """The loop and the events a stop request needs, before anything can be requested."""
+        if self._loop is not None:
+            return
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         self._all_gone = asyncio.Event()
         self._all_gone.set()
+
+    async def open(self) -> None:
+        """Listen, start the writer, open the database; print where we listen.
+
+        A stop requested meanwhile (SIGTERM) ends the wait for the database
+        and returns without the "listening" line; :meth:`run` then stops.
+        """
+        self._begin()
+        assert self._loop is not None
         if self.address.path is not None:
             sock = sockets.bind_unix(self.address.path, self.settings.lmtp.socket_mode)
             self._socket_id = sockets.file_id(self.address.path)
@@ -180,29 +191,74 @@ class LmtpServer:
                 ) from None
             bound = self._server.sockets[0].getsockname()
             self.listening_on = str(ListenAddress(host=bound[0], port=bound[1]))
+        self.writer.opening = True
         self.writer.start()
         try:
-            await self._prepare()
+            ready = await self._until_stopped(self._prepare())
         except BaseException:
             await self._close_everything()
             raise
+        if not ready:
+            log.info("stop requested while the database was being opened")
+            return
         print(f"postoffice: listening on {self.listening_on}", flush=True)
         log.info("listening on %s", self.listening_on)
 
-    async def _prepare(self) -> None:
-        """Create the queues now if we can; an unreachable database is not fatal."""
+    async def _until_stopped(self, work: Coroutine[Any, Any, None]) -> bool:
+        """Run ``work`` unless a stop comes first: True when it finished (errors raised).
+
+        Opening an unreachable ZEO server takes up to its ``wait_timeout``;
+        a SIGTERM in that time must not wait for it.  The writer thread
+        finishes the call alone; nobody waits for its result.
+        """
+        assert self._stop is not None
+        task = asyncio.ensure_future(work)
+        stopped = asyncio.ensure_future(self._stop.wait())
         try:
+            await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            return False
+        task.result()
+        return True
+
+    async def _prepare(self) -> None:
+        """Open the database and create the queues now if we can; unreachable is not fatal.
+
+        Until the database has been opened (or found unreachable), deliveries
+        get 451 at once instead of waiting behind the opening; creating the
+        queues and warming the cache come after, and deliveries queue behind
+        those as behind any commit.
+        """
+        try:
+            try:
+                await self.writer.call(self.depot.db)
+            except PostofficeError:
+                self.writer.opening = False
+                raise
+            # A cancel (a stop came first) skips this: deliveries keep their 451.
+            self.writer.opening = False
             await self.writer.call(lambda: self.depot.prepare(warm=True))
         except ConfigError:
             raise
-        except PostofficeError as exc:
+        except PostofficeError as exc:  # StorageUnavailable: open_db wraps what the storage raised
             log.warning("database not reachable at start (mail gets 451 until it is): %s", exc)
 
     async def run(self, install_signals: bool = False) -> int:
-        """Serve until :meth:`request_stop` (SIGTERM); exit code 0 after a clean stop."""
-        await self.open()
+        """Serve until :meth:`request_stop` (SIGTERM); exit code 0 after a clean stop.
+
+        The signal handlers come first, before the socket exists: a SIGTERM
+        at any moment after that is a clean stop (421, the socket removed),
+        never the default action that kills the process.
+        """
+        self._begin()
         if install_signals:
             self._install_signals()
+        await self.open()
         assert self._stop is not None
         await self._stop.wait()
         await self.shutdown()
@@ -252,8 +308,11 @@ class LmtpServer:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 5)
         # A commit stuck on an unreachable server must not hold the exit forever.
-        await asyncio.to_thread(self.writer.stop, self.grace)
-        await asyncio.to_thread(self.depot.close)
+        # The writer thread closes the depot as it ends (it may still be opening it).
+        if not await asyncio.to_thread(self.writer.stop, self.grace):
+            log.info("the writer is still busy (opening the database?); not waiting for it")
+        if not self.writer.started:
+            await asyncio.to_thread(self.depot.close)
         self._remove_socket()
 
     def _remove_socket(self) -> None:
@@ -301,6 +360,7 @@ class LmtpServer:
         asyncio.run(self._thread_run())
 
     async def _thread_run(self) -> None:
+        self._begin()
         try:
             await self.open()
         except BaseException as exc:

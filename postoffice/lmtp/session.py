@@ -29,15 +29,21 @@ hence ``aiosmtpd<2`` in ``pyproject.toml``):
 - ``_set_post_data_state()``, called: the fresh envelope aiosmtpd's own
   ``smtp_DATA`` leaves behind.
 - ``_handle_client``, relied on: its command loop calls our ``smtp_DATA``
-  and has read nothing past the DATA line, so the message is in ``_reader``.
+  and has read nothing past the DATA line, so the message is in ``_reader``;
+  it hands an error of a command, the ``IncompleteReadError`` of a read at
+  the end of the client's input included, to ``handle_exception`` and
+  ``push()``es what that returns; it ends only when cancelled (QUIT,
+  ``connection_lost``).
 
-Public members used beyond the hooks: ``smtp_DATA``, replaced whole;
-``command_size_limits``, which aiosmtpd shares between all sessions and
-grows at every EHLO, made one per session; ``push()``,
+Public members used beyond the hooks: ``smtp_DATA`` and ``smtp_VRFY``,
+replaced whole; ``handle_exception()`` and ``push()``, extended (the end of
+the client's input); ``command_size_limits``, which aiosmtpd shares between
+all sessions and grows at every EHLO, made one per session;
 ``check_helo_needed()``, ``@syntax``, ``session``, ``envelope``,
 ``transport``, ``local_part_limit``; and the asyncio protocol methods
-``connection_made``, ``connection_lost``, ``eof_received``,
-``data_received``, extended.
+``connection_made``, ``connection_lost``, ``data_received``, extended, and
+``eof_received``, which calls ``asyncio.StreamReaderProtocol``'s instead
+of aiosmtpd's (that one cancels the session).
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from email._header_value_parser import get_addr_spec, get_angle_addr
 from email.errors import HeaderParseError
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, AnyStr
 
 from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
@@ -70,6 +76,8 @@ IDENT = "postoffice LMTP"
 # RFC 5321 4.5.3.1.6: a line is at most 1000 octets with its CRLF, so at
 # most 999 octets (text and CR) before the LF.
 LONGEST_LINE_RUN = 999
+# RFC 1870: a SIZE value is at most 20 digits.
+SIZE_DIGITS = 20
 
 # --- the handler: replies before DATA -----------------------------------------
 
@@ -110,7 +118,10 @@ class LmtpHandler:
         mail_options: list[str],
     ) -> str:
         """MAIL FROM; a declared SIZE over the limit is refused before any data moves."""
-        declared = _declared_size(mail_options)
+        try:
+            declared = _declared_size(mail_options)
+        except ValueError:
+            return "501 5.5.4 Syntax error in SIZE parameter"
         limit = self._lmtp.size_limit
         if declared is not None and declared > limit:
             decision = too_big(limit, declared)
@@ -150,9 +161,17 @@ class LmtpHandler:
 
 
 def _declared_size(mail_options: Sequence[str]) -> int | None:
+    """The ``SIZE=`` of MAIL FROM, None if not given; ValueError if it is not a size.
+
+    RFC 1870: ``size-value ::= 1*20DIGIT``, ASCII digits.  aiosmtpd checks
+    ``str.isdigit()``, which is also true of ``"²"`` (and ``int()`` fails on
+    it) and of other scripts' digits (which ``int()`` would take).
+    """
     for option in mail_options:
         name, _, value = option.partition("=")
-        if name.upper() == "SIZE" and value.isdigit():
+        if name.upper() == "SIZE":
+            if not (value.isascii() and value.isdigit() and len(value) <= SIZE_DIGITS):
+                raise ValueError(f"SIZE={value!r} is not 1 to {SIZE_DIGITS} digits")
             return int(value)
     return None
 
@@ -223,6 +242,7 @@ class LmtpSession(LMTP):
         self.busy = False  # from 354 until the replies after the final dot are out
         self.receiving = False  # from 354 until the final dot
         self.refused = False
+        self._hung_up = False  # nothing more is written (the client's input ended)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """aiosmtpd's own parse of a MAIL or RCPT address, faster (see ``parse_address``)."""
@@ -248,9 +268,53 @@ class LmtpSession(LMTP):
             self._lmtp.forget(self)
 
     def eof_received(self) -> bool | None:
+        """The client closed its side: answer what it sent, then close (RFC 5321 4.1.1.10).
+
+        aiosmtpd cancels the session here, so a client that sends the final
+        dot and QUIT and then half-closes (``nc -N``, scripted clients) lost
+        the replies of a message that was committed all the same.  Instead
+        the reader is told of the end (as ``StreamReaderProtocol`` does) and
+        the session goes on: a DATA under way is committed and answered, the
+        commands already read are answered, and the next command read, which
+        finds nothing, ends the session (:meth:`handle_exception`).  True
+        keeps our side of the connection open for those replies.
+        """
         if self.refused:
             return False
-        return super().eof_received()
+        log.debug("%r closed its side", self.session and self.session.peer)
+        return asyncio.StreamReaderProtocol.eof_received(self)
+
+    async def handle_exception(self, error: Exception) -> str:
+        """A read at the end of the client's input ends the session without a word.
+
+        aiosmtpd's command loop sends whatever this returns; after the
+        hang-up :meth:`push` sends nothing.  Any other error goes to the
+        handler's hook (a 451).
+        """
+        if isinstance(error, asyncio.IncompleteReadError):
+            self._hang_up()
+            return ""
+        return await super().handle_exception(error)
+
+    async def push(self, status: AnyStr) -> None:
+        """aiosmtpd's push, except after a hang-up: then wait to be cancelled.
+
+        The command loop goes on reading until ``connection_lost`` cancels
+        it, and each read at the end of the input comes back here at once;
+        waiting is what keeps that loop from spinning.
+        """
+        if self._hung_up:
+            await asyncio.Event().wait()  # connection_lost cancels the session
+            return
+        await super().push(status)
+
+    def _hang_up(self) -> None:
+        """Close after what was written has gone out; no reply is owed any more."""
+        self._hung_up = True
+        if self._timeout_handle is not None:
+            self._timeout_handle.cancel()
+        if self.transport is not None:
+            self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         """Any octets of DATA restart the idle timer: a slow link is not an idle one.
@@ -264,7 +328,7 @@ class LmtpSession(LMTP):
             self._reset_timeout()
 
     def _timeout_cb(self) -> None:
-        if self.transport is None:
+        if self.transport is None or self._hung_up:
             return
         log.info(
             "%r idle for %ss, closing", self.session and self.session.peer, self._timeout_duration
@@ -280,6 +344,25 @@ class LmtpSession(LMTP):
             assert isinstance(transport, asyncio.WriteTransport)
             transport.write(reply.encode("ascii") + b"\r\n")
         transport.close()
+
+    # -- VRFY -------------------------------------------------------------------
+
+    @syntax("VRFY <address>")
+    async def smtp_VRFY(self, arg: str | None) -> None:
+        """RFC 5321 3.5.3: ``252``, since every recipient is accepted at RCPT anyway.
+
+        The argument is never echoed: aiosmtpd's ``502 Could not VRFY <arg>``
+        cannot be encoded when the argument holds octets that are not UTF-8
+        (a 451 and a traceback), and an echo is nothing Postfix needs.
+        """
+        if not arg:
+            await self.push("501 5.5.4 Syntax: VRFY <address>")
+        elif not self._getaddr(arg)[0]:
+            await self.push("502 5.5.1 Could not VRFY: not an address")
+        else:
+            await self.push(
+                "252 2.1.5 Cannot VRFY user, but will accept message and attempt delivery"
+            )
 
     # -- DATA -------------------------------------------------------------------
 
@@ -305,6 +388,14 @@ class LmtpSession(LMTP):
                 received = await self._receive()
             except (asyncio.CancelledError, ConnectionError):
                 raise
+            except asyncio.IncompleteReadError:
+                # The client closed its side before the final dot: no message.
+                log.info(
+                    "%r closed its side before the final dot; nothing stored",
+                    self.session and self.session.peer,
+                )
+                self._hang_up()
+                return
             except Exception:
                 # Out of step with the client: no reply can be trusted, so hang up.
                 log.exception("reading DATA failed; closing the session")
@@ -317,7 +408,7 @@ class LmtpSession(LMTP):
             await self.push("\r\n".join(replies))
         finally:
             self.busy = False
-            if self.transport is not None:
+            if self.transport is not None and not self._hung_up:
                 self._reset_timeout()
         self._lmtp.transaction_done(self)
 

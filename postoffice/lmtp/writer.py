@@ -12,6 +12,7 @@ import contextlib
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -24,6 +25,9 @@ from postoffice.errors import PostofficeError
 log = logging.getLogger("postoffice.lmtp")
 
 T = TypeVar("T")
+
+# How often stop() looks again whether what the thread still runs is worth waiting for.
+STOP_POLL = 0.05
 
 
 @dataclass
@@ -53,8 +57,10 @@ class CommitWriter:
     message here and await a future.  The thread takes whatever queued up
     while the previous commit ran (up to ``commit_batch``), delivers it in
     one transaction, and only then resolves each future on the loop.  Other
-    work on the database (preparing the queues, SIGHUP's reload) goes
-    through the same thread, so it never races a commit.
+    work on the database (opening it, preparing the queues, SIGHUP's
+    reload) goes through the same thread, so it never races a commit; and
+    the thread closes the depot as it ends, so a stop never closes it under
+    an opening still under way.
     """
 
     def __init__(self, depot: Depot, batch: int) -> None:
@@ -63,25 +69,57 @@ class CommitWriter:
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="postoffice-writer", daemon=True)
         self._stopped = False
+        # While the server opens the database at start, which can take as long
+        # as a ZEO server's wait_timeout, a message is deferred at once rather
+        # than queued behind the opening (where a SIGTERM would wait for it).
+        self.opening = False
+        self._lock = threading.Lock()
+        self._deliveries = 0  # submitted and not yet settled
+        self._in_call = False  # the thread runs a call (not a delivery)
+
+    @property
+    def started(self) -> bool:
+        return self._thread.ident is not None
 
     def start(self) -> None:
         """Start the thread; the server does so once it listens."""
         self._thread.start()
 
-    def stop(self, timeout: float | None = None) -> None:
-        """Finish what is queued, then end the thread (called off the loop)."""
+    def stop(self, timeout: float | None = None) -> bool:
+        """Finish the deliveries queued, then end the thread (called off the loop).
+
+        True once the thread has ended.  A call under way with no delivery
+        waiting behind it (the opening of a database that does not answer)
+        is not waited for, since no message depends on it: the thread ends
+        on its own when the call returns, and closes the depot then.
+        """
         self._stopped = True
-        if self._thread.is_alive():
-            self._jobs.put(None)
-            self._thread.join(timeout)
+        if not self._thread.is_alive():
+            return True
+        self._jobs.put(None)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._thread.is_alive():
+            with self._lock:
+                if self._in_call and self._deliveries == 0:
+                    return False
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            self._thread.join(STOP_POLL)
+        return True
 
     def submit(self, delivery: Delivery) -> asyncio.Future[list[Outcome]]:
         """Queue a message; the future gives one Outcome per recipient after the commit."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[Outcome]] = loop.create_future()
-        if self._stopped:
-            future.set_result(_deferred_all(delivery, "the server is stopping"))
+        if self._stopped or self.opening:
+            why = "the server is stopping" if self._stopped else "the database is being opened"
+            outcomes = _deferred_all(delivery, why)
+            with contextlib.suppress(Exception):  # the log must not cost the replies
+                log_outcomes(delivery, outcomes)
+            future.set_result(outcomes)
         else:
+            with self._lock:
+                self._deliveries += 1
             self._jobs.put(_Job(loop, future, delivery=delivery))
         return future
 
@@ -102,6 +140,11 @@ class CommitWriter:
             job = held if held is not None else self._jobs.get()
             held = None
             if job is None:
+                # The thread that may still be opening it is the one to close it.
+                try:
+                    self._depot.close()
+                except Exception:
+                    log.warning("closing the database failed", exc_info=True)
                 return
             if job.call is not None:
                 self._run_call(job)
@@ -120,10 +163,15 @@ class CommitWriter:
 
     def _run_call(self, job: _Job) -> None:
         assert job.call is not None
+        with self._lock:
+            self._in_call = True
         try:
             result, error = job.call(), None
         except BaseException as exc:
             result, error = None, exc
+        finally:
+            with self._lock:
+                self._in_call = False
         _resolve(job, result, error)
 
     def _deliver(self, batch: list[_Job]) -> None:
@@ -148,6 +196,8 @@ class CommitWriter:
             settled.setdefault(job.loop, []).append((job.future, outcomes, None))
         for loop, items in settled.items():
             _call_on(loop, _settle_all, items)
+        with self._lock:
+            self._deliveries -= len(batch)
 
 
 def _settle_all(items: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
