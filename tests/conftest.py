@@ -33,3 +33,15 @@ def start(tmp_path: Path) -> Iterator[Callable[..., LmtpServer]]:
     yield run
     for server in servers:
         server.stop()
+
+
+@pytest.fixture
+def server(start: Callable[..., LmtpServer]) -> LmtpServer:
+    """One LmtpServer on ``tmp_path/lmtp.sock`` with the LMTP test configuration."""
+    return start()
+
+
+@pytest.fixture
+def sock(tmp_path: Path, server: LmtpServer) -> Path:
+    """The socket of :func:`server`, started."""
+    return tmp_path / "lmtp.sock"

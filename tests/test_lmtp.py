@@ -50,16 +50,6 @@ from tests.helpers import (
 LIMIT = 256 * 1024
 
 
-@pytest.fixture
-def server(start: Callable[..., LmtpServer]) -> LmtpServer:
-    return start()
-
-
-@pytest.fixture
-def sock(tmp_path: Path, server: LmtpServer) -> Path:
-    return tmp_path / "lmtp.sock"
-
-
 # --- LHLO, MAIL, the null sender --------------------------------------------
 
 

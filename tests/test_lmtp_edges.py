@@ -12,23 +12,13 @@ import logging
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from postoffice.lmtp import LmtpServer
 from tests.helpers import Process, mail, stored, stuff, uri_for, wait_for, write_lmtp_config
-
-
-@pytest.fixture
-def server(start: Callable[..., LmtpServer]) -> LmtpServer:
-    return start()
-
-
-@pytest.fixture
-def sock(tmp_path: Path, server: LmtpServer) -> Path:
-    return tmp_path / "lmtp.sock"
 
 
 @pytest.fixture
