@@ -12,6 +12,7 @@ from postoffice.errors import (
     QueueEmpty,
     StorageUnavailable,
     TemporaryError,
+    UnreadableMessage,
 )
 from postoffice.notices import SMTPSender, send_mail
 from postoffice.store import Queue, QueuesFolder
@@ -25,6 +26,7 @@ __all__ = [
     "SMTPSender",
     "StorageUnavailable",
     "TemporaryError",
+    "UnreadableMessage",
     "find_queue",
     "open_queue",
     "send_mail",

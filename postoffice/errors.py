@@ -10,6 +10,7 @@
      |    +-- StorageUnavailable   the database cannot be reached or a commit failed
      |         +-- EmbeddedZeoError   serve could not share its file:// depot
      +-- QueueEmpty (also IndexError)   pop_next() on an empty queue
+     +-- UnreadableMessage    pop_next() claimed a message whose bytes cannot be read
 
 Permanent refusals of a message are not exceptions: they are decisions
 (:class:`postoffice.decide.Decision`), because refusing mail is normal work.
@@ -20,6 +21,7 @@ it as it is, never a traceback.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 
 class PostofficeError(Exception):
@@ -56,6 +58,26 @@ class EmbeddedZeoError(StorageUnavailable):
 
 class QueueEmpty(PostofficeError, IndexError):
     """``pop_next()`` found nothing to pop; an IndexError as in the old package."""
+
+
+class UnreadableMessage(PostofficeError):
+    """``pop_next()`` claimed the oldest message but cannot read its stored bytes.
+
+    A blob file gone, a consumer whose URI has no ``blob_dir``, a blob folder
+    it may not read: retrying reads the same bytes the same way, so the
+    consumer would stop at this message for ever.  ``message`` stands for
+    it (its ``postoffice_id`` names the record) so that
+    ``queue.quarantine(error.message, error)`` moves the stored record, all
+    its bytes, into the quarantine without reading them; after the cause
+    is fixed ``postoffice quarantine requeue`` puts it back.  Errors a retry
+    can cure (a conflict, ZEO's ``ClientDisconnected``: ``TransientError``)
+    are raised as they are, not as this.
+    """
+
+    def __init__(self, key: int, cause: BaseException, message: Any) -> None:
+        super().__init__(f"message {key} cannot be read: {type(cause).__name__}: {cause}")
+        self.key = key
+        self.message = message
 
 
 def exit_code(error: PostofficeError) -> int:

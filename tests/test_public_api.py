@@ -16,6 +16,7 @@ def test_all_is_the_documented_api() -> None:
             "SMTPSender",
             "StorageUnavailable",
             "TemporaryError",
+            "UnreadableMessage",
             "find_queue",
             "open_queue",
             "send_mail",

@@ -25,7 +25,7 @@ import transaction
 import ZODB
 from ZODB.POSException import ConflictError
 
-from postoffice import QueueEmpty, open_queue, store
+from postoffice import QueueEmpty, UnreadableMessage, open_queue, store
 from postoffice import clock as depot_clock
 from postoffice.database import open_db
 from postoffice.deliver import Depot
@@ -582,6 +582,38 @@ def test_large_messages_go_to_blobs_small_ones_stay_inline(tmp_path: Path, db: Z
         assert popped["Subject"] == "number 1"
         assert popped.as_bytes() == raw
         transaction.commit()
+
+
+def test_a_message_whose_blob_is_gone_is_quarantined_not_a_wall(
+    tmp_path: Path, db: ZODB.DB
+) -> None:
+    """A blob file removed by hand: the consumer sets that message aside and goes on.
+
+    Without that, every start of the consumer would stop at the same head
+    message; the quarantine keeps the record, with why.
+    """
+    db.close()
+    fill(tmp_path, 1, size=BLOB_THRESHOLD + 1)
+    fill(tmp_path, 1, size=100, start=1)
+    for blob_file in (tmp_path / "blobs").rglob("*.blob"):
+        blob_file.unlink()
+    with open_queue(uri_for(tmp_path), "A") as queue:
+        with pytest.raises(UnreadableMessage) as raised:
+            queue.pop_next()
+        assert "cannot be read" in str(raised.value)
+        queue.quarantine(raised.value.message, raised.value)
+        transaction.commit()
+        assert queue.pop_next()["Subject"] == "number 1"
+        transaction.commit()
+        assert not queue
+        # Listing the quarantine still works, and says why the bytes are missing.
+        ((kept, error),) = list(queue.get_quarantined_messages())
+        assert f"message {raised.value.key} cannot be read" in error
+        assert kept["X-Postoffice-Id"] == str(kept.__name__)
+        # Requeued, it would only come back: it stays where a person sees it.
+        assert queue.requeue_quarantined_messages() == 0
+        transaction.commit()
+        assert queue.count_quarantined_messages() == 1 and not queue
 
 
 @pytest.mark.parametrize("kind", ["memory", "file without blobstorage_dir"])

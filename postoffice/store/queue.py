@@ -36,7 +36,7 @@ from persistent import Persistent
 from postoffice import clock
 from postoffice.database import has_blobs
 from postoffice.decide import DUPLICATE_WINDOW, ThrottleView
-from postoffice.errors import QueueEmpty
+from postoffice.errors import QueueEmpty, UnreadableMessage
 from postoffice.store import records
 from postoffice.store.claims import Claimer, claimer_of
 from postoffice.store.duplicates import DuplicateLedger, ledger_pair
@@ -51,7 +51,14 @@ from postoffice.store.records import (
     MessageTree,
     QuarantineRecord,
 )
-from postoffice.store.stored import StoredMessage, as_bytes, stored_message
+from postoffice.store.stored import (
+    StoredMessage,
+    as_bytes,
+    quarantined_view,
+    read_bytes,
+    readable,
+    stored_message,
+)
 from postoffice.store.throttle import (
     OLD_API_WINDOW,
     Headers,
@@ -306,13 +313,16 @@ class Queue(Persistent):
         What ``add`` or a requeue put in the queue in this same transaction
         is popped too, after the committed messages (nobody else can see
         it, so it needs no claim).
-        Raises :class:`postoffice.QueueEmpty` (an IndexError) when nothing waits.
+        Raises :class:`postoffice.QueueEmpty` (an IndexError) when nothing
+        waits, and :class:`postoffice.UnreadableMessage` when the message it
+        claimed cannot be read (quarantine ``error.message``, as the loop of
+        docs/consumers.md does).
         """
         jar = self._p_jar
         fifo = self.fifo
         if jar is None:  # not in a database yet (tests, scripts)
             popped, unattached = fifo.pop_unattached()
-            return stored_message(unattached.raw, popped)
+            return readable(unattached, popped)
         claimer = claimer_of(jar, make=True)
         given_back = claimer.give_back_aborted(self._p_oid, jar.transaction_manager.get())
         now = clock.now()
@@ -332,8 +342,7 @@ class Queue(Persistent):
                 if own is None:
                     raise
                 return own
-        record = self._consume(claimer, key)
-        return stored_message(record.raw, key)
+        return readable(self._consume(claimer, key), key)
 
     def _pop_added(self, added: list[int]) -> StoredMessage | None:
         """The oldest message this transaction added (nobody else can see it yet).
@@ -346,7 +355,7 @@ class Queue(Persistent):
             record = self.fifo.record(key)
             if record is not None and not record.done:  # not rolled back to a savepoint
                 self.fifo.remove_unclaimed(key)
-                return stored_message(record.raw, key)
+                return readable(record, key)
         return None
 
     def _claimed_ahead(self, claimer: Claimer, fifo: Fifo, now: float) -> int | None:
@@ -460,7 +469,7 @@ class Queue(Persistent):
     def get_quarantined_messages(self) -> Iterator[tuple[StoredMessage, str]]:
         """(message, error text) of each quarantined message, oldest first."""
         for key, record in self._quarantined.items():
-            yield stored_message(record.raw, key, quarantined=True), record.error
+            yield quarantined_view(record, key)
 
     def get_quarantined_message(self, message_id: int | str) -> StoredMessage:
         """One quarantined message by its id (an int, or its ``X-Postoffice-Id`` text).
@@ -498,16 +507,30 @@ class Queue(Persistent):
                 del message[ID_HEADER]
 
     def requeue_quarantined_messages(self) -> int:
-        """Put every quarantined message back at the tail of the queue."""
-        keys = self._quarantined.ids()
-        for key in keys:
-            self.requeue_quarantined_message(key)
-        return len(keys)
+        """Put every quarantined message back at the tail of the queue; how many.
+
+        One whose bytes cannot be read stays in the quarantine, with a
+        warning: requeued, it would only come back.
+        """
+        requeued = 0
+        for key in self._quarantined.ids():
+            try:
+                self.requeue_quarantined_message(key)
+            except UnreadableMessage as error:
+                log.warning("quarantine: %s; it stays in the quarantine", error)
+            else:
+                requeued += 1
+        return requeued
 
     def requeue_quarantined_message(self, key: int) -> int:
-        """Put one quarantined message back at the tail of the queue, as ``add`` does."""
-        record = self._quarantined.remove(key)
-        return self._add_raw(record.raw, clock.now())
+        """Put one quarantined message back at the tail of the queue, as ``add`` does.
+
+        :class:`postoffice.UnreadableMessage` if its bytes cannot be read
+        (it stays in the quarantine).
+        """
+        raw = read_bytes(self._quarantined.get(key), key)
+        self._quarantined.remove(key)
+        return self._add_raw(raw, clock.now())
 
     def _send_after_commit(
         self, send: Send, from_addr: str, to_addrs: list[str], message: Message

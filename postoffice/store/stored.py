@@ -13,6 +13,10 @@ from email.message import EmailMessage, Message
 from email.parser import BytesParser
 from typing import Any
 
+from transaction.interfaces import TransientError
+
+from postoffice.errors import UnreadableMessage
+
 
 def as_bytes(message: Message) -> bytes:
     """Bytes of a message to store: as popped when unchanged, else generated."""
@@ -102,3 +106,41 @@ def stored_message(raw: bytes, key: int | None = None, quarantined: bool = False
     if quarantined and key is not None:
         message.__name__ = key  # type: ignore[attr-defined]
     return message
+
+
+def read_bytes(record: Any, key: int) -> bytes:
+    """A record's bytes, or :class:`UnreadableMessage` (with a stand-in) if they cannot be read.
+
+    What a retry can cure (``TransientError``: a conflict, ZEO's
+    ``ClientDisconnected``) goes up as it is.
+    """
+    try:
+        return bytes(record.raw)
+    except TransientError:
+        raise
+    except Exception as error:
+        raise UnreadableMessage(key, error, stored_message(b"", key)) from error
+
+
+def readable(record: Any, key: int) -> StoredMessage:
+    """The consumer's view of a record it has just claimed.
+
+    When the bytes cannot be read, :class:`UnreadableMessage` carries a
+    stand-in with the record's id, so that the consumer can quarantine the
+    record itself instead of stopping at it at every start.
+    """
+    return stored_message(read_bytes(record, key), key)
+
+
+def quarantined_view(record: Any, key: int) -> tuple[StoredMessage, str]:
+    """(message, error text) of a quarantined record, also when its bytes are gone.
+
+    One unreadable record must not hide the others from whoever lists the
+    quarantine: it is shown as an empty message whose error text ends with
+    why its bytes cannot be read.
+    """
+    try:
+        raw = read_bytes(record, key)
+    except UnreadableMessage as error:
+        return stored_message(b"", key, quarantined=True), f"{record.error}\n{error}"
+    return stored_message(raw, key, quarantined=True), record.error
