@@ -88,11 +88,12 @@ class Results:
     consumed: list[dict[str, Any]] = field(default_factory=list)
     blobs: list[dict[str, Any]] = field(default_factory=list)
     profiled: dict[str, Any] | None = None
+    relayed: list[Sample] = field(default_factory=list)
 
     def failed(self) -> bool:
         """Whether any run did not count (the profile aside): the exit status says so."""
         return (
-            any(s.error for s in self.samples + self.scaled)
+            any(s.error for s in self.samples + self.scaled + self.relayed)
             or any("error" in r for r in (self.rss or {}).values())
             or any("error" in r for r in self.consumed)
             or any("error" in r for r in self.blobs)

@@ -24,6 +24,7 @@ import servers
 from common import KIB, MIB, BenchError, Plan, Results, Sample, remove
 from procs import process_tree, tail, tree_memory_kib
 from profiling import PROFILE_RATE, recording, summarize_profile
+from relay import through_postfix
 from servers import OURS, PostofficeServer, running
 
 Log = Callable[[str], None]
@@ -305,6 +306,7 @@ PARTS: dict[str, tuple[str, Callable[[Plan, Path, Log], Any]]] = {
     "rss": ("rss", peak_rss),
     "consume": ("consumed", consumer),
     "blob": ("blobs", inline_or_blob),
+    "relay": ("relayed", through_postfix),
     "profile": ("profiled", profile),
 }
 

@@ -17,7 +17,7 @@ from typing import Any
 from common import KIB, Plan, Results, Sample, human_size
 from progress import describe
 from servers import OURS, SERVER_LABELS, SERVERS
-from targets import TARGETS, vs_peer
+from targets import TARGETS, through_postfix, vs_peer
 
 # A target as reported (and written to --json): what, measured, met, share = no, met.
 Row = tuple[str, str, bool | None, str, bool | None]
@@ -289,6 +289,40 @@ def measures_of_scale(scaled: Sequence[Sample]) -> dict[str, Measure]:
     return {"full / empty": (mine, direct)}
 
 
+def relay_rate(relayed: Sequence[Sample], kind: str, size: int) -> float | None:
+    """Median messages a second behind Postfix, first SMTP connection to last one stored."""
+    return median_rate([s for s in relayed if (s.server, s.size) == (kind, size)])
+
+
+def relay_lines(plan: Plan, relayed: Sequence[Sample]) -> list[str]:
+    if not relayed:
+        return []
+    rows = []
+    for size in plan.sizes:
+        sink, ours = relay_rate(relayed, "sink", size), relay_rate(relayed, "postoffice", size)
+        rows.append([human_size(size), fmt_rate(sink), fmt_rate(ours), fmt(ratio(ours, sink), "x")])
+    failed = [f"- {describe(s)}" for s in relayed if s.rate is None]
+    return [
+        "",
+        f"Through a private Postfix (smtp-source, {relayed[0].sessions} SMTP sessions -> "
+        "smtpd, cleanup, qmgr, lmtp -> the server): msgs/s from the first SMTP "
+        "connection to the last message stored",
+        "",
+        *table(["size", "smtp-sink -L", "postoffice", "postoffice / sink"], rows),
+        *failed,
+    ]
+
+
+def measures_of_relay(plan: Plan, relayed: Sequence[Sample]) -> dict[str, Measure]:
+    return {
+        through_postfix(size): (
+            ratio(relay_rate(relayed, "postoffice", size), relay_rate(relayed, "sink", size)),
+            None,
+        )
+        for size in plan.sizes
+    }
+
+
 def rss_line(kind: str, result: dict[str, Any]) -> str:
     label = SERVER_LABELS[kind]
     if "error" in result:
@@ -346,6 +380,8 @@ def measures(plan: Plan, results: Results, rates: Rates) -> dict[str, dict[str, 
         measured["scale"] = measures_of_scale(results.scaled)
     if results.rss and any(k in results.rss for k in OURS):
         measured["rss"] = measures_of_rss(results.rss)
+    if results.relayed:
+        measured["relay"] = measures_of_relay(plan, results.relayed)
     if results.consumed:
         by_mode = consumer_rates(results.consumed)
         measured["consume"] = {"file": (by_mode["file"], by_mode["file"])}
@@ -444,6 +480,7 @@ def render(plan: Plan, results: Results) -> tuple[str, list[Row]]:
         *scale_lines(plan, results.scaled),
         *rss_lines(results.rss or {}),
         *consumer_lines(results.consumed),
+        *relay_lines(plan, results.relayed),
         *target_lines(rows),
     ]
     parts = ["\n".join(lines)]

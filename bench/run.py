@@ -71,7 +71,7 @@ def parse_sizes(text: str) -> list[int]:
 
 def build_plan(args: argparse.Namespace) -> Plan:
     quick = args.quick
-    parts = {"throughput", "scale", "rss", "consume", "blob"}
+    parts = {"throughput", "scale", "rss", "consume", "blob", "relay"}
     if args.only:
         parts = set(args.only.split(","))
     if args.profile:
@@ -121,7 +121,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rss-size", default="10m", help="message size of the peak-RSS run")
     parser.add_argument("--consume", type=int, help="messages the consumer pops (default 3000)")
     parser.add_argument(
-        "--only", help="comma-separated parts: throughput,scale,rss,consume,blob,profile"
+        "--only", help="comma-separated parts: throughput,scale,rss,consume,blob,relay,profile"
     )
     parser.add_argument(
         "--profile", action="store_true", help="also profile the server with py-spy"

@@ -42,7 +42,13 @@ def vs_peer(size: int, sessions: int, peer: str) -> str:
     return f"{size} B x {sessions} / {peer}"
 
 
+def through_postfix(size: int) -> str:
+    """The measure of the relay part: ours over smtp-sink, both behind the same Postfix."""
+    return f"{size} B through Postfix / sink"
+
+
 ZEO = "... through the ZEO server of a running serve, "
+RELAY = "through a private Postfix, {size} x 16 SMTP sessions >= 0.9 x smtp-sink behind it"
 
 TARGETS = (
     Target("1 KiB x 16 sessions >= 2 x Dovecot", "throughput", vs_peer(KIB, 16, "dovecot"), 2.0),
@@ -65,6 +71,8 @@ TARGETS = (
         at_least=False,
         unit="MiB",
     ),
+    Target(RELAY.format(size="1 KiB"), "relay", through_postfix(KIB), 0.9, absent="n/a"),
+    Target(RELAY.format(size="50 KiB"), "relay", through_postfix(50 * KIB), 0.9, absent="n/a"),
     Target(
         "a consumer pops and commits >= 1,000 msgs/s: on the file:// FileStorage "
         "(serve stopped), one commit a message",
