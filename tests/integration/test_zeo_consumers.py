@@ -30,7 +30,7 @@ import transaction
 
 from postoffice import open_queue
 from postoffice.deliver import Delivery, Depot
-from tests.helpers import message, settings_for
+from tests.helpers import message, settings_for, wait_for
 from tests.integration.servers import finished, reaped
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -48,6 +48,8 @@ CONSUMER = textwrap.dedent(
     uri, out, go, deadline = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
     processed, quarantined, errors, empty = [], [], [], 0
     queue, closer = open_queue(uri, "A")
+    len(queue)  # connected and reading
+    open(out + ".ready", "w").close()
     stop = time.monotonic() + deadline
     while not __import__("os").path.exists(go) and time.monotonic() < stop:
         time.sleep(0.01)
@@ -196,7 +198,12 @@ def test_two_consumer_processes_pop_every_message_exactly_once(
         for out in outputs
     ]
     with reaped(consumers):
-        time.sleep(0.5)  # both are connected and waiting: start them together
+        # Both are connected and waiting: start them together.
+        wait_for(
+            lambda: all(Path(f"{out}.ready").exists() for out in outputs),
+            DEADLINE,
+            "both consumers connected",
+        )
         go.touch()
         finished(consumers, DEADLINE + 20)
 
