@@ -29,6 +29,10 @@ DEFAULT_THROTTLE_PERIOD = 300
 DEFAULT_SOCKET_MODE = 0o660
 DEFAULT_MAX_SESSIONS = 64
 DEFAULT_IDLE_TIMEOUT = 300.0
+DEFAULT_REVIEW_MAX = 10000
+# The rule families whose refusals ``discard`` can turn into a 250 and a copy
+# kept in the review area, by the names the option takes.
+DISCARD_FAMILIES = ("reject_filters", "no_queue", "auto_reply", "throttle")
 # The last place searched; a module constant so tests can point it elsewhere.
 SYSTEM_CONFIG = Path("/etc/postoffice.ini")
 
@@ -44,6 +48,8 @@ _MAIN_OPTIONS = frozenset(
         "maildir",
         "dead_letter_max",
         "share",
+        "discard",
+        "review_max",
     }
 )
 _LMTP_OPTIONS = frozenset(
@@ -101,6 +107,12 @@ class Settings:
     # With file://, `serve` also serves the file it opened through a ZEO server
     # thread, so consumers can read while it runs; `share = no` serves nobody.
     share: bool = True
+    # Rule families (DISCARD_FAMILIES) answered 250 and kept in the review
+    # area instead of refused: a refusal after DATA makes Postfix bounce to a
+    # sender who is often forged.  Empty: every refusal is a refusal.
+    discard: frozenset[str] = frozenset()
+    # Messages kept in the review area before the oldest is dropped.
+    review_max: int = DEFAULT_REVIEW_MAX
 
     @property
     def queue_names(self) -> tuple[str, ...]:
@@ -312,6 +324,7 @@ class _Reader:
         maildir_text = self.scalar(main, "maildir")
         maildir = self.base / maildir_text if maildir_text else None
         dead_max = int(self.number(main, "dead_letter_max", int, 1000))
+        review_max = int(self.number(main, "review_max", int, DEFAULT_REVIEW_MAX))
 
         queues: list[QueueRule] = []
         for section in self.parser.sections():
@@ -344,7 +357,25 @@ class _Reader:
             source=self.path,
             dead_letter_max=dead_max,
             share=self.boolean(main, "share", True),
+            discard=self.discard(main),
+            review_max=review_max,
         )
+
+    def discard(self, section: str) -> frozenset[str]:
+        """``discard = reject_filters, no_queue``: names from DISCARD_FAMILIES, or none."""
+        text = self.scalar(section, "discard") or ""
+        names = [n.strip().lower() for n in text.replace("\n", ",").split(",") if n.strip()]
+        if names == ["none"]:
+            return frozenset()
+        if names == ["all"]:
+            return frozenset(DISCARD_FAMILIES)
+        for name in names:
+            if name not in DISCARD_FAMILIES:
+                known = ", ".join(DISCARD_FAMILIES)
+                raise self.error(
+                    section, "discard", f"unknown rule family {name!r} (one of {known}, all, none)"
+                )
+        return frozenset(names)
 
     def lmtp(self) -> LmtpSettings:
         section = LMTP_SECTION

@@ -66,6 +66,8 @@ class Outcome:
         d = self.decision
         if d.action is Action.ACCEPT:
             text = f"<{self.recipient}> queued in {d.queue} as {self.queue_key}"
+        elif d.review:
+            text = f"<{self.recipient}> accepted, kept for review as {self.queue_key}: {d.reason}"
         elif d.action is Action.DISCARD:
             text = f"<{self.recipient}> accepted, not queued: {d.reason}"
         else:
@@ -219,6 +221,9 @@ class Depot:
 
         def create() -> tuple[QueuesFolder, list[str]]:
             folder = find_folder(connection.root(), self._settings.zodb_path, create=True)
+            if self._settings.discard:
+                # Made here, not at the first discard: that one would write the folder.
+                folder.review_area(create=True)
             return folder, reconcile(folder, self._settings.queue_names)
 
         try:
@@ -392,6 +397,8 @@ class Depot:
                 key = queue.store(raw, now, created)
                 if message.message_id:
                     queue.record_delivery(message.message_id, rcpt, now)
+            elif decision.review:
+                key = self._keep_for_review(folder, settings, delivery, rcpt, decision, now, eol)
             if decision.count_arrival and decision.queue and decision.throttle_key:
                 _, until = arrivals.get(decision.queue, (decision.throttle_key, None))
                 if decision.throttle_until is not None:
@@ -403,6 +410,32 @@ class Depot:
             folder[queue_name].record_arrival(throttle_key, now, window, until)
         # One outcome per recipient as given, duplicates included (LMTP counts them).
         return [replace(outcomes[r.lower()], recipient=r) for r in delivery.recipients]
+
+    @staticmethod
+    def _keep_for_review(
+        folder: QueuesFolder,
+        settings: Settings,
+        delivery: Delivery,
+        rcpt: str,
+        decision: Decision,
+        now: float,
+        eol: bytes,
+    ) -> int:
+        """A refusal discarded: the message kept in the review area, as a queue would keep it."""
+        area = folder.review_area(create=True)
+        assert area is not None
+        raw = added_headers(delivery.sender, rcpt, int(now), eol) + delivery.raw
+        refusal = decision.refusal or decision.reason
+        key, dropped = area.add(
+            raw, decision.rule.name.lower(), decision.queue, refusal, now, settings.review_max
+        )
+        if dropped:
+            log.info(
+                "review area full (review_max %d): dropped the %d oldest",
+                settings.review_max,
+                dropped,
+            )
+        return key
 
 
 def _close(manager: transaction.TransactionManager, connection: object) -> None:

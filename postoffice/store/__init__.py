@@ -5,6 +5,8 @@ Layout under ``zodb_path`` (``/postoffice`` by default)::
     QueuesFolder                                         (folder.py)
       queues: OOBTree  name -> Queue
       dead_letters: LOBTree  id -> DeadLetter   (mail we failed to decide)
+      review: LOBTree  id -> QuarantineRecord   (refusals discarded for review;
+      review_count: Length                        made at the first use; review.py)
 
     Queue                                                (queue.py)
       _messages:   MessageTree (LOBTree)  key -> MessageRecord    (FIFO by key)
@@ -56,6 +58,7 @@ from postoffice.store.records import (
     QuarantineRecord,
     new_key,
 )
+from postoffice.store.review import ReviewArea
 from postoffice.store.stored import StoredMessage, stored_message
 
 __all__ = [
@@ -75,6 +78,7 @@ __all__ = [
     "QuarantineRecord",
     "Queue",
     "QueuesFolder",
+    "ReviewArea",
     "StoredMessage",
     "find_folder",
     "new_key",

@@ -6,6 +6,8 @@ Layout::
       queues: OOBTree  name -> Queue
       dead_letters: LOBTree  id -> DeadLetter   (mail we failed to decide)
       dead_letter_count: Length
+      review: LOBTree  id -> QuarantineRecord   (refusals discarded, review.py;
+      review_count: Length                        both made at the first use)
 
 Also what the depot needs of it: finding (or creating) it under the root,
 reconciling its queues with the configuration, and the read-only view
@@ -27,6 +29,7 @@ from postoffice.decide import ThrottleView
 from postoffice.errors import ConfigError
 from postoffice.store.queue import Queue
 from postoffice.store.records import PICKLED_MODULE, DeadLetter, new_key
+from postoffice.store.review import ReviewArea
 
 
 class QueuesFolder(Persistent):
@@ -76,6 +79,20 @@ class QueuesFolder(Persistent):
     def __delitem__(self, name: str) -> None:
         """Drop a queue and what it holds (KeyError when there is none)."""
         del self.queues[name]
+
+    def review_area(self, create: bool = False) -> ReviewArea | None:
+        """The review area; None when it was never made and ``create`` is false.
+
+        Made at the first use, not in ``__init__``: a folder written before
+        it existed keeps its layout, and reads as one with nothing to review.
+        """
+        records = getattr(self, "review", None)
+        if records is None:
+            if not create:
+                return None
+            records = self.review = LOBTree()
+            self.review_count = Length()
+        return ReviewArea(records, self.review_count)
 
     def add_dead_letter(
         self,

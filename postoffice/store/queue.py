@@ -462,6 +462,11 @@ class Queue(Persistent):
         for key, record in self._quarantined.items():
             yield stored_message(record.raw, key, quarantined=True), record.error
 
+    def quarantined(self) -> Iterator[tuple[int, bytes, float, str]]:
+        """(id, bytes as kept, when quarantined, error) of each, oldest first (read only)."""
+        for key, record in self._quarantined.items():
+            yield key, record.raw, record.when, str(record.error)
+
     def get_quarantined_message(self, message_id: int | str) -> StoredMessage:
         """One quarantined message by its id (an int, or its ``X-Postoffice-Id`` text).
 
