@@ -50,6 +50,7 @@ _MAIN_OPTIONS = frozenset(
         "share",
         "discard",
         "review_max",
+        "replay_keep",
     }
 )
 _LMTP_OPTIONS = frozenset(
@@ -113,6 +114,8 @@ class Settings:
     discard: frozenset[str] = frozenset()
     # Messages kept in the review area before the oldest is dropped.
     review_max: int = DEFAULT_REVIEW_MAX
+    # Deliveries (one per recipient) kept, the newest, for ``postoffice replay``; 0: none.
+    replay_keep: int = 0
 
     @property
     def queue_names(self) -> tuple[str, ...]:
@@ -359,6 +362,7 @@ class _Reader:
             share=self.boolean(main, "share", True),
             discard=self.discard(main),
             review_max=review_max,
+            replay_keep=int(self.number(main, "replay_keep", int, 0)),
         )
 
     def discard(self, section: str) -> frozenset[str]:

@@ -40,7 +40,7 @@ from postoffice.decide import (
 )
 from postoffice.errors import StorageUnavailable
 from postoffice.message import ParsedMessage, added_headers, line_ending
-from postoffice.store import FolderState, QueuesFolder, find_folder, reconcile
+from postoffice.store import FolderState, QueuesFolder, find_folder, reconcile, records
 
 log = logging.getLogger("postoffice.deliver")
 
@@ -221,9 +221,11 @@ class Depot:
 
         def create() -> tuple[QueuesFolder, list[str]]:
             folder = find_folder(connection.root(), self._settings.zodb_path, create=True)
+            # Made here, not at the first use: that one would write the folder.
             if self._settings.discard:
-                # Made here, not at the first discard: that one would write the folder.
                 folder.review_area(create=True)
+            if self._settings.replay_keep:
+                folder.recent_area(create=True)
             return folder, reconcile(folder, self._settings.queue_names)
 
         try:
@@ -404,7 +406,13 @@ class Depot:
                 if decision.throttle_until is not None:
                     until = max(until or 0.0, decision.throttle_until)
                 arrivals[decision.queue] = (decision.throttle_key, until)
-            outcomes[rcpt.lower()] = Outcome(rcpt, decision, message.message_id, key)
+            outcomes[rcpt.lower()] = outcome = Outcome(rcpt, decision, message.message_id, key)
+            if settings.replay_keep and len(delivery.raw) <= records.BLOB_THRESHOLD:
+                area = folder.recent_area(create=True)
+                assert area is not None
+                raw = added_headers(delivery.sender, rcpt, int(now), eol) + delivery.raw
+                rule = decision.rule.name.lower()
+                area.add(raw, rule, decision.queue, outcome.reply, now, settings.replay_keep)
         window = throttle_window(settings.ooo_loop_frequency or 1.0)
         for queue_name, (throttle_key, until) in arrivals.items():
             folder[queue_name].record_arrival(throttle_key, now, window, until)

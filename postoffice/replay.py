@@ -1,10 +1,13 @@
 """``postoffice replay``: what a rule set would decide for the mail the depot holds.
 
 Every stored message (waiting in a queue, quarantined by a consumer, kept
-in the review area) is decided again by :func:`postoffice.decide.decide`
-under the new settings, and compared with what it was stored under: the
-queue it is in, or, for the review area, the rule whose refusal was
-discarded.  With old settings too (``--from OLD.ini``) both rule sets
+in the review area, and the recent deliveries ``replay_keep`` keeps, also
+those refused, discarded or consumed) is decided again by
+:func:`postoffice.decide.decide` under the new settings, and compared
+with what it was stored under: the queue it is in, for the review area the
+rule whose refusal was discarded, for a recent delivery what its reply
+said.  A recent delivery that is also queued (or quarantined, or kept for
+review) is replayed once, where it is.  With old settings too (``--from OLD.ini``) both rule sets
 decide and the two decisions are compared, so that what the old rules
 would say today, not what they said then, is the baseline.
 
@@ -19,20 +22,24 @@ re-decided", not as a change.
 from __future__ import annotations
 
 import datetime
+import hashlib
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from postoffice.config import Settings
-from postoffice.decide import Action, Decision, Envelope, ThrottleView, decide
+from postoffice.decide import DISCARD_FAMILY, Action, Decision, Envelope, ThrottleView, decide
 from postoffice.message import ParsedMessage, without_added_headers
 from postoffice.store import QueuesFolder
+from postoffice.store.records import QuarantineRecord
 
 # The kinds of change, in the order the counts are printed.
 KINDS = ("other queue", "refused", "discarded", "queued", "not re-decided", "unchanged")
 # Rules whose answer depends on mail that came before, which replay does not have.
 HISTORY_RULES = frozenset({"duplicate", "throttled"})
+# Rules whose refusal ``discard`` can keep for review instead.
+REVIEW_RULES = frozenset(rule.name.lower() for rule in DISCARD_FAMILY)
 
 
 @dataclass(frozen=True)
@@ -201,19 +208,28 @@ def stored_messages(folder: QueuesFolder, queues: Sequence[str]) -> Iterator[_Ke
             kept = Verdict("queued", name, "queued", f"quarantined: {last}")
             yield _Kept(f"quarantine of {name}", key, raw, when, kept)
     area = folder.review_area(create=False)
-    if area is None:
-        return
-    for key, record in area.items():
+    for key, record in area.items() if area is not None else ():
         if queues and record.queue not in queues:
             continue
-        rule = record.rule or "-"
-        yield _Kept(
-            "review",
-            key,
-            record.raw,
-            record.when,
-            Verdict("review", record.queue, rule, str(record.error)),
-        )
+        kept = Verdict("review", record.queue, record.rule or "-", str(record.error))
+        yield _Kept("review", key, record.raw, record.when, kept)
+    recent = folder.recent_area(create=False)
+    for key, record in recent.items() if recent is not None else ():
+        if queues and record.queue not in queues:
+            continue
+        yield _Kept("recent", key, record.raw, record.when, recent_verdict(record))
+
+
+def recent_verdict(record: QuarantineRecord) -> Verdict:
+    """What a delivery kept for replay was decided: its rule, queue and reply tell."""
+    rule, reply = record.rule or "-", str(record.error)
+    if rule == "queued":
+        return Verdict("queued", record.queue, rule, reply)
+    if not reply.startswith("2"):
+        return Verdict("refused", record.queue, rule, reply)
+    if rule in REVIEW_RULES and "kept for review" in reply:
+        return Verdict("review", record.queue, rule, reply)
+    return Verdict("discarded", record.queue, rule, reply)
 
 
 def replay(
@@ -228,7 +244,12 @@ def replay(
         rules=str(new.source or "the new rules"),
         baseline=str(old.source) if old is not None else "what they were stored under",
     )
+    seen: set[bytes] = set()  # digests: a depot's worth of bytes would not fit
     for kept in stored_messages(folder, queues):
+        digest = hashlib.blake2b(kept.raw, digest_size=16).digest()
+        if kept.where == "recent" and digest in seen:
+            continue  # also queued, quarantined or kept for review: replayed there
+        seen.add(digest)
         envelope = without_added_headers(kept.raw)
         if envelope is not None:
             raw, sender, rcpt = envelope.received, envelope.sender, envelope.recipient

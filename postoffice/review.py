@@ -18,7 +18,7 @@ from typing import Any
 from postoffice.message import ParsedMessage, without_added_headers
 from postoffice.store import QueuesFolder
 from postoffice.store.records import QuarantineRecord
-from postoffice.store.review import ReviewArea
+from postoffice.store.review import KeptArea
 
 
 class NoSuchQueue(KeyError):
@@ -66,7 +66,7 @@ def iso(when: float) -> str:
     return datetime.datetime.fromtimestamp(when, datetime.UTC).isoformat(timespec="seconds")
 
 
-def area_of(folder: QueuesFolder) -> ReviewArea | None:
+def area_of(folder: QueuesFolder) -> KeptArea | None:
     return folder.review_area(create=False)
 
 

@@ -495,6 +495,13 @@ def test_discard_is_off_by_default_every_refusal_stays_a_refusal(tmp_path: Path)
     settings = load(write(tmp_path, MINIMAL))
     assert settings.discard == frozenset()
     assert settings.review_max == 10000
+    assert settings.replay_keep == 0
+
+
+def test_replay_keep_is_a_count(tmp_path: Path) -> None:
+    assert load(write(tmp_path, MINIMAL + "replay_keep = 5000\n")).replay_keep == 5000
+    error = refused(tmp_path, MINIMAL + "replay_keep = lots\n")
+    assert "[post office] replay_keep: not a number: 'lots'" in error
 
 
 @pytest.mark.parametrize(

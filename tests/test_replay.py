@@ -211,3 +211,58 @@ def test_replay_of_a_depot_that_does_not_exist_is_one_line(tmp_path: Path) -> No
     assert result.returncode == 65
     assert result.stderr.startswith("postoffice: no /postoffice in the database")
     assert len(result.stderr.splitlines()) == 1
+
+
+# --- recent deliveries kept for replay (replay_keep) ------------------------------------
+
+
+def test_kept_recent_deliveries_replay_refused_and_consumed_mail_once_each(
+    start: Callable[..., LmtpServer], tmp_path: Path
+) -> None:
+    server = start(replay_keep=100, max_size="1m")
+    lmtp = client(tmp_path / "lmtp.sock")
+    send(lmtp, ["user@alpha.test"], mail(subject="consumed"))
+    send(lmtp, ["user@alpha.test"], mail(subject="waiting"))
+    refused = [
+        send(lmtp, ["user@alpha.test"], mail(subject="BUY NOW")),
+        send(lmtp, ["x@gamma.test"], mail(["x@gamma.test"], subject="to gamma")),
+    ]
+    big = send(lmtp, ["user@alpha.test"], mail(subject="big", body=(b"x" * 76 + b"\r\n") * 4000))
+    lmtp.quit()
+    server.stop()
+    assert [r[0][0] for r in refused] == [550, 550] and big[0][0] == 250
+    with open_queue(uri_for(tmp_path / "var"), "Alpha") as queue:
+        assert queue.pop_next()["Subject"] == "consumed"
+        transaction.commit()
+
+    report = replay("-C", str(new_rules(tmp_path)), "replay")
+    # consumed, BUY NOW, to gamma from the recent ones; waiting and big from the queue, once.
+    assert report["messages"] == 5
+    changes = {(c["where"], c["recipient"], c["change"]) for c in report["changes"]}
+    assert changes == {
+        ("recent", "user@alpha.test", "queued"),  # BUY NOW, refused then
+        ("recent", "x@gamma.test", "queued"),
+    }
+    (buy,) = [c for c in report["changes"] if c["recipient"] == "user@alpha.test"]
+    assert buy["stored"]["outcome"] == "refused" and buy["stored"]["rule"] == "reject_filter"
+    assert buy["stored"]["reason"].startswith("550 5.7.1 rejected")
+    assert report["counts"]["unchanged"] == 3
+
+
+def test_replay_keep_keeps_the_newest_and_not_big_messages(
+    start: Callable[..., LmtpServer], tmp_path: Path
+) -> None:
+    server = start(replay_keep=2, max_size="1m")
+    lmtp = client(tmp_path / "lmtp.sock")
+    for n in range(3):
+        send(lmtp, ["x@gamma.test"], mail(["x@gamma.test"], subject=f"refused {n}"))
+    big = mail(["x@gamma.test"], subject="big", body=(b"x" * 76 + b"\r\n") * 4000)
+    send(lmtp, ["x@gamma.test"], big)
+    lmtp.quit()
+    server.stop()
+    report = replay("-C", str(new_rules(tmp_path)), "replay")
+    assert report["messages"] == 2  # the two newest small ones; the 300 KiB one is not kept
+    with open_queue(uri_for(tmp_path / "var"), "Alpha") as queue:
+        recent = find_folder(queue._p_jar.root(), "/postoffice").recent_area()
+        subjects = [b"refused 1" in r.raw or b"refused 2" in r.raw for _, r in recent.items()]
+        assert subjects == [True, True]

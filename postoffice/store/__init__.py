@@ -7,6 +7,8 @@ Layout under ``zodb_path`` (``/postoffice`` by default)::
       dead_letters: LOBTree  id -> DeadLetter   (mail we failed to decide)
       review: LOBTree  id -> QuarantineRecord   (refusals discarded for review;
       review_count: Length                        made at the first use; review.py)
+      recent: LOBTree  id -> QuarantineRecord   (the last deliveries, for replay;
+      recent_count: Length                        with replay_keep; review.py)
 
     Queue                                                (queue.py)
       _messages:   MessageTree (LOBTree)  key -> MessageRecord    (FIFO by key)
@@ -58,7 +60,7 @@ from postoffice.store.records import (
     QuarantineRecord,
     new_key,
 )
-from postoffice.store.review import ReviewArea
+from postoffice.store.review import KeptArea
 from postoffice.store.stored import StoredMessage, stored_message
 
 __all__ = [
@@ -71,6 +73,7 @@ __all__ = [
     "PRUNE_BATCH",
     "DeadLetter",
     "FolderState",
+    "KeptArea",
     "Ledger",
     "LedgerTimes",
     "MessageRecord",
@@ -78,7 +81,6 @@ __all__ = [
     "QuarantineRecord",
     "Queue",
     "QueuesFolder",
-    "ReviewArea",
     "StoredMessage",
     "find_folder",
     "new_key",

@@ -1,4 +1,6 @@
-"""The review area: messages a refusal was turned into a discard for, kept for a person.
+"""Mail kept aside in the queues folder: the review area, and recent mail kept for replay.
+
+The review area holds messages a refusal was turned into a discard for, for a person.
 
 ``[post office] discard`` answers 250 where a rule would refuse (so that
 Postfix bounces nobody) and keeps the message here instead of in an
@@ -15,6 +17,12 @@ written before has neither, and reads as an empty review area):
   (None for no queue);
 - ``review_count``: ``Length``, how many.
 
+With ``[post office] replay_keep = N``, ``recent`` and ``recent_count``
+hold, the same way, a copy of each of the last N deliveries (one per
+recipient, whatever was decided; ``error`` is then the reply), so that
+``postoffice replay`` can decide again mail that was refused, discarded or
+consumed.
+
 The bytes are kept as a queue keeps them, the envelope lines
 (``Return-Path``, ``X-Original-To``, ``X-Postoffice-Date``) on top.
 """
@@ -30,8 +38,8 @@ from postoffice.store.quarantine import Quarantine
 from postoffice.store.records import QuarantineRecord
 
 
-class ReviewArea:
-    """The folder's review area, over its own tree and counter (bounded, oldest dropped)."""
+class KeptArea:
+    """Messages kept aside, over a tree and a counter of the folder (bounded, oldest dropped)."""
 
     def __init__(self, records: LOBTree, length: Length) -> None:
         self._kept = Quarantine(records, length)
