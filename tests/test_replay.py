@@ -24,12 +24,15 @@ from postoffice.store import find_folder
 from tests.helpers import (
     ENVELOPE,
     HERE_URI,
+    Process,
     client,
     mail,
     run_postoffice,
     send,
+    stored,
     uri_for,
     write_config,
+    write_lmtp_config,
 )
 
 
@@ -266,3 +269,20 @@ def test_replay_keep_keeps_the_newest_and_not_big_messages(
         recent = find_folder(queue._p_jar.root(), "/postoffice").recent_area()
         subjects = [b"refused 1" in r.raw or b"refused 2" in r.raw for _, r in recent.items()]
         assert subjects == [True, True]
+
+
+def test_replay_runs_beside_a_serve_process_that_shares_its_file(tmp_path: Path) -> None:
+    """The depot of a running `serve` is read through its ZEO server; serve goes on delivering."""
+    config_path = write_lmtp_config(tmp_path)
+    proc = Process(tmp_path, config_path)
+    try:
+        proc.wait_for("postoffice: listening on unix:", stream="out")
+        lmtp = client(tmp_path / "lmtp.sock")
+        send(lmtp, ["user@beta.test"], mail(["user@beta.test"]))
+        report = replay("-C", str(new_rules(tmp_path)), "replay")
+        assert report["messages"] == 1 and report["counts"]["other queue"] == 1
+        assert send(lmtp, ["user@alpha.test"], mail())[0][0] == 250
+        lmtp.quit()
+    finally:
+        assert proc.stop() == 0
+    assert len(stored(uri_for(tmp_path / "var"), "Alpha")) == 1
