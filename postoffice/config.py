@@ -328,6 +328,8 @@ class _Reader:
         maildir = self.base / maildir_text if maildir_text else None
         dead_max = int(self.number(main, "dead_letter_max", int, 1000))
         review_max = int(self.number(main, "review_max", int, DEFAULT_REVIEW_MAX))
+        if review_max < 1:
+            raise self.error(main, "review_max", "must be at least 1")
 
         queues: list[QueueRule] = []
         for section in self.parser.sections():

@@ -109,13 +109,14 @@ def requeue(folder: QueuesFolder, keys: Sequence[int], queue_name: str, now: flo
     if queue is None:
         known = ", ".join(repr(n) for n in folder.names()) or "none"
         raise NoSuchQueue(f"no queue {queue_name!r} (known queues: {known})")
-    area = area_of(folder)
-    chosen = list(keys) if keys else ([k for k, _ in area.items()] if area else [])
-    for key in chosen:
+    for key in keys:
         record(folder, key)
-    assert area is not None or not chosen
+    area = area_of(folder)
+    if area is None:
+        return 0
+    chosen = list(keys) if keys else [key for key, _record in area.items()]
     for key in chosen:
-        queue.add(area.remove(key).raw, now)  # type: ignore[union-attr]
+        queue.add(area.remove(key).raw, now)
     return len(chosen)
 
 
@@ -124,6 +125,8 @@ def delete(folder: QueuesFolder, keys: Sequence[int]) -> int:
     for key in keys:
         record(folder, key)
     area = area_of(folder)
+    if area is None:
+        return 0
     for key in keys:
-        area.remove(key)  # type: ignore[union-attr]
+        area.remove(key)
     return len(keys)

@@ -498,6 +498,11 @@ def test_discard_is_off_by_default_every_refusal_stays_a_refusal(tmp_path: Path)
     assert settings.replay_keep == 0
 
 
+def test_review_max_keeps_at_least_one(tmp_path: Path) -> None:
+    error = refused(tmp_path, MINIMAL + "review_max = 0\n")
+    assert "[post office] review_max: must be at least 1" in error
+
+
 def test_replay_keep_is_a_count(tmp_path: Path) -> None:
     assert load(write(tmp_path, MINIMAL + "replay_keep = 5000\n")).replay_keep == 5000
     error = refused(tmp_path, MINIMAL + "replay_keep = lots\n")

@@ -270,3 +270,25 @@ def test_a_depot_written_before_the_review_area_lists_nothing_and_takes_discards
             assert len(queue) == 3  # what the old depot held is still there
     finally:
         db.close()
+
+
+def test_requeue_without_ids_moves_everything_kept(
+    start: Callable[..., LmtpServer], tmp_path: Path
+) -> None:
+    server = start(discard="no_queue")
+    lmtp = client(tmp_path / "lmtp.sock")
+    for n in range(3):
+        send(lmtp, [f"u{n}@gamma.test"], mail([f"u{n}@gamma.test"]))
+    lmtp.quit()
+    server.stop()
+    moved = run_postoffice(
+        "-C", str(tmp_path / "postoffice.ini"), "review", "requeue", "--to", "Beta"
+    )
+    assert moved.stdout.strip() == "postoffice: moved 3 messages from the review area to Beta"
+    assert review_list(tmp_path / "postoffice.ini") == []
+    rcpts = [raw.split(b"\r\n")[1] for raw in stored(uri_for(tmp_path / "var"), "Beta")]
+    assert rcpts == [
+        b"X-Original-To: u0@gamma.test",
+        b"X-Original-To: u1@gamma.test",
+        b"X-Original-To: u2@gamma.test",
+    ]

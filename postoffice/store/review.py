@@ -60,7 +60,7 @@ class KeptArea:
         record.queue = queue
         key = self._kept.add(record, None, now)
         dropped = 0
-        while self._kept.count() > max(1, keep) and len(self._records):
+        while self._kept.count() > max(1, keep) and len(self._records) > 1:
             self._kept.remove(self._records.minKey())
             dropped += 1
         return key, dropped
