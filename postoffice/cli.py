@@ -72,6 +72,28 @@ def build_parser() -> argparse.ArgumentParser:
     qdelete.add_argument("ids", type=int, nargs="+")
     quarantine.set_defaults(func=cmd_quarantine)
 
+    review = sub.add_parser("review", help="messages discarded instead of refused, kept for review")
+    rsub = review.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    rlist = rsub.add_parser("list", help="list the messages kept for review")
+    rlist.add_argument("--json", action="store_true", help="machine-readable output")
+    rshow = rsub.add_parser("show", help="print a message kept for review and its refusal")
+    rshow.add_argument("id", type=int)
+    rrequeue = rsub.add_parser("requeue", help="move messages kept for review into a queue")
+    rrequeue.add_argument("--to", required=True, metavar="QUEUE", help="the queue to move into")
+    rrequeue.add_argument("ids", type=int, nargs="*", help="ids (default: all)")
+    rdelete = rsub.add_parser("delete", help="delete messages kept for review")
+    rdelete.add_argument("ids", type=int, nargs="+")
+    review.set_defaults(func=cmd_review)
+
+    replay = sub.add_parser(
+        "replay", help="what these rules would decide for the stored mail; changes nothing"
+    )
+    replay.add_argument("queues", nargs="*", metavar="QUEUE", help="only mail stored in these")
+    replay.add_argument("--from", dest="old", metavar="OLD.ini", help="compare with these rules")
+    replay.add_argument("--since", metavar="DATE", help="only mail that arrived since (ISO 8601)")
+    replay.add_argument("--json", action="store_true", help="machine-readable output")
+    replay.set_defaults(func=cmd_replay)
+
     check = sub.add_parser("check", help="validate the configuration and reach the database")
     check.set_defaults(func=cmd_check)
 
@@ -302,6 +324,52 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
         transaction.commit()
         print(f"postoffice: deleted {len(args.ids)} quarantined messages from {args.queue}")
         return os.EX_OK
+
+
+def cmd_review(args: argparse.Namespace) -> int:
+    from postoffice import review
+
+    settings = load_settings(args)
+    with open_folder(settings) as folder:
+        if args.action == "list":
+            rows = review.entries(folder)
+            if args.json:
+                print(json.dumps([row.as_json() for row in rows], indent=2))
+            else:
+                print("\n".join(review.table(rows)))
+            return os.EX_OK
+        if args.action == "show":
+            record = review.record(folder, args.id)
+            sys.stdout.buffer.write(record.raw)
+            print(f"\n--- {record.rule}: {record.error}")
+            return os.EX_OK
+        if args.action == "requeue":
+            try:
+                count = review.requeue(folder, args.ids, args.to, clock.now())
+            except review.NoSuchQueue as exc:
+                return _fail(os.EX_NOUSER, str(exc))
+            transaction.commit()
+            print(f"postoffice: moved {count} messages from the review area to {args.to}")
+            return os.EX_OK
+        count = review.delete(folder, args.ids)
+        transaction.commit()
+        print(f"postoffice: deleted {count} messages from the review area")
+        return os.EX_OK
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from postoffice import replay
+
+    settings = load_settings(args)
+    old = config.load(config.find_config(args.old)) if args.old else None
+    try:
+        since = replay.parse_since(args.since) if args.since else None
+    except ValueError as exc:
+        return _fail(os.EX_USAGE, str(exc))
+    with open_folder(settings) as folder:
+        report = replay.replay(folder, settings, old, args.queues, since)
+    print(json.dumps(report.as_json(), indent=2) if args.json else "\n".join(report.table()))
+    return os.EX_OK
 
 
 # --- check, try, shell --------------------------------------------------------------

@@ -29,6 +29,10 @@ DEFAULT_THROTTLE_PERIOD = 300
 DEFAULT_SOCKET_MODE = 0o660
 DEFAULT_MAX_SESSIONS = 64
 DEFAULT_IDLE_TIMEOUT = 300.0
+DEFAULT_REVIEW_MAX = 10000
+# The rule families whose refusals ``discard`` can turn into a 250 and a copy
+# kept in the review area, by the names the option takes.
+DISCARD_FAMILIES = ("reject_filters", "no_queue", "auto_reply", "throttle")
 # The last place searched; a module constant so tests can point it elsewhere.
 SYSTEM_CONFIG = Path("/etc/postoffice.ini")
 
@@ -44,6 +48,9 @@ _MAIN_OPTIONS = frozenset(
         "maildir",
         "dead_letter_max",
         "share",
+        "discard",
+        "review_max",
+        "replay_keep",
     }
 )
 _LMTP_OPTIONS = frozenset(
@@ -101,6 +108,14 @@ class Settings:
     # With file://, `serve` also serves the file it opened through a ZEO server
     # thread, so consumers can read while it runs; `share = no` serves nobody.
     share: bool = True
+    # Rule families (DISCARD_FAMILIES) answered 250 and kept in the review
+    # area instead of refused: a refusal after DATA makes Postfix bounce to a
+    # sender who is often forged.  Empty: every refusal is a refusal.
+    discard: frozenset[str] = frozenset()
+    # Messages kept in the review area before the oldest is dropped.
+    review_max: int = DEFAULT_REVIEW_MAX
+    # Deliveries (one per recipient) kept, the newest, for ``postoffice replay``; 0: none.
+    replay_keep: int = 0
 
     @property
     def queue_names(self) -> tuple[str, ...]:
@@ -312,6 +327,9 @@ class _Reader:
         maildir_text = self.scalar(main, "maildir")
         maildir = self.base / maildir_text if maildir_text else None
         dead_max = int(self.number(main, "dead_letter_max", int, 1000))
+        review_max = int(self.number(main, "review_max", int, DEFAULT_REVIEW_MAX))
+        if review_max < 1:
+            raise self.error(main, "review_max", "must be at least 1")
 
         queues: list[QueueRule] = []
         for section in self.parser.sections():
@@ -344,7 +362,26 @@ class _Reader:
             source=self.path,
             dead_letter_max=dead_max,
             share=self.boolean(main, "share", True),
+            discard=self.discard(main),
+            review_max=review_max,
+            replay_keep=int(self.number(main, "replay_keep", int, 0)),
         )
+
+    def discard(self, section: str) -> frozenset[str]:
+        """``discard = reject_filters, no_queue``: names from DISCARD_FAMILIES, or none."""
+        text = self.scalar(section, "discard") or ""
+        names = [n.strip().lower() for n in text.replace("\n", ",").split(",") if n.strip()]
+        if names == ["none"]:
+            return frozenset()
+        if names == ["all"]:
+            return frozenset(DISCARD_FAMILIES)
+        for name in names:
+            if name not in DISCARD_FAMILIES:
+                known = ", ".join(DISCARD_FAMILIES)
+                raise self.error(
+                    section, "discard", f"unknown rule family {name!r} (one of {known}, all, none)"
+                )
+        return frozenset(names)
 
     def lmtp(self) -> LmtpSettings:
         section = LMTP_SECTION

@@ -11,7 +11,7 @@ the decision.  The LMTP and pipe front doors only translate it.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from postoffice.config import Settings
@@ -25,7 +25,7 @@ DUPLICATE_WINDOW = 24 * 3600
 
 class Action(enum.Enum):
     ACCEPT = "accept"  # store in ``queue``, reply 250
-    DISCARD = "discard"  # reply 250, store nothing
+    DISCARD = "discard"  # reply 250, store nothing in a queue (``review``: keep a copy aside)
     REJECT = "reject"  # 5xx, never stored
     DEFER = "defer"  # 4xx, Postfix keeps it
 
@@ -46,6 +46,16 @@ class Rule(enum.IntEnum):
     ERROR = 11
 
 
+# The refusals ``[post office] discard`` can turn into a discard kept for
+# review, by the family name the option gives them.
+DISCARD_FAMILY = {
+    Rule.REJECT_FILTER: "reject_filters",
+    Rule.NO_QUEUE: "no_queue",
+    Rule.AUTO_REPLY: "auto_reply",
+    Rule.THROTTLED: "throttle",
+}
+
+
 @dataclass(frozen=True)
 class Envelope:
     """What the MTA told us about the message, not what the message says."""
@@ -60,7 +70,10 @@ class Decision:
     """What happens to a message for one recipient, and why.
 
     ``count_arrival`` and ``throttle_until`` tell the store what the throttle
-    must remember; ``decide`` itself remembers nothing.
+    must remember; ``decide`` itself remembers nothing.  ``review`` (with
+    DISCARD) says the store keeps the message in the review area: a refusal
+    the configuration turned into a discard, so that nobody is bounced and
+    nothing is lost; ``refusal`` is then the reply it replaced.
     """
 
     action: Action
@@ -72,6 +85,8 @@ class Decision:
     throttle_key: str | None = None
     count_arrival: bool = False
     throttle_until: float | None = None
+    review: bool = False
+    refusal: str | None = None
 
 
 @dataclass(frozen=True)
@@ -97,6 +112,28 @@ def reject(rule: Rule, code: int, status: str, reason: str, **kw: object) -> Dec
 
 def discard(rule: Rule, reason: str, **kw: object) -> Decision:
     return Decision(Action.DISCARD, rule, 250, "2.0.0", reason, **kw)  # type: ignore[arg-type]
+
+
+def refuse(decision: Decision, settings: Settings) -> Decision:
+    """A refusal as the configuration wants it: as it is, or discarded and kept for review.
+
+    A refusal after DATA makes Postfix send a bounce to the envelope
+    sender, often forged; ``discard`` names the families whose refusals
+    are answered 250 instead, the message kept where a person can look.
+    """
+    family = DISCARD_FAMILY.get(decision.rule)
+    if family is None or family not in settings.discard:
+        return decision
+    refusal = f"{decision.code} {decision.status}"
+    return replace(
+        decision,
+        action=Action.DISCARD,
+        code=250,
+        status="2.0.0",
+        reason=f"{decision.reason} (instead of {refusal})",
+        review=True,
+        refusal=f"{refusal} {decision.reason}",
+    )
 
 
 def too_big(limit: int, size: int | None = None) -> Decision:
@@ -131,11 +168,12 @@ def decide(
 
     reason = first_match(settings.reject_filters, message, recipient)
     if reason is not None:
-        return reject(Rule.REJECT_FILTER, 550, "5.7.1", f"rejected: {reason}")
+        return refuse(reject(Rule.REJECT_FILTER, 550, "5.7.1", f"rejected: {reason}"), settings)
 
     queue, why = _first_queue(settings, message, recipient)
     if queue is None:
-        return reject(Rule.NO_QUEUE, 550, "5.1.1", f"<{recipient}>: no queue for this recipient")
+        no_queue = f"<{recipient}>: no queue for this recipient"
+        return refuse(reject(Rule.NO_QUEUE, 550, "5.1.1", no_queue), settings)
 
     message_id = message.message_id or ""
     if state.is_duplicate(queue, message_id, recipient, now - DUPLICATE_WINDOW):
@@ -151,7 +189,7 @@ def decide(
 
     auto = auto_reply_reason(message)
     if auto is not None:
-        return reject(
+        refused = reject(
             Rule.AUTO_REPLY,
             550,
             "5.7.1",
@@ -160,12 +198,13 @@ def decide(
             throttle_key=key,
             count_arrival=counted,
         )
+        return refuse(refused, settings)
 
     if key is not None:
         throttled = _throttle(key, queue, now, state, settings)
         if throttled is not None:
             reason, until = throttled
-            return reject(
+            refused = reject(
                 Rule.THROTTLED,
                 550,
                 "5.7.1",
@@ -175,6 +214,7 @@ def decide(
                 count_arrival=True,
                 throttle_until=until,
             )
+            return refuse(refused, settings)
 
     return Decision(
         Action.ACCEPT,

@@ -40,7 +40,7 @@ from postoffice.decide import (
 )
 from postoffice.errors import StorageUnavailable
 from postoffice.message import ParsedMessage, added_headers, line_ending
-from postoffice.store import FolderState, QueuesFolder, find_folder, reconcile
+from postoffice.store import FolderState, QueuesFolder, find_folder, reconcile, records
 
 log = logging.getLogger("postoffice.deliver")
 
@@ -66,6 +66,8 @@ class Outcome:
         d = self.decision
         if d.action is Action.ACCEPT:
             text = f"<{self.recipient}> queued in {d.queue} as {self.queue_key}"
+        elif d.review:
+            text = f"<{self.recipient}> accepted, kept for review as {self.queue_key}: {d.reason}"
         elif d.action is Action.DISCARD:
             text = f"<{self.recipient}> accepted, not queued: {d.reason}"
         else:
@@ -219,6 +221,11 @@ class Depot:
 
         def create() -> tuple[QueuesFolder, list[str]]:
             folder = find_folder(connection.root(), self._settings.zodb_path, create=True)
+            # Made here, not at the first use: that one would write the folder.
+            if self._settings.discard:
+                folder.review_area(create=True)
+            if self._settings.replay_keep:
+                folder.recent_area(create=True)
             return folder, reconcile(folder, self._settings.queue_names)
 
         try:
@@ -392,17 +399,51 @@ class Depot:
                 key = queue.store(raw, now, created)
                 if message.message_id:
                     queue.record_delivery(message.message_id, rcpt, now)
+            elif decision.review:
+                key = self._keep_for_review(folder, settings, delivery, rcpt, decision, now, eol)
             if decision.count_arrival and decision.queue and decision.throttle_key:
                 _, until = arrivals.get(decision.queue, (decision.throttle_key, None))
                 if decision.throttle_until is not None:
                     until = max(until or 0.0, decision.throttle_until)
                 arrivals[decision.queue] = (decision.throttle_key, until)
-            outcomes[rcpt.lower()] = Outcome(rcpt, decision, message.message_id, key)
+            outcomes[rcpt.lower()] = outcome = Outcome(rcpt, decision, message.message_id, key)
+            if settings.replay_keep and len(delivery.raw) <= records.BLOB_THRESHOLD:
+                area = folder.recent_area(create=True)
+                assert area is not None
+                raw = added_headers(delivery.sender, rcpt, int(now), eol) + delivery.raw
+                rule = decision.rule.name.lower()
+                area.add(raw, rule, decision.queue, outcome.reply, now, settings.replay_keep)
         window = throttle_window(settings.ooo_loop_frequency or 1.0)
         for queue_name, (throttle_key, until) in arrivals.items():
             folder[queue_name].record_arrival(throttle_key, now, window, until)
         # One outcome per recipient as given, duplicates included (LMTP counts them).
         return [replace(outcomes[r.lower()], recipient=r) for r in delivery.recipients]
+
+    @staticmethod
+    def _keep_for_review(
+        folder: QueuesFolder,
+        settings: Settings,
+        delivery: Delivery,
+        rcpt: str,
+        decision: Decision,
+        now: float,
+        eol: bytes,
+    ) -> int:
+        """A refusal discarded: the message kept in the review area, as a queue would keep it."""
+        area = folder.review_area(create=True)
+        assert area is not None
+        raw = added_headers(delivery.sender, rcpt, int(now), eol) + delivery.raw
+        refusal = decision.refusal or decision.reason
+        key, dropped = area.add(
+            raw, decision.rule.name.lower(), decision.queue, refusal, now, settings.review_max
+        )
+        if dropped:
+            log.info(
+                "review area full (review_max %d): dropped the %d oldest",
+                settings.review_max,
+                dropped,
+            )
+        return key
 
 
 def _close(manager: transaction.TransactionManager, connection: object) -> None:

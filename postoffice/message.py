@@ -18,6 +18,7 @@ import inspect
 import quopri
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from email.message import Message
 from email.parser import BytesParser
 from functools import cached_property
@@ -358,6 +359,31 @@ def added_headers(sender: str, recipient: str, arrival: int, eol: bytes) -> byte
         f"X-Postoffice-Date: {int(arrival)}",
     )
     return b"".join(line.encode("utf-8", "surrogateescape") + eol for line in lines)
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A stored message taken apart again: the envelope lines on top, and what arrived."""
+
+    sender: str
+    recipient: str
+    arrival: int
+    received: bytes
+
+
+_ADDED = re.compile(
+    rb"Return-Path: <([^\r\n]*)>(\r?\n)X-Original-To: ([^\r\n]*)\2X-Postoffice-Date: (\d+)\2"
+)
+
+
+def without_added_headers(raw: bytes) -> Stored | None:
+    """The inverse of :func:`added_headers`; None when ``raw`` does not begin with them."""
+    match = _ADDED.match(raw)
+    if match is None:
+        return None
+    sender = match.group(1).decode("utf-8", "surrogateescape")
+    recipient = match.group(3).decode("utf-8", "surrogateescape").strip()
+    return Stored(sender, recipient, int(match.group(4)), raw[match.end() :])
 
 
 def _clean(text: str) -> str:

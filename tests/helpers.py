@@ -120,10 +120,12 @@ def write_lmtp_config(
     mode: str = "0660",
     max_sessions: int = 8,
     idle: float = 60,
+    **options: object,
 ) -> Path:
     """The LMTP server's ini file: socket ``folder/lmtp.sock``, queues Alpha and Beta.
 
-    One reject filter (a Subject with BUY NOW), the loop throttle at two a minute.
+    One reject filter (a Subject with BUY NOW), the loop throttle at two a
+    minute; ``options`` are more ``[post office]`` options (``discard=...``).
     """
     return write_config(
         folder,
@@ -141,6 +143,7 @@ def write_lmtp_config(
             "Alpha": "to_hostname: alpha.test" + ENVELOPE,
             "Beta": "to_hostname: beta.test" + ENVELOPE,
         },
+        **options,
     )
 
 
@@ -288,6 +291,37 @@ def reply(lmtp: smtplib.LMTP) -> tuple[int, str]:
 def reply_codes(replies: Sequence[tuple[int, str]]) -> list[tuple[int, str]]:
     """(code, enhanced code) of each LMTP reply."""
     return [(code, text.split()[0]) for code, text in replies]
+
+
+# --- the commands ------------------------------------------------------------------------
+
+
+def run_postoffice(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``postoffice ARGS...`` as a person runs it: a subprocess, its exit code and output."""
+    return subprocess.run(
+        [sys.executable, "-m", "postoffice.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def run_pipe(
+    config_path: Path, sender: str, recipients: Sequence[str], raw: bytes, log: Path
+) -> subprocess.CompletedProcess[bytes]:
+    """``postoffice-deliver -C CONFIG -f SENDER RCPT...`` as pipe(8) runs it, log to ``log``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POSTOFFICE_")}
+    env["POSTOFFICE_LOG"] = str(log)
+    argv = ["-C", str(config_path), "-f", sender, *recipients]
+    return subprocess.run(
+        [sys.executable, "-m", "postoffice.pipe", *argv],
+        input=raw,
+        capture_output=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
 
 
 # --- waiting -----------------------------------------------------------------------------

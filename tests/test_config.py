@@ -486,3 +486,47 @@ def test_bad_listen_address(tmp_path: Path) -> None:
 def test_errors_have_no_traceback_text(tmp_path: Path) -> None:
     message = refused(tmp_path, MINIMAL + "max_message_size = lots\n")
     assert not re.search(r"Traceback|File \"", message)
+
+
+# --- discard instead of refuse -----------------------------------------------------------
+
+
+def test_discard_is_off_by_default_every_refusal_stays_a_refusal(tmp_path: Path) -> None:
+    settings = load(write(tmp_path, MINIMAL))
+    assert settings.discard == frozenset()
+    assert settings.review_max == 10000
+    assert settings.replay_keep == 0
+
+
+def test_review_max_keeps_at_least_one(tmp_path: Path) -> None:
+    error = refused(tmp_path, MINIMAL + "review_max = 0\n")
+    assert "[post office] review_max: must be at least 1" in error
+
+
+def test_replay_keep_is_a_count(tmp_path: Path) -> None:
+    assert load(write(tmp_path, MINIMAL + "replay_keep = 5000\n")).replay_keep == 5000
+    error = refused(tmp_path, MINIMAL + "replay_keep = lots\n")
+    assert "[post office] replay_keep: not a number: 'lots'" in error
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("reject_filters, no_queue", {"reject_filters", "no_queue"}),
+        ("Throttle ,auto_reply  # loops and vacation mail", {"throttle", "auto_reply"}),
+        ("all", {"reject_filters", "no_queue", "auto_reply", "throttle"}),
+        ("none", set()),
+        ("\n    reject_filters\n    throttle", {"reject_filters", "throttle"}),
+    ],
+)
+def test_discard_names_rule_families(tmp_path: Path, value: str, expected: set[str]) -> None:
+    text = MINIMAL + f"discard = {value}\nreview_max = 50\n"
+    settings = load(write(tmp_path, text))
+    assert settings.discard == frozenset(expected)
+    assert settings.review_max == 50
+
+
+def test_discard_of_an_unknown_family_is_refused_naming_the_known_ones(tmp_path: Path) -> None:
+    error = refused(tmp_path, MINIMAL + "discard = reject_filters, duplicates\n")
+    assert "[post office] discard" in error
+    assert "'duplicates'" in error and "reject_filters, no_queue, auto_reply, throttle" in error

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -707,3 +707,58 @@ def test_rule8_idn_recipient_in_to_is_visible(settings: Settings, tmp_path: Path
     state.sender("Customer A", SENDER_KEY, [T0 - 1])
     message = raw(to="Rcpt <rcpt@xn--bcher-kva.example>")
     assert run(idn, message, rcpt="rcpt@bücher.example", state=state).rule is Rule.THROTTLED
+
+
+# --- discard instead of refuse: the same rules, a 250 and a copy kept for review --------
+
+
+def discarding(settings: Settings, *families: str) -> Settings:
+    return replace(settings, discard=frozenset(families))
+
+
+def family_cases(settings: Settings) -> dict[str, tuple[bytes, str, MemoryState]]:
+    """One message a family refuses under CONFIG, with its recipient and state."""
+    throttled = MemoryState()
+    throttled.sender("Customer A", "sender@outside.example", [T0 - 10])
+    return {
+        "reject_filters": (raw(subject="forbidden fruit"), "rcpt@a.example", MemoryState()),
+        "no_queue": (raw(), "rcpt@nowhere.example", MemoryState()),
+        "auto_reply": (raw("Auto-Submitted: auto-replied"), "rcpt@a.example", MemoryState()),
+        "throttle": (raw(), "rcpt@a.example", throttled),
+    }
+
+
+@pytest.mark.parametrize("family", ["reject_filters", "no_queue", "auto_reply", "throttle"])
+def test_a_discarded_family_answers_250_keeps_the_rule_and_says_what_it_replaced(
+    settings: Settings, family: str
+) -> None:
+    mail, rcpt, state = family_cases(settings)[family]
+    refused = run(settings, mail, rcpt, state=state)
+    assert refused.action is Action.REJECT and not refused.review
+
+    kept = run(discarding(settings, family), mail, rcpt, state=state)
+    assert_row(kept, refused.rule, 250, "2.0.0", os.EX_OK)
+    assert (kept.action, kept.review) == (Action.DISCARD, True)
+    assert kept.refusal == f"{refused.code} {refused.status} {refused.reason}"
+    assert refused.reason in kept.reason and f"instead of {refused.code}" in kept.reason
+    # What the store must remember is the same as for the refusal (the throttle counts it).
+    assert (kept.queue, kept.throttle_key, kept.count_arrival, kept.throttle_until) == (
+        refused.queue,
+        refused.throttle_key,
+        refused.count_arrival,
+        refused.throttle_until,
+    )
+
+
+@pytest.mark.parametrize("family", ["reject_filters", "no_queue", "auto_reply", "throttle"])
+def test_discarding_one_family_leaves_the_others_refused(settings: Settings, family: str) -> None:
+    others = [f for f in ("reject_filters", "no_queue", "auto_reply", "throttle") if f != family]
+    mail, rcpt, state = family_cases(settings)[family]
+    decision = run(discarding(settings, *others), mail, rcpt, state=state)
+    assert decision.action is Action.REJECT and decision.code == 550
+
+
+def test_discard_leaves_the_size_limit_a_refusal(settings: Settings) -> None:
+    every = discarding(settings, "reject_filters", "no_queue", "auto_reply", "throttle")
+    decision = run(every, raw(size=8000))
+    assert_row(decision, Rule.SIZE, 552, "5.3.4", os.EX_UNAVAILABLE)

@@ -5,6 +5,10 @@ Layout under ``zodb_path`` (``/postoffice`` by default)::
     QueuesFolder                                         (folder.py)
       queues: OOBTree  name -> Queue
       dead_letters: LOBTree  id -> DeadLetter   (mail we failed to decide)
+      review: LOBTree  id -> QuarantineRecord   (refusals discarded for review;
+      review_count: Length                        made at the first use; review.py)
+      recent: LOBTree  id -> QuarantineRecord   (the last deliveries, for replay;
+      recent_count: Length                        with replay_keep; review.py)
 
     Queue                                                (queue.py)
       _messages:   MessageTree (LOBTree)  key -> MessageRecord    (FIFO by key)
@@ -56,6 +60,7 @@ from postoffice.store.records import (
     QuarantineRecord,
     new_key,
 )
+from postoffice.store.review import KeptArea
 from postoffice.store.stored import StoredMessage, stored_message
 
 __all__ = [
@@ -68,6 +73,7 @@ __all__ = [
     "PRUNE_BATCH",
     "DeadLetter",
     "FolderState",
+    "KeptArea",
     "Ledger",
     "LedgerTimes",
     "MessageRecord",

@@ -471,6 +471,11 @@ class Queue(Persistent):
         for key, record in self._quarantined.items():
             yield quarantined_view(record, key)
 
+    def quarantined(self) -> Iterator[tuple[int, bytes, float, str]]:
+        """(id, bytes as kept, when quarantined, error) of each, oldest first (read only)."""
+        for key, record in self._quarantined.items():
+            yield key, record.raw, record.when, str(record.error)
+
     def get_quarantined_message(self, message_id: int | str) -> StoredMessage:
         """One quarantined message by its id (an int, or its ``X-Postoffice-Id`` text).
 

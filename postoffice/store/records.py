@@ -133,9 +133,16 @@ class MessageRecord(Persistent, _Bytes):
 
 
 class QuarantineRecord(Persistent, _Bytes):
-    """A message set aside with its error; a big one shares its record's blob."""
+    """A message set aside with its error; a big one shares its record's blob.
+
+    ``rule`` and ``queue`` are set on the records of the review area only
+    (the rule whose refusal was discarded, the queue it had found).
+    """
 
     __module__ = PICKLED_MODULE
+
+    rule: str | None = None
+    queue: str | None = None
 
     def __init__(self, raw: bytes | None, error: str, when: float) -> None:
         self.data = raw
