@@ -24,8 +24,9 @@ from typing import Any
 import transaction
 
 from postoffice import clock, config, logs
-from postoffice.database import consumer_uri, open_db
+from postoffice.database import consumer_uri, open_db, redact_uri
 from postoffice.errors import ConfigError, PostofficeError, StorageUnavailable, exit_code
+from postoffice.version import version
 
 log = logging.getLogger("postoffice.cli")
 
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="postoffice", description=__doc__.splitlines()[0])
     parser.add_argument("-C", "--config", help="configuration file (default: search order)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    parser.add_argument("--version", action="version", version=f"postoffice {version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     serve = sub.add_parser("serve", help="run the LMTP server")
@@ -388,7 +390,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"postoffice: warning: {warning}")
     finally:
         db.close()
-    print(f"postoffice: database {uri} is reachable")
+    print(f"postoffice: database {redact_uri(uri)} is reachable")
     return os.EX_OK
 
 
@@ -436,7 +438,7 @@ def cmd_shell(args: argparse.Namespace) -> int:
     settings = load_settings(args)
     with open_folder(settings) as folder:
         banner = (
-            f"postoffice shell on {consumer_uri(settings.zodb_uri)}\n"
+            f"postoffice shell on {redact_uri(consumer_uri(settings.zodb_uri))}\n"
             "  folder (or root): the queues folder; folder['NAME'] is a queue\n"
             "  transaction: commit or abort your changes"
         )

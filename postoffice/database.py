@@ -24,6 +24,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import socket
 import struct
 import time
@@ -197,17 +198,83 @@ def open_db_waiting(
         sleep(LOCK_POLL)
 
 
+# Query parameters whose value is a secret (RelStorage's and ZEO's spellings).
+_SECRET_PARAMETER = re.compile(
+    r"(?i)((?:^|[&;?\s]|%20)(?:password|passwd|pass|secret)(?:\s*=\s*|%3D))"
+    r"([^&;\s']+?)(?=%20|[&;\s']|$)"
+)
+
+
+def redact_uri(uri: str) -> str:
+    """``uri`` with its password replaced by ``***``, fit to print or log.
+
+    ``postoffice check``, error messages and logs are read by people who
+    must not learn the database's password: the ``user:password@`` part and
+    ``password=`` parameters (also inside a ``dsn=`` value) are hidden.
+    """
+    scheme, sep, rest = uri.partition("://")
+    if not sep:
+        return _SECRET_PARAMETER.sub(r"\1***", uri)
+    authority, tail = _split_authority(rest)
+    userinfo, at, host = authority.rpartition("@")
+    if at and ":" in userinfo:
+        authority = f"{userinfo.split(':', 1)[0]}:***@{host}"
+    return f"{scheme}://{authority}" + _SECRET_PARAMETER.sub(r"\1***", tail)
+
+
+def _split_authority(rest: str) -> tuple[str, str]:
+    """``host...`` and the path, query and fragment after it, of what follows ``://``."""
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    return rest[:end], rest[end:]
+
+
+def redact(text: str, uri: str) -> str:
+    """``text`` (an error message) with ``uri`` and each secret in it hidden."""
+    redacted = redact_uri(uri)
+    if redacted == uri:
+        return text
+    text = text.replace(uri, redacted)
+    for secret in _secrets(uri):
+        text = text.replace(secret, "***")
+    return text
+
+
+def _secrets(uri: str) -> list[str]:
+    found = [match.group(2) for match in _SECRET_PARAMETER.finditer(uri)]
+    authority, _ = _split_authority(uri.partition("://")[2])
+    userinfo, at, _ = authority.rpartition("@")
+    if at and ":" in userinfo:
+        found.append(userinfo.split(":", 1)[1])
+    decoded = [urllib.parse.unquote(secret) for secret in found]
+    return sorted({s for s in found + decoded if s}, key=len, reverse=True)
+
+
+# Where the resolvers of the other schemes come from.
+RESOLVER_HINTS = {
+    "postgres": " (pip install 'postoffice[postgresql]')",
+    "postgresql": " (pip install 'postoffice[postgresql]'; the scheme is postgres://)",
+    "sqlite": " (pip install 'postoffice[sqlite]')",
+    "mysql": " (pip install 'RelStorage[mysql]')",
+}
+
+
 def open_storage(uri: str) -> tuple[Any, dict[str, Any]]:
     """The storage a zodburi URI names, opened, and the keywords for its ``ZODB.DB``."""
     try:
         factory, dbkw = zodburi.resolve_uri(uri)
+    except KeyError:  # zodburi's answer to a scheme no installed package resolves
+        scheme = uri.partition(":")[0]
+        raise ConfigError(
+            f"zodb_uri {redact_uri(uri)!r}: no resolver for {scheme}: URIs is installed"
+            f"{RESOLVER_HINTS.get(scheme.lower(), '')}"
+        ) from None
     except Exception as exc:
-        raise ConfigError(f"zodb_uri {uri!r}: {exc}") from None
+        raise ConfigError(redact(f"zodb_uri {uri!r}: {exc}", uri)) from None
     _make_file_dirs(uri)
     try:
         return factory(), dbkw
     except Exception as exc:
-        raise StorageUnavailable(f"cannot open {uri}: {exc}") from None
+        raise StorageUnavailable(redact(f"cannot open {uri}: {exc}", uri)) from None
 
 
 def db_for(storage: Any, dbkw: dict[str, Any], uri: str) -> ZODB.DB:
@@ -218,7 +285,7 @@ def db_for(storage: Any, dbkw: dict[str, Any], uri: str) -> ZODB.DB:
     except Exception as exc:
         with contextlib.suppress(Exception):
             storage.close()
-        raise StorageUnavailable(f"cannot open {uri}: {exc}") from None
+        raise StorageUnavailable(redact(f"cannot open {uri}: {exc}", uri)) from None
 
 
 def has_blobs(db: ZODB.DB) -> bool:

@@ -83,11 +83,13 @@ class UnreadableMessage(PostofficeError):
 def exit_code(error: PostofficeError) -> int:
     """What a command exits with when ``error`` stops it: the sysexits of the tree above.
 
-    78 for the configuration, 75 when a retry can succeed, 69 otherwise (an
-    address taken, something unavailable).  The commands and ``serve``
+    64 for a wrong command line, 78 for the configuration, 75 when a retry
+    can succeed, 69 otherwise (an address taken, something unavailable).  The commands and ``serve``
     share this so that each problem exits the same way from all of them;
     the pipe has its own codes, which Postfix reads as bounce or defer.
     """
+    if isinstance(error, UsageError):
+        return os.EX_USAGE
     if isinstance(error, ConfigError):
         return os.EX_CONFIG
     if isinstance(error, TemporaryError):

@@ -50,9 +50,10 @@ from postoffice.database import open_db_waiting
 from postoffice.decide import Action, Decision, Rule, deferred, too_big
 from postoffice.deliver import Delivery, Depot, Outcome, log_outcomes
 from postoffice.errors import ConfigError, StorageUnavailable, UsageError
+from postoffice.version import version
 
 PROG = "postoffice-deliver"
-USAGE = f"usage: {PROG} [-C FILE] [-f SENDER] [--] RECIPIENT..."
+USAGE = f"usage: {PROG} [-C FILE] [-f SENDER] [--version] [--] RECIPIENT..."
 
 
 # Which exit status wins when recipients fare differently: the worst.
@@ -91,6 +92,10 @@ class TooBig:
     limit: int
 
 
+class AskedVersion(Exception):
+    """``--version`` was given: print the version and deliver nothing."""
+
+
 def parse_args(argv: Sequence[str]) -> Arguments:
     """getopt, as mail delivery agents do: ``-f`` takes the next word whatever it is.
 
@@ -99,7 +104,7 @@ def parse_args(argv: Sequence[str]) -> Arguments:
     being read as an option.  Options and recipients may be mixed.
     """
     try:
-        options, recipients = getopt.gnu_getopt(list(argv), "C:f:h", ["config=", "help"])
+        options, recipients = getopt.gnu_getopt(list(argv), "C:f:h", ["config=", "help", "version"])
     except getopt.GetoptError as exc:
         raise UsageError(str(exc)) from None
     config_path: str | None = None
@@ -107,6 +112,8 @@ def parse_args(argv: Sequence[str]) -> Arguments:
     for name, value in options:
         if name in ("-h", "--help"):
             raise UsageError("")
+        if name == "--version":
+            raise AskedVersion
         if name in ("-C", "--config"):
             config_path = value
         elif name == "-f":
@@ -186,6 +193,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args_list = sys.argv[1:] if argv is None else list(argv)
     try:
         args = parse_args(args_list)
+    except AskedVersion:
+        print(f"{PROG} {version()}")
+        return os.EX_OK
     except UsageError as exc:
         if not str(exc):
             print(USAGE)

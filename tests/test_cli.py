@@ -324,3 +324,44 @@ def test_import_maildir_says_why_it_refused_a_message(
     assert counts["queued"] == 1 and counts["rejected"] == 1
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("550" in text and "not queued" in text for text in warnings), warnings
+
+
+def test_version_is_the_installed_one() -> None:
+    from importlib import metadata
+
+    result = run("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"postoffice {metadata.version('postoffice')}"
+
+
+def test_check_never_prints_the_database_password(tmp_path: Path) -> None:
+    for uri, code in [
+        ("zeo://po:hunter2@%(here)s/nobody.sock?wait_timeout=1", 75),
+        ("postgres://po:hunter2@127.0.0.1/mail", 78),
+    ]:
+        path = tmp_path / "postoffice.ini"
+        path.write_text(
+            CONFIG.replace("file://%(here)s/var/Data.fs?blobstorage_dir=%(here)s/var/blobs", uri)
+        )
+        result = run("-C", str(path), "check")
+        assert result.returncode == code, result.stderr
+        assert "hunter2" not in result.stdout + result.stderr
+        assert "po:***@" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_serve_with_a_scheme_nothing_resolves_exits_before_listening(tmp_path: Path) -> None:
+    path = tmp_path / "postoffice.ini"
+    path.write_text(
+        CONFIG.replace(
+            "file://%(here)s/var/Data.fs?blobstorage_dir=%(here)s/var/blobs",
+            "postgres://po:hunter2@127.0.0.1/mail",
+        )
+        + f"\n[lmtp]\nlisten = unix:{tmp_path / 'lmtp.sock'}\n"
+    )
+    result = run("-C", str(path), "serve")
+    assert result.returncode == 78
+    [line] = result.stderr.strip().splitlines()
+    assert "no resolver for postgres: URIs" in line and "postoffice[postgresql]" in line
+    assert "hunter2" not in line
+    assert not (tmp_path / "lmtp.sock").exists()

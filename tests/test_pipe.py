@@ -522,10 +522,19 @@ def test_wrong_usage_exits_64_with_the_usage_line(
     result = depot.run([], pipe_message("m11"), args=["-C", str(depot.config), *args])
     assert result.code == 64
     assert result.stderr.splitlines() == [
-        "usage: postoffice-deliver [-C FILE] [-f SENDER] [--] RECIPIENT...",
+        "usage: postoffice-deliver [-C FILE] [-f SENDER] [--version] [--] RECIPIENT...",
         f"postoffice-deliver: {why}",
     ]
     assert not (depot.folder / "var").exists()  # the database was not even opened
+
+
+def test_version_prints_the_installed_version_and_delivers_nothing(depot: PipeDepot) -> None:
+    from importlib import metadata
+
+    result = depot.run([], pipe_message("m12"), args=["--version", "alice@app.test"])
+    assert result.code == 0
+    assert result.stdout.strip() == f"postoffice-deliver {metadata.version('postoffice')}"
+    assert not (depot.folder / "var").exists()
 
 
 def test_sender_and_recipients_are_taken_as_written() -> None:
