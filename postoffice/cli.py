@@ -23,9 +23,16 @@ from typing import Any
 
 import transaction
 
-from postoffice import clock, config, logs
+from postoffice import clock, config, listing, logs
+from postoffice.clock import iso
 from postoffice.database import consumer_uri, open_db, redact_uri
-from postoffice.errors import ConfigError, PostofficeError, StorageUnavailable, exit_code
+from postoffice.errors import (
+    ConfigError,
+    NoInput,
+    PostofficeError,
+    StorageUnavailable,
+    exit_code,
+)
 from postoffice.version import version
 
 log = logging.getLogger("postoffice.cli")
@@ -57,12 +64,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     queues = sub.add_parser("queues", help="list queues: name, depth, quarantined, oldest")
     queues.add_argument("--json", action="store_true", help="machine-readable output")
+    queues_sub = queues.add_subparsers(dest="action", parser_class=_Parser)
+    qmove = queues_sub.add_parser(
+        "move", help="move a queue's waiting and quarantined messages into another queue"
+    )
+    qmove.add_argument("queue")
+    qmove.add_argument("--to", required=True, metavar="QUEUE", help="the queue to move into")
+    qpurge = queues_sub.add_parser(
+        "purge", help="delete a queue no longer in the configuration, with its messages"
+    )
+    qpurge.add_argument("queue")
     queues.set_defaults(func=cmd_queues)
 
     quarantine = sub.add_parser("quarantine", help="look at and act on quarantined messages")
     qsub = quarantine.add_subparsers(dest="action", required=True, parser_class=_Parser)
     qlist = qsub.add_parser("list", help="list quarantined messages of a queue")
     qlist.add_argument("queue")
+    qlist.add_argument("--json", action="store_true", help="machine-readable output")
     qshow = qsub.add_parser("show", help="print a quarantined message and its error")
     qshow.add_argument("queue")
     qshow.add_argument("id", type=int)
@@ -71,8 +89,36 @@ def build_parser() -> argparse.ArgumentParser:
     qrequeue.add_argument("ids", type=int, nargs="*", help="ids (default: all)")
     qdelete = qsub.add_parser("delete", help="delete quarantined messages")
     qdelete.add_argument("queue")
-    qdelete.add_argument("ids", type=int, nargs="+")
+    qdelete.add_argument("ids", type=int, nargs="*", help="ids")
+    qdelete.add_argument("--all", action="store_true", help="every quarantined message")
     quarantine.set_defaults(func=cmd_quarantine)
+
+    throttles = sub.add_parser("throttles", help="senders the mail-loop throttle refuses")
+    tsub = throttles.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    tlist = tsub.add_parser("list", help="throttled senders: queue, sender, until")
+    tlist.add_argument("queue", nargs="?", help="only this queue")
+    tlist.add_argument("--json", action="store_true", help="machine-readable output")
+    tclear = tsub.add_parser("clear", help="lift a sender's throttle and forget its arrivals")
+    tclear.add_argument("sender")
+    tclear.add_argument("queue", nargs="?", help="only in this queue (default: every queue)")
+    throttles.set_defaults(func=cmd_throttles)
+
+    dead = sub.add_parser(
+        "dead-letters", help="mail answered 250 whose decision failed with an internal error"
+    )
+    dsub = dead.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    dlist = dsub.add_parser("list", help="list the dead letters")
+    dlist.add_argument("--json", action="store_true", help="machine-readable output")
+    dshow = dsub.add_parser("show", help="print a dead letter and its traceback")
+    dshow.add_argument("id", type=int)
+    drequeue = dsub.add_parser(
+        "requeue", help="deliver dead letters again through the rules, then forget them"
+    )
+    drequeue.add_argument("ids", type=int, nargs="*", help="ids (default: all)")
+    ddelete = dsub.add_parser("delete", help="delete dead letters")
+    ddelete.add_argument("ids", type=int, nargs="*", help="ids")
+    ddelete.add_argument("--all", action="store_true", help="every dead letter")
+    dead.set_defaults(func=cmd_dead_letters)
 
     review = sub.add_parser("review", help="messages discarded instead of refused, kept for review")
     rsub = review.add_subparsers(dest="action", required=True, parser_class=_Parser)
@@ -97,10 +143,16 @@ def build_parser() -> argparse.ArgumentParser:
     replay.set_defaults(func=cmd_replay)
 
     check = sub.add_parser("check", help="validate the configuration and reach the database")
+    check.add_argument("--json", action="store_true", help="machine-readable output")
     check.set_defaults(func=cmd_check)
 
-    trial = sub.add_parser("try", help="dry run: print the decision for a message, store nothing")
-    trial.add_argument("message_file")
+    trial = sub.add_parser(
+        "try",
+        help="dry run: print the decision for a message, store nothing; "
+        "exits as postoffice-deliver would",
+    )
+    trial.add_argument("message_file", help="the message, or - for standard input")
+    trial.add_argument("--json", action="store_true", help="machine-readable output")
     trial.add_argument("--rcpt", required=True, action="append", help="envelope recipient")
     trial.add_argument("--sender", default="", help="envelope sender (default: <>)")
     trial.set_defaults(func=cmd_try)
@@ -138,15 +190,20 @@ def load_settings(args: argparse.Namespace) -> config.Settings:
 
 
 @contextmanager
-def open_folder(settings: config.Settings, create: bool = False) -> Iterator[Any]:
-    """The QueuesFolder in a connection of its own; aborted unless the caller commits."""
+def open_folder(settings: config.Settings, write: bool = False) -> Iterator[Any]:
+    """The QueuesFolder in a connection of its own; aborted unless the caller commits.
+
+    Never creates the database or the folder (``serve`` does, as the service
+    user), and without ``write`` opens a ``file://`` depot nobody serves
+    read-only, without its lock.
+    """
     from postoffice.store import find_folder
 
-    db = open_db(settings.zodb_uri)
+    db = open_db(settings.zodb_uri, create=False, read_only=not write)
     try:
         connection = db.open()
         try:
-            yield find_folder(connection.root(), settings.zodb_path, create=create)
+            yield find_folder(connection.root(), settings.zodb_path)
         finally:
             transaction.abort()
             connection.close()
@@ -258,6 +315,10 @@ def _arrival(maildir: mailbox.Maildir, key: str, default: float) -> float:
 
 
 def cmd_queues(args: argparse.Namespace) -> int:
+    if args.action == "move":
+        return _move_queue(args)
+    if args.action == "purge":
+        return _purge_queue(args)
     settings = load_settings(args)
     rows = []
     with open_folder(settings) as folder:
@@ -268,71 +329,233 @@ def cmd_queues(args: argparse.Namespace) -> int:
                     "name": name,
                     "depth": len(queue),
                     "quarantined": queue.count_quarantined_messages(),
-                    "oldest": _iso(oldest) if oldest else None,
+                    "oldest": iso(oldest) if oldest else None,
                     "configured": name in settings.queue_names,
                 }
             )
+        dead = folder.count_dead_letters()
+        area = folder.review_area()
+        kept = area.count() if area is not None else 0
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(listing.as_json({"queues": rows, "dead_letters": dead, "review": kept}))
         return os.EX_OK
-    width = max([len(r["name"]) for r in rows] + [5])
-    print(f"{'queue':<{width}}  {'depth':>7}  {'quarantined':>11}  oldest")
-    for r in rows:
-        note = "" if r["configured"] else "  (not in the configuration)"
-        print(
-            f"{r['name']:<{width}}  {r['depth']:>7}  {r['quarantined']:>11}  "
-            f"{r['oldest'] or '-'}{note}"
+    cells = [
+        (
+            r["name"],
+            r["depth"],
+            r["quarantined"],
+            f"{r['oldest'] or '-'}{'' if r['configured'] else '  (not in the configuration)'}",
         )
+        for r in rows
+    ]
+    columns = ("queue", "depth", "quarantined", "oldest")
+    print("\n".join(listing.table(columns, cells, "postoffice: no queues")))
+    print(f"dead letters: {dead}, kept for review: {kept}")
     return os.EX_OK
 
 
-def _iso(when: float) -> str:
-    return datetime.datetime.fromtimestamp(when, datetime.UTC).isoformat(timespec="seconds")
+def _move_queue(args: argparse.Namespace) -> int:
+    from postoffice import retire
+
+    settings = load_settings(args)
+    with open_folder(settings, write=True) as folder:
+        moved = retire.move(folder, args.queue, args.to, settings.queue_names, clock.now)
+    gone = f"; queue {args.queue!r} removed" if moved.removed else ""
+    print(
+        f"postoffice: moved {moved.messages} messages and {moved.quarantined} quarantined "
+        f"from {args.queue!r} to {args.to!r}{gone}"
+    )
+    return os.EX_OK
+
+
+def _purge_queue(args: argparse.Namespace) -> int:
+    from postoffice import retire
+
+    settings = load_settings(args)
+    with open_folder(settings, write=True) as folder:
+        waiting, quarantined = retire.purge(folder, args.queue, settings.queue_names)
+    print(
+        f"postoffice: purged queue {args.queue!r}: deleted {waiting} messages "
+        f"and {quarantined} quarantined"
+    )
+    return os.EX_OK
 
 
 def cmd_quarantine(args: argparse.Namespace) -> int:
     from postoffice.api import find_queue
+    from postoffice.dead_letters import last_line
 
     settings = load_settings(args)
-    with open_folder(settings) as folder:
+    with open_folder(settings, write=args.action in ("requeue", "delete")) as folder:
         queue = find_queue(folder, args.queue, settings.zodb_path)
         if args.action == "list":
-            for message, error in queue.get_quarantined_messages():
-                last = (error.strip().splitlines() or [""])[-1]
-                print(
-                    f"{message.postoffice_id}\t{message.get('Message-Id', '-')}\t"
-                    f"{message.get('From', '-')}\t{last}"
-                )
+            rows = [
+                {
+                    "id": message.postoffice_id,
+                    "message_id": message.get("Message-Id"),
+                    "from": message.get("From"),
+                    "error": last_line(error),
+                }
+                for message, error in queue.get_quarantined_messages()
+            ]
+            if args.json:
+                print(listing.as_json(rows))
+            else:
+                cells = [tuple(r.values()) for r in rows]
+                empty = f"postoffice: nothing quarantined in {args.queue}"
+                print("\n".join(listing.table(("id", "message-id", "from", "error"), cells, empty)))
             return os.EX_OK
         if args.action == "show":
+            _quarantined_ids(queue, args.queue, [args.id])
             message = queue.get_quarantined_message(args.id)
             sys.stdout.buffer.write(message.as_bytes())
             print("\n--- error ---")
             print(queue.get_quarantine_error(args.id))
             return os.EX_OK
+        ids = _quarantined_ids(queue, args.queue, args.ids)
         if args.action == "requeue":
-            ids = args.ids or None
-            if ids is None:
-                count = queue.requeue_quarantined_messages()
-            else:
+            if args.ids:
                 for key in ids:
                     queue.requeue_quarantined_message(key)
                 count = len(ids)
+            else:
+                count = queue.requeue_quarantined_messages()
             transaction.commit()
             print(f"postoffice: requeued {count} messages in {args.queue}")
             return os.EX_OK
-        for key in args.ids:
+        if not args.ids and not args.all:
+            return _fail(
+                os.EX_USAGE,
+                f"nothing deleted: name the ids, or add --all to delete every quarantined "
+                f"message of {args.queue}",
+            )
+        for key in ids:
             queue.remove_from_quarantine(key)
         transaction.commit()
-        print(f"postoffice: deleted {len(args.ids)} quarantined messages from {args.queue}")
+        print(f"postoffice: deleted {len(ids)} quarantined messages from {args.queue}")
         return os.EX_OK
+
+
+def _quarantined_ids(queue: Any, name: str, given: Sequence[int]) -> list[int]:
+    """The ids a quarantine action names, every one checked first; all of them when none."""
+    from postoffice.errors import NotFound
+
+    wanted = list(given)
+    known = {key for key, _raw, _when, _error in queue.quarantined()}
+    for key in wanted:
+        if key not in known:
+            raise NotFound(f"no quarantined message {key} in queue {name!r}")
+    return wanted or sorted(known)
+
+
+def cmd_throttles(args: argparse.Namespace) -> int:
+    from postoffice import throttles
+
+    settings = load_settings(args)
+    if args.action == "list":
+        with open_folder(settings) as folder:
+            rows = throttles.throttled(folder, args.queue, clock.now())
+        if args.json:
+            print(listing.as_json([row.as_json() for row in rows]))
+        else:
+            cells = throttles.table_rows(rows)
+            print(
+                "\n".join(
+                    listing.table(throttles.COLUMNS, cells, "postoffice: no sender is throttled")
+                )
+            )
+        return os.EX_OK
+    with open_folder(settings, write=True) as folder:
+        count = throttles.clear(folder, args.sender, args.queue)
+        transaction.commit()
+    print(f"postoffice: cleared {count} throttle entries of <{args.sender}>")
+    return os.EX_OK
+
+
+def cmd_dead_letters(args: argparse.Namespace) -> int:
+    from postoffice import dead_letters
+
+    settings = load_settings(args)
+    if args.action == "requeue":
+        return _redeliver(settings, args.ids)
+    with open_folder(settings, write=args.action == "delete") as folder:
+        if args.action == "list":
+            rows = dead_letters.entries(folder)
+            if args.json:
+                print(listing.as_json([row.as_json() for row in rows]))
+            else:
+                cells = [row.cells() for row in rows]
+                empty = "postoffice: no dead letters"
+                print("\n".join(listing.table(dead_letters.COLUMNS, cells, empty)))
+            return os.EX_OK
+        if args.action == "show":
+            letter = dead_letters.letter(folder, args.id)
+            sys.stdout.buffer.write(bytes(letter.data))
+            print(f"\n--- from <{letter.sender}> to {', '.join(letter.recipients)}")
+            print(letter.error)
+            return os.EX_OK
+        if not args.ids and not args.all:
+            return _fail(
+                os.EX_USAGE,
+                "nothing deleted: name the ids, or add --all to delete every dead letter",
+            )
+        count = dead_letters.remove(folder, dead_letters.chosen(folder, args.ids))
+        transaction.commit()
+    print(f"postoffice: deleted {count} dead letters")
+    return os.EX_OK
+
+
+def _redeliver(settings: config.Settings, ids: Sequence[int]) -> int:
+    """Deliver dead letters again, as they came (envelope and bytes), then forget each.
+
+    Each goes through the whole decision again, in a transaction of its
+    own; the dead letter is forgotten after that commit.  Should the
+    command stop between the two, running it again finds the message
+    already delivered (the duplicate rule), so nothing is stored twice.
+    """
+    from postoffice import dead_letters
+    from postoffice.deliver import Depot
+
+    db = open_db(settings.zodb_uri, create=False)
+    depot = Depot(settings, db=db)
+    worst = os.EX_OK
+    try:
+        connection = db.open()
+        try:
+            folder = _folder(connection, settings)
+            for key in dead_letters.chosen(folder, ids):
+                letter = dead_letters.letter(folder, key)
+                outcomes = depot.deliver(
+                    letter.sender, tuple(letter.recipients), bytes(letter.data)
+                )
+                for outcome in outcomes:
+                    print(f"postoffice: dead letter {key}: {outcome.reply}")
+                if any(o.decision.action.value == "defer" for o in outcomes):
+                    worst = os.EX_TEMPFAIL
+                    continue
+                transaction.begin()
+                dead_letters.remove(_folder(connection, settings), [key])
+                transaction.commit()
+        finally:
+            transaction.abort()
+            connection.close()
+    finally:
+        depot.close()
+        db.close()
+    return worst
+
+
+def _folder(connection: Any, settings: config.Settings) -> Any:
+    from postoffice.store import find_folder
+
+    return find_folder(connection.root(), settings.zodb_path)
 
 
 def cmd_review(args: argparse.Namespace) -> int:
     from postoffice import review
 
     settings = load_settings(args)
-    with open_folder(settings) as folder:
+    with open_folder(settings, write=args.action in ("requeue", "delete")) as folder:
         if args.action == "list":
             rows = review.entries(folder)
             if args.json:
@@ -378,50 +601,113 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from postoffice.deliver import Depot
+    """Everything ``serve`` would refuse, refused here; reads the database, never creates it."""
+    from postoffice.lmtp.server import listen_address
+    from postoffice.store import find_folder, retired
 
     path = config.find_config(args.config)
     settings = config.load(path)
-    print(f"postoffice: {path}: configuration is valid ({len(settings.queues)} queues)")
+    listen_address(settings)
+    warnings = config.warnings(settings)
     uri = consumer_uri(settings.zodb_uri)
-    db = open_db(uri)
+    report: dict[str, Any] = {
+        "config": str(path),
+        "queues": len(settings.queues),
+        "database": redact_uri(uri),
+        "database_exists": True,
+        "dead_letters": 0,
+    }
     try:
-        for warning in Depot(settings, db=db).prepare():
-            print(f"postoffice: warning: {warning}")
-    finally:
-        db.close()
-    print(f"postoffice: database {redact_uri(uri)} is reachable")
+        db = open_db(uri, create=False, read_only=True)
+    except NoInput as exc:
+        report["database_exists"] = False
+        warnings.append(str(exc))
+    else:
+        try:
+            connection = db.open()
+            try:
+                folder = find_folder(connection.root(), settings.zodb_path)
+            except KeyError:
+                warnings.append(f"no {settings.zodb_path} in the database yet (serve creates it)")
+            else:
+                warnings += retired(folder, settings.queue_names)
+                report["dead_letters"] = dead = folder.count_dead_letters()
+                if dead:
+                    warnings.append(f"{dead} dead letters (postoffice dead-letters list)")
+            finally:
+                transaction.abort()
+                connection.close()
+        finally:
+            db.close()
+    report["warnings"] = warnings
+    if args.json:
+        print(listing.as_json(report))
+        return os.EX_OK
+    print(f"postoffice: {path}: configuration is valid ({len(settings.queues)} queues)")
+    for warning in warnings:
+        print(f"postoffice: warning: {warning}")
+    if report["database_exists"]:
+        print(f"postoffice: database {report['database']} is reachable")
     return os.EX_OK
 
 
 def cmd_try(args: argparse.Namespace) -> int:
+    """The decision for each recipient, and the exit status ``postoffice-deliver`` would have."""
+    from postoffice import pipe
     from postoffice.decide import Envelope, decide
     from postoffice.message import ParsedMessage
     from postoffice.store import FolderState
 
     settings = load_settings(args)
-    raw = Path(args.message_file).read_bytes()
+    raw = _read_input(args.message_file)
     message = ParsedMessage(raw)
     envelope = Envelope(args.sender, tuple(args.rcpt))
     now = clock.now()
-
-    def show(state: Any, note: str) -> None:
-        for rcpt in args.rcpt:
-            d = decide(message, envelope, rcpt, now, state, settings)
-            where = f" queue={d.queue}" if d.queue else ""
-            print(
-                f"{rcpt}: {d.action.value} (rule {int(d.rule)}) {d.code} {d.status}"
-                f"{where}: {d.reason}"
-            )
-        if note:
-            print(note)
-
+    note = ""
     try:
         with open_folder(settings) as folder:
-            show(FolderState(folder), "")
-    except (StorageUnavailable, KeyError) as exc:
-        show(_EmptyState(), f"(database not read: {exc}; duplicates and throttle not checked)")
-    return os.EX_OK
+            decisions = [
+                decide(message, envelope, r, now, FolderState(folder), settings) for r in args.rcpt
+            ]
+    except (StorageUnavailable, NoInput, KeyError) as exc:
+        note = f"database not read: {exc}; duplicates and throttle not checked"
+        decisions = [decide(message, envelope, r, now, _EmptyState(), settings) for r in args.rcpt]
+    codes = [pipe.exit_code(d) for d in decisions]
+    status = max(codes, key=lambda c: pipe.SEVERITY[c])
+    if args.json:
+        rows = [
+            {
+                "recipient": rcpt,
+                "action": d.action.value,
+                "rule": d.rule.name.lower(),
+                "code": d.code,
+                "status": d.status,
+                "queue": d.queue,
+                "reason": d.reason,
+                "exit": code,
+            }
+            for rcpt, d, code in zip(args.rcpt, decisions, codes, strict=True)
+        ]
+        print(listing.as_json({"recipients": rows, "exit": status, "note": note or None}))
+        return status
+    for rcpt, d in zip(args.rcpt, decisions, strict=True):
+        where = f" queue={d.queue}" if d.queue else ""
+        print(
+            f"{rcpt}: {d.action.value} (rule {int(d.rule)}) {d.code} {d.status}{where}: {d.reason}"
+        )
+    if note:
+        print(f"({note})")
+    return status
+
+
+def _read_input(name: str) -> bytes:
+    """A message file's bytes, or standard input's for ``-``; NoInput (66) when it is not there."""
+    if name == "-":
+        return sys.stdin.buffer.read()
+    try:
+        return Path(name).read_bytes()
+    except OSError as exc:
+        raise NoInput(f"{name}: {exc.strerror or exc}") from None
 
 
 class _EmptyState:
@@ -436,7 +722,7 @@ class _EmptyState:
 
 def cmd_shell(args: argparse.Namespace) -> int:
     settings = load_settings(args)
-    with open_folder(settings) as folder:
+    with open_folder(settings, write=True) as folder:
         banner = (
             f"postoffice shell on {redact_uri(consumer_uri(settings.zodb_uri))}\n"
             "  folder (or root): the queues folder; folder['NAME'] is a queue\n"

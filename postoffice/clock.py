@@ -12,9 +12,15 @@ the store and the depot together.
 
 from __future__ import annotations
 
+import datetime
 import time
 
 
 def now() -> float:
     """Seconds since the epoch, as ``time.time()``."""
     return time.time()
+
+
+def iso(when: float) -> str:
+    """A time as people and scripts read it in the commands' output: ISO 8601, UTC, seconds."""
+    return datetime.datetime.fromtimestamp(when, datetime.UTC).isoformat(timespec="seconds")

@@ -455,3 +455,26 @@ def parse_listen(text: str) -> ListenAddress:
     if not 0 < port < 65536:
         raise ValueError(f"port out of range: {port}")
     return ListenAddress(host=host, port=port)
+
+
+def warnings(settings: Settings) -> list[str]:
+    """What works but is most likely a mistake; ``check`` prints these, ``serve`` logs them.
+
+    Not errors: a configuration being written (no queue yet) or a socket
+    deliberately open to a local group of senders can be meant.
+    """
+    found = []
+    where = settings.source or "the configuration"
+    mode = settings.lmtp.socket_mode
+    if mode & 0o007:
+        found.append(
+            f"{where}: [{LMTP_SECTION}] socket_mode = {mode:04o} lets every local user deliver "
+            "into the queues (LMTP has no authentication); 0660, with Postfix in the "
+            "socket's group, is enough"
+        )
+    if not settings.queues:
+        found.append(f"{where}: no [{QUEUE_PREFIX}NAME] section: every recipient is refused")
+    for rule in settings.queues:
+        if not rule.filters:
+            found.append(f"{where}: [{QUEUE_PREFIX}{rule.name}] has no filters: it takes no mail")
+    return found

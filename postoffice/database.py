@@ -41,7 +41,7 @@ from ZODB.interfaces import IBlobStorage
 from ZODB.POSException import POSError
 
 from postoffice import sockets
-from postoffice.errors import ConfigError, StorageUnavailable
+from postoffice.errors import ConfigError, NoInput, StorageUnavailable
 
 log = logging.getLogger("postoffice.database")
 
@@ -169,15 +169,34 @@ def _read_exactly(sock: socket.socket, size: int) -> bytes:
 # --- opening --------------------------------------------------------------------
 
 
-def open_db(uri: str) -> ZODB.DB:
+def open_db(uri: str, *, create: bool = True, read_only: bool = False) -> ZODB.DB:
     """Open a database by zodburi URI; StorageUnavailable when it cannot be reached.
 
     A ``file://`` depot that a running ``postoffice serve`` is sharing is
     opened through that server: the file itself is locked by it.
+
+    The administrator's commands pass ``create=False``: run as root before
+    the first ``serve``, they would otherwise make a ``Data.fs`` (and its
+    folders) owned by root, which the service user then cannot lock.  A
+    ``file://`` depot that does not exist yet is then :class:`~postoffice.errors.NoInput`.
+    ``read_only`` opens a file that nobody serves without taking its lock,
+    so a look at the queues never stops a ``serve`` from starting.
     """
     uri = consumer_uri(uri)
-    storage, dbkw = open_storage(uri)
+    if uri.startswith("file://"):
+        if not create:
+            data_fs = FileDepot.parse(uri).data_fs
+            if not data_fs.exists():
+                raise NoInput(f"no database at {data_fs} yet (postoffice serve creates it)")
+        if read_only:
+            uri = _with_query(uri, "read_only", "true")
+    storage, dbkw = open_storage(uri, make_dirs=create)
     return db_for(storage, dbkw, uri)
+
+
+def _with_query(uri: str, name: str, value: str) -> str:
+    """``uri`` with one more query parameter (a zodburi option)."""
+    return f"{uri}{'&' if '?' in uri else '?'}{name}={value}"
 
 
 def open_db_waiting(
@@ -258,8 +277,14 @@ RESOLVER_HINTS = {
 }
 
 
-def open_storage(uri: str) -> tuple[Any, dict[str, Any]]:
-    """The storage a zodburi URI names, opened, and the keywords for its ``ZODB.DB``."""
+def open_storage(uri: str, make_dirs: bool = True) -> tuple[Any, dict[str, Any]]:
+    """The storage a zodburi URI names, opened, and the keywords for its ``ZODB.DB``.
+
+    A storage the operating system refuses to open for this user
+    (``Data.fs.lock`` owned by root, a blob folder it may not enter) is a
+    :class:`ConfigError`, not a temporary failure: retrying cannot help,
+    and ``serve`` exiting 75 would make systemd restart it for ever.
+    """
     try:
         factory, dbkw = zodburi.resolve_uri(uri)
     except KeyError:  # zodburi's answer to a scheme no installed package resolves
@@ -270,11 +295,15 @@ def open_storage(uri: str) -> tuple[Any, dict[str, Any]]:
         ) from None
     except Exception as exc:
         raise ConfigError(redact(f"zodb_uri {uri!r}: {exc}", uri)) from None
-    _make_file_dirs(uri)
+    if make_dirs:
+        _make_file_dirs(uri)
     try:
         return factory(), dbkw
     except Exception as exc:
-        raise StorageUnavailable(redact(f"cannot open {uri}: {exc}", uri)) from None
+        message = redact(f"cannot open {uri}: {exc}", uri)
+        if is_permission_error(exc):
+            raise ConfigError(f"{message} (run as the user that owns the database)") from None
+        raise StorageUnavailable(message) from None
 
 
 def db_for(storage: Any, dbkw: dict[str, Any], uri: str) -> ZODB.DB:
@@ -300,13 +329,22 @@ def is_storage_away(exc: BaseException) -> bool:
     return isinstance(exc, _STORAGE_AWAY)
 
 
+def is_permission_error(exc: BaseException) -> bool:
+    """The operating system said no to this user, somewhere in the chain."""
+    return _in_chain(exc, PermissionError)
+
+
 def is_lock_error(exc: BaseException) -> bool:
     """zc.lockfile's LockError in the chain: FileStorage is busy, not broken."""
+    return _in_chain(exc, zc.lockfile.LockError)
+
+
+def _in_chain(exc: BaseException, kind: type[BaseException]) -> bool:
     seen: BaseException | None = exc
     for _ in range(10):
         if seen is None:
             return False
-        if isinstance(seen, zc.lockfile.LockError):
+        if isinstance(seen, kind):
             return True
         seen = seen.__cause__ or seen.__context__
     return False

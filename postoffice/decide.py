@@ -14,6 +14,7 @@ import enum
 from dataclasses import dataclass, replace
 from typing import Protocol
 
+from postoffice.clock import iso
 from postoffice.config import Settings
 from postoffice.filters import all_match, first_match, idna
 from postoffice.message import ParsedMessage
@@ -309,17 +310,19 @@ def _throttle(
     until = now + settings.ooo_throttle_period
     if view.throttled_until is not None and now < view.throttled_until:
         # Already throttled: refused and counted, but the period is not extended.
-        return "sender is throttled (mail loop suspected)", None
+        return f"sender is throttled until {iso(view.throttled_until)} (mail loop suspected)", None
     if view.last_arrival is not None:
         delta = now - view.last_arrival
         instant = float("inf") if delta <= 0 else 60.0 / delta
         if instant > frequency:
             return (
-                f"sender sends {instant:.1f} msgs/min, over {frequency:g} (mail loop suspected)"
+                f"sender sends {instant:.1f} msgs/min, over {frequency:g}; throttled until "
+                f"{iso(until)} (mail loop suspected)"
             ), until
     average = 60.0 * (view.arrivals_in_window + 1) / window
     if average > frequency:
         return (
-            f"sender averages {average:.1f} msgs/min, over {frequency:g} (mail loop suspected)"
+            f"sender averages {average:.1f} msgs/min, over {frequency:g}; throttled until "
+            f"{iso(until)} (mail loop suspected)"
         ), until
     return None

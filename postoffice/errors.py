@@ -6,6 +6,8 @@
      +-- ConfigError          bad configuration: fix the file (exit 78 / refuse to start)
      +-- ListenError          the listening address is taken or unusable (exit 69)
      +-- UsageError           a wrong command line (exit 64 with the usage line)
+ +-- NotFound             a command named an id that is not there (exit 65)
+ +-- NoInput              a command found nothing to read: file, Maildir, database (exit 66)
      +-- TemporaryError       a retry can succeed: LMTP 451 4.3.0, pipe exit 75
      |    +-- StorageUnavailable   the database cannot be reached or a commit failed
      |         +-- EmbeddedZeoError   serve could not share its file:// depot
@@ -42,6 +44,26 @@ class ListenError(PostofficeError):
 
 class UsageError(PostofficeError):
     """The command line is wrong; an empty message asks for the usage text alone."""
+
+
+class NotFound(PostofficeError, KeyError):
+    """A command named a message, sender or queue the depot does not hold.
+
+    Also a KeyError, so code that looks things up in the depot's mappings
+    catches it as it catches theirs.
+    """
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "not found"
+
+
+class NoInput(PostofficeError):
+    """What a command reads is not there: a message file, a Maildir, the database.
+
+    The administrator's commands never create a ``file://`` database: the
+    first ``serve``, run as the service user, does, with that user's
+    ownership; before that they find none to read.
+    """
 
 
 class TemporaryError(PostofficeError):
@@ -83,13 +105,18 @@ class UnreadableMessage(PostofficeError):
 def exit_code(error: PostofficeError) -> int:
     """What a command exits with when ``error`` stops it: the sysexits of the tree above.
 
-    64 for a wrong command line, 78 for the configuration, 75 when a retry
+    64 for a wrong command line, 65 for an id that is not there, 66 for
+    nothing to read, 78 for the configuration, 75 when a retry
     can succeed, 69 otherwise (an address taken, something unavailable).  The commands and ``serve``
     share this so that each problem exits the same way from all of them;
     the pipe has its own codes, which Postfix reads as bounce or defer.
     """
     if isinstance(error, UsageError):
         return os.EX_USAGE
+    if isinstance(error, NotFound):
+        return os.EX_DATAERR
+    if isinstance(error, NoInput):
+        return os.EX_NOINPUT
     if isinstance(error, ConfigError):
         return os.EX_CONFIG
     if isinstance(error, TemporaryError):

@@ -28,6 +28,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from postoffice.clock import iso
 from postoffice.config import Settings
 from postoffice.decide import DISCARD_FAMILY, Action, Decision, Envelope, ThrottleView, decide
 from postoffice.message import ParsedMessage, without_added_headers
@@ -118,7 +119,7 @@ class Item:
         return {
             "where": self.where,
             "id": self.id,
-            "arrival": _iso(self.arrival),
+            "arrival": iso(self.arrival),
             "sender": self.sender,
             "recipient": self.recipient,
             "message_id": self.message_id,
@@ -299,7 +300,3 @@ def parse_since(text: str) -> float:
     if when.tzinfo is None:
         when = when.replace(tzinfo=datetime.UTC)
     return when.timestamp()
-
-
-def _iso(when: float) -> str:
-    return datetime.datetime.fromtimestamp(when, datetime.UTC).isoformat(timespec="seconds")

@@ -10,11 +10,11 @@ messages into a queue (the rule was wrong for them) or delete them.
 
 from __future__ import annotations
 
-import datetime
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from postoffice.clock import iso
 from postoffice.message import ParsedMessage, without_added_headers
 from postoffice.store import QueuesFolder
 from postoffice.store.records import QuarantineRecord
@@ -60,10 +60,6 @@ def entry(key: int, record: QuarantineRecord) -> Entry:
         message_id=head.message_id,
         refusal=str(record.error),
     )
-
-
-def iso(when: float) -> str:
-    return datetime.datetime.fromtimestamp(when, datetime.UTC).isoformat(timespec="seconds")
 
 
 def area_of(folder: QueuesFolder) -> KeptArea | None:

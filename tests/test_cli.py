@@ -17,9 +17,18 @@ from postoffice import cli, config, open_queue
 from postoffice.deliver import Depot
 from tests.helpers import HERE_URI, config_text, message
 
-CONFIG = config_text(
-    HERE_URI, maildir="%(here)s/Maildir", reject_filters=["to_hostname: .refused.example"]
-)
+
+def config_with(zodb_uri: str = HERE_URI, **options: object) -> str:
+    """The configuration of these tests, on another database or with more options."""
+    return config_text(
+        zodb_uri,
+        maildir="%(here)s/Maildir",
+        reject_filters=["to_hostname: .refused.example"],
+        **options,  # type: ignore[arg-type]
+    )
+
+
+CONFIG = config_with()
 
 
 def maildir_message(n: int, to: str = "user@a.example") -> bytes:
@@ -32,6 +41,17 @@ def cfg(tmp_path: Path) -> Path:
     path = tmp_path / "postoffice.ini"
     path.write_text(CONFIG)
     return path
+
+
+def served(cfg: Path) -> config.Settings:
+    """The depot of ``cfg`` as the first ``serve`` leaves it: folder and queues made."""
+    settings = config.load(cfg)
+    depot = Depot(settings)
+    try:
+        depot.prepare()
+    finally:
+        depot.close()
+    return settings
 
 
 def run(
@@ -77,6 +97,7 @@ def test_unknown_subcommand_is_usage_error(cfg: Path) -> None:
 
 
 def test_config_found_through_environment(cfg: Path, tmp_path: Path) -> None:
+    served(cfg)
     env = dict(os.environ, POSTOFFICE_CONFIG=str(cfg))
     result = run("check", cwd=tmp_path / "..", env=env)
     assert result.returncode == 0, result.stderr
@@ -87,8 +108,7 @@ def test_config_found_through_environment(cfg: Path, tmp_path: Path) -> None:
 def test_unreachable_database_is_one_line_exit_75(tmp_path: Path) -> None:
     path = tmp_path / "postoffice.ini"
     path.write_text(
-        CONFIG.replace(
-            "file://%(here)s/var/Data.fs?blobstorage_dir=%(here)s/var/blobs",
+        config_with(
             "zeo://%(here)s/nobody.sock?wait_timeout=1",
         )
     )
@@ -111,7 +131,7 @@ def test_queues_lists_depth_and_quarantine(cfg: Path) -> None:
         transaction.commit()
     result = run("-C", str(cfg), "queues", "--json")
     assert result.returncode == 0, result.stderr
-    rows = {row["name"]: row for row in json.loads(result.stdout)}
+    rows = {row["name"]: row for row in json.loads(result.stdout)["queues"]}
     assert rows["A"]["depth"] == 1
     assert rows["A"]["quarantined"] == 1
     assert rows["A"]["oldest"] is not None
@@ -131,14 +151,15 @@ def test_quarantine_list_show_requeue_delete(cfg: Path) -> None:
         transaction.commit()
     listing = run("-C", str(cfg), "quarantine", "list", "A")
     assert listing.returncode == 0, listing.stderr
-    lines = listing.stdout.strip().splitlines()
+    header, *lines = listing.stdout.strip().splitlines()
+    assert header.split() == ["id", "message-id", "from", "error"]
     assert len(lines) == 2
-    first_id = lines[0].split("\t")[0]
+    first_id = lines[0].split()[0]
     assert "<1@outside.example>" in lines[0]
     shown = run("-C", str(cfg), "quarantine", "show", "A", first_id)
     assert "Subject: number 1" in shown.stdout
     assert "ValueError: bad number 1" in shown.stdout
-    second_id = lines[1].split("\t")[0]
+    second_id = lines[1].split()[0]
     assert run("-C", str(cfg), "quarantine", "delete", "A", second_id).returncode == 0
     assert run("-C", str(cfg), "quarantine", "requeue", "A").returncode == 0
     with open_queue(settings.zodb_uri, "A") as queue:
@@ -149,7 +170,7 @@ def test_quarantine_list_show_requeue_delete(cfg: Path) -> None:
 
 
 def test_quarantine_of_unknown_queue_names_known_ones(cfg: Path) -> None:
-    assert run("-C", str(cfg), "check").returncode == 0
+    served(cfg)
     result = run("-C", str(cfg), "quarantine", "list", "Nope")
     assert result.returncode != 0
     assert "'Nope'" in result.stderr and "'A'" in result.stderr and "'B'" in result.stderr
@@ -158,7 +179,7 @@ def test_quarantine_of_unknown_queue_names_known_ones(cfg: Path) -> None:
 def test_try_prints_decision_and_stores_nothing(cfg: Path, tmp_path: Path) -> None:
     eml = tmp_path / "m.eml"
     eml.write_bytes(maildir_message(7))
-    assert run("-C", str(cfg), "check").returncode == 0
+    served(cfg)
     result = run(
         "-C",
         str(cfg),
@@ -171,12 +192,58 @@ def test_try_prints_decision_and_stores_nothing(cfg: Path, tmp_path: Path) -> No
         "--sender",
         "s@outside.example",
     )
-    assert result.returncode == 0, result.stderr
+    # As postoffice-deliver would exit for these two: the refused one wins (69).
+    assert result.returncode == 69, result.stderr
     out = result.stdout.splitlines()
     assert out[0].startswith("user@a.example: accept (rule 9) 250 2.0.0 queue=A")
     assert out[1].startswith("x@refused.example: reject (rule 4) 550 5.7.1")
     with open_queue(config.load(cfg).zodb_uri, "A") as queue:
         assert len(queue) == 0
+
+
+@pytest.mark.parametrize(
+    ("rcpts", "status"),
+    [
+        (["user@a.example"], 0),
+        (["nobody@nowhere.example"], 67),
+        (["user@a.example", "nobody@nowhere.example"], 67),
+        (["nobody@nowhere.example", "x@refused.example"], 69),
+    ],
+)
+def test_try_exits_as_the_pipe_would(cfg: Path, rcpts: list[str], status: int) -> None:
+    """A script can test a rule change by the exit status alone, message on standard input."""
+    served(cfg)
+    argv = ["-C", str(cfg), "try", "-", "--sender", "s@outside.example"]
+    for rcpt in rcpts:
+        argv += ["--rcpt", rcpt]
+    result = run(*argv, stdin=maildir_message(8))
+    assert result.returncode == status, result.stdout + result.stderr
+    assert len(result.stdout.splitlines()) == len(rcpts)
+
+
+def test_try_json_gives_each_decision_and_the_exit(cfg: Path) -> None:
+    served(cfg)
+    result = run(
+        "-C", str(cfg), "try", "-", "--json", "--rcpt", "user@a.example",
+        "--rcpt", "nobody@nowhere.example", stdin=maildir_message(9),
+    )  # fmt: skip
+    assert result.returncode == 67
+    report = json.loads(result.stdout)
+    assert report["exit"] == 67
+    assert report["note"] is None
+    first, second = report["recipients"]
+    assert (first["recipient"], first["action"], first["queue"], first["exit"]) == (
+        "user@a.example", "accept", "A", 0,
+    )  # fmt: skip
+    assert (second["action"], second["rule"], second["code"], second["exit"]) == (
+        "reject", "no_queue", 550, 67,
+    )  # fmt: skip
+
+
+def test_try_of_a_missing_file_exits_66(cfg: Path, tmp_path: Path) -> None:
+    result = run("-C", str(cfg), "try", str(tmp_path / "gone.eml"), "--rcpt", "user@a.example")
+    assert result.returncode == 66
+    assert result.stderr == f"postoffice: {tmp_path / 'gone.eml'}: No such file or directory\n"
 
 
 def test_try_names_the_filter_and_address_that_routed_each_recipient(
@@ -236,8 +303,7 @@ def test_import_maildir_decides_queues_and_archives(cfg: Path, tmp_path: Path) -
 def test_import_maildir_command_leaves_mail_when_database_is_down(tmp_path: Path) -> None:
     path = tmp_path / "postoffice.ini"
     path.write_text(
-        CONFIG.replace(
-            "file://%(here)s/var/Data.fs?blobstorage_dir=%(here)s/var/blobs",
+        config_with(
             "zeo://%(here)s/nobody.sock?wait_timeout=1",
         )
     )
@@ -262,9 +328,7 @@ def test_import_maildir_command(cfg: Path, tmp_path: Path) -> None:
 
 def test_shell_offers_the_folder_as_root_too(cfg: Path) -> None:
     """``root`` is the old ``po_debug`` name of the queues folder."""
-    fill = Depot(config.load(cfg))
-    fill.prepare()
-    fill.close()
+    served(cfg)
     result = run("-C", str(cfg), "shell", stdin=b"print('same', root is folder, sorted(root))\n")
     assert result.returncode == 0, result.stderr
     assert "same True ['A', 'B']" in result.stdout
@@ -340,9 +404,7 @@ def test_check_never_prints_the_database_password(tmp_path: Path) -> None:
         ("postgres://po:hunter2@127.0.0.1/mail", 78),
     ]:
         path = tmp_path / "postoffice.ini"
-        path.write_text(
-            CONFIG.replace("file://%(here)s/var/Data.fs?blobstorage_dir=%(here)s/var/blobs", uri)
-        )
+        path.write_text(config_with(uri))
         result = run("-C", str(path), "check")
         assert result.returncode == code, result.stderr
         assert "hunter2" not in result.stdout + result.stderr
@@ -353,10 +415,7 @@ def test_check_never_prints_the_database_password(tmp_path: Path) -> None:
 def test_serve_with_a_scheme_nothing_resolves_exits_before_listening(tmp_path: Path) -> None:
     path = tmp_path / "postoffice.ini"
     path.write_text(
-        CONFIG.replace(
-            "file://%(here)s/var/Data.fs?blobstorage_dir=%(here)s/var/blobs",
-            "postgres://po:hunter2@127.0.0.1/mail",
-        )
+        config_with("postgres://po:hunter2@127.0.0.1/mail")
         + f"\n[lmtp]\nlisten = unix:{tmp_path / 'lmtp.sock'}\n"
     )
     result = run("-C", str(path), "serve")
@@ -365,3 +424,108 @@ def test_serve_with_a_scheme_nothing_resolves_exits_before_listening(tmp_path: P
     assert "no resolver for postgres: URIs" in line and "postoffice[postgresql]" in line
     assert "hunter2" not in line
     assert not (tmp_path / "lmtp.sock").exists()
+
+
+# --- check refuses what serve refuses, and creates nothing -------------------------------
+
+
+def test_check_before_the_first_serve_creates_nothing(cfg: Path, tmp_path: Path) -> None:
+    result = run("-C", str(cfg), "check")
+    assert result.returncode == 0, result.stderr
+    data_fs = tmp_path / "var" / "Data.fs"
+    assert f"postoffice: warning: no database at {data_fs} yet" in result.stdout
+    assert not (tmp_path / "var").exists()
+    for command in (["queues"], ["quarantine", "list", "A"], ["dead-letters", "list"]):
+        read = run("-C", str(cfg), *command)
+        assert read.returncode == 66, command
+        assert (
+            read.stderr
+            == f"postoffice: no database at {data_fs} yet (postoffice serve creates it)\n"
+        )
+    assert not (tmp_path / "var").exists()
+
+
+def test_check_json_reports_what_it_found(cfg: Path) -> None:
+    served(cfg)
+    result = run("-C", str(cfg), "check", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["config"] == str(cfg)
+    assert (report["queues"], report["database_exists"], report["dead_letters"]) == (2, True, 0)
+    assert report["database"].startswith("file://")
+    assert report["warnings"] == []
+
+
+def test_check_refuses_a_listen_address_serve_refuses(tmp_path: Path) -> None:
+    path = tmp_path / "postoffice.ini"
+    path.write_text(config_with(lmtp={"listen": "0.0.0.0:2424"}))
+    for command in ("check", "serve"):
+        result = run("-C", str(path), command)
+        assert result.returncode == 78, command
+        [line] = result.stderr.splitlines()
+        assert "not a loopback address" in line and "allow_remote = yes" in line
+    assert not (tmp_path / "var").exists()  # serve refused before opening the database
+
+
+def test_check_warns_of_an_open_socket_and_of_queues_that_take_no_mail(tmp_path: Path) -> None:
+    path = tmp_path / "postoffice.ini"
+    path.write_text(config_text(HERE_URI, lmtp={"socket_mode": "0666"}, queues={"A": None}))
+    result = run("-C", str(path), "check")
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stdout.splitlines() if "warning:" in line]
+    assert any("socket_mode = 0666 lets every local user deliver" in w for w in warnings)
+    assert any("[queue:A] has no filters: it takes no mail" in w for w in warnings)
+    empty = tmp_path / "empty.ini"
+    empty.write_text(config_text(HERE_URI, queues={}))
+    assert (
+        "no [queue:NAME] section: every recipient is refused"
+        in run("-C", str(empty), "check").stdout
+    )
+
+
+# --- quarantine: ids that are not there, and deleting all ----------------------------------
+
+
+def quarantined(cfg: Path, count: int) -> list[int]:
+    settings = served(cfg)
+    depot = Depot(settings)
+    for n in range(count):
+        depot.deliver("s@outside.example", ["user@a.example"], maildir_message(n))
+    depot.close()
+    with open_queue(settings.zodb_uri, "A") as queue:
+        for _ in range(count):
+            queue.quarantine(queue.pop_next(), "broken")
+        transaction.commit()
+    listed = json.loads(run("-C", str(cfg), "quarantine", "list", "A", "--json").stdout)
+    assert [row["error"] for row in listed] == ["broken"] * count
+    return [row["id"] for row in listed]
+
+
+@pytest.mark.parametrize("action", ["show", "requeue", "delete"])
+def test_an_id_that_is_not_quarantined_is_named_and_exits_65(cfg: Path, action: str) -> None:
+    (kept,) = quarantined(cfg, 1)
+    result = run("-C", str(cfg), "quarantine", action, "A", "123")
+    assert result.returncode == 65
+    assert result.stderr == "postoffice: no quarantined message 123 in queue 'A'\n"
+    if action != "show":  # a good id with a bad one acts on neither
+        assert run("-C", str(cfg), "quarantine", action, "A", str(kept), "123").returncode == 65
+    assert quarantined_ids(cfg) == [kept]
+
+
+def quarantined_ids(cfg: Path) -> list[int]:
+    listed = run("-C", str(cfg), "quarantine", "list", "A", "--json")
+    return [row["id"] for row in json.loads(listed.stdout)]
+
+
+def test_delete_without_ids_deletes_nothing_and_says_how(cfg: Path) -> None:
+    ids = quarantined(cfg, 2)
+    bare = run("-C", str(cfg), "quarantine", "delete", "A")
+    assert bare.returncode == 64
+    assert bare.stderr == (
+        "postoffice: nothing deleted: name the ids, or add --all to delete every "
+        "quarantined message of A\n"
+    )
+    assert quarantined_ids(cfg) == ids
+    every = run("-C", str(cfg), "quarantine", "delete", "A", "--all")
+    assert every.stdout == "postoffice: deleted 2 quarantined messages from A\n"
+    assert quarantined_ids(cfg) == []

@@ -18,6 +18,7 @@ import pytest
 import transaction
 
 from postoffice import pipe
+from postoffice.clock import iso
 from postoffice.config import Settings, loads
 from postoffice.decide import (
     Action,
@@ -449,6 +450,8 @@ def test_rule8_instantaneous_frequency(settings: Settings) -> None:
     assert tripped.rule is Rule.THROTTLED
     assert tripped.throttle_until == T0 + 300
     assert tripped.count_arrival
+    # The sender's postmaster reads until when in the refusal.
+    assert f"throttled until {iso(T0 + 300)}" in tripped.reason
     state.sender("Customer A", SENDER_KEY, [T0 - 60])
     assert run(settings, raw(), state=state).rule is Rule.QUEUED
 
@@ -473,6 +476,7 @@ def test_rule8_already_throttled_is_refused_without_extending(settings: Settings
     assert decision.rule is Rule.THROTTLED
     assert decision.throttle_until is None
     assert decision.count_arrival
+    assert f"throttled until {iso(T0 + 5)}" in decision.reason
 
 
 def test_rule8_throttle_over_after_its_period(settings: Settings) -> None:

@@ -211,9 +211,11 @@ def test_replay_of_a_depot_that_does_not_exist_is_one_line(tmp_path: Path) -> No
     new = new_rules(tmp_path)
     (tmp_path / "var").mkdir()
     result = run_postoffice("-C", str(new), "replay")
-    assert result.returncode == 65
-    assert result.stderr.startswith("postoffice: no /postoffice in the database")
+    assert result.returncode == 66
+    assert result.stderr.startswith("postoffice: no database at ")
+    assert "(postoffice serve creates it)" in result.stderr
     assert len(result.stderr.splitlines()) == 1
+    assert not (tmp_path / "var" / "Data.fs").exists()
 
 
 # --- recent deliveries kept for replay (replay_keep) ------------------------------------

@@ -454,3 +454,45 @@ def test_postoffice_deliver_has_no_setuid_path() -> None:
     mode = script.stat().st_mode
     assert not mode & (stat.S_ISUID | stat.S_ISGID)
     assert re.match(rb"#!.*python", script.read_bytes()), "a script, which setuid cannot affect"
+
+
+# --- the install order of docs/postfix.md: check as root, serve as the service user -------------
+
+
+def test_check_as_root_creates_nothing_and_serve_as_another_user_exits_78(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """``check`` before the first ``serve`` must not leave root's files in the way.
+
+    And when root's files are in the way anyway (root ran ``serve`` once),
+    the service user's ``serve`` stops with a configuration error (78),
+    which systemd does not restart for ever as it does a 75.
+    """
+    require_root()
+    pipe_command: list[str] = request.getfixturevalue("nobody_command")
+    cli_command = [*pipe_command[:-1], "postoffice.cli"]
+    make_traversable(tmp_path)
+    cfg = nobody_depot(tmp_path)
+    data_fs = tmp_path / "depot" / "Data.fs"
+
+    checked = subprocess.run(
+        [sys.executable, "-m", "postoffice.cli", "-C", str(cfg), "check"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert checked.returncode == 0, checked.stderr
+    assert f"no database at {data_fs} yet (postoffice serve creates it)" in checked.stdout
+    assert sorted(p.name for p in (tmp_path / "depot").iterdir()) == []
+
+    root_depot = Depot(config.load(cfg))  # root makes the database (and its lock file)
+    root_depot.prepare()
+    root_depot.close()
+    uid, gid = nobody_ids()
+    served = subprocess.run(
+        [*cli_command, "-C", str(cfg), "serve", "--listen", f"unix:{tmp_path}/lmtp.sock"],
+        capture_output=True, text=True, user=uid, group=gid, extra_groups=[], cwd="/",
+        env={"PATH": "/usr/bin:/bin"}, timeout=60, check=False,
+    )  # fmt: skip
+    assert served.returncode == 78, served.stderr
+    (line,) = served.stderr.splitlines()
+    assert "Permission denied" in line
+    assert line.endswith("(run as the user that owns the database)")

@@ -45,6 +45,8 @@ log = logging.getLogger("postoffice.lmtp")
 
 # How long SIGTERM waits for the transactions under way.
 SHUTDOWN_GRACE = 30.0
+# The least umask serve runs with: what it creates is not for other users.
+SERVE_UMASK = 0o007
 # Without max_message_size, aiosmtpd's own default bounds what one DATA
 # may hold in memory (32 MiB).
 FALLBACK_SIZE_LIMIT = DATA_SIZE_DEFAULT
@@ -334,7 +336,8 @@ class LmtpServer:
             log.error("reload refused, the old rules stay in force: %s", exc)
             return False
         old = self.settings
-        warnings = await self.writer.call(lambda: self.depot.reload(settings))
+        warnings = config.warnings(settings)
+        warnings += await self.writer.call(lambda: self.depot.reload(settings))
         for warning in warnings:
             log.warning("reload: %s", warning)
         if self._listen_override is None and settings.lmtp.listen != old.lmtp.listen:
@@ -413,12 +416,18 @@ def serve(settings_path: Path, listen: str | None = None) -> int:
 
     Problems at start are one line on stderr and a non-zero exit: 78 for
     the configuration (including a non-loopback address without
-    ``allow_remote``), 69 when the address is taken or unusable, 75 when
-    the depot cannot be shared now (a retry may work).
+    ``allow_remote``, and a database this user may not open), 69 when the
+    address is taken or unusable, 75 when the depot cannot be shared now (a
+    retry may work).
     """
+    # Data.fs, its index, blobs and the ZEO socket: for the service user and
+    # its group (Postfix's, or the consumers'), never readable by everybody.
+    os.umask(os.umask(0o077) | SERVE_UMASK)
     try:
         settings = config.load(settings_path)
         listen_address(settings, listen)  # refused before the depot opens
+        for warning in config.warnings(settings):
+            log.warning("%s", warning)
         with shared(settings.zodb_uri, share=settings.share) as depot:
             db: ZODB.DB | None = None
             if depot is not None:

@@ -47,7 +47,7 @@ from postoffice.store.claims import (
     CLAIM_LEASE,
     CLEANUP_AT,
 )
-from postoffice.store.folder import FolderState, QueuesFolder, find_folder, reconcile
+from postoffice.store.folder import FolderState, QueuesFolder, find_folder, reconcile, retired
 from postoffice.store.queue import Queue
 from postoffice.store.records import (
     BLOB_THRESHOLD,
@@ -85,6 +85,7 @@ __all__ = [
     "find_folder",
     "new_key",
     "reconcile",
+    "retired",
     "stored_message",
     "throttle_window",
 ]

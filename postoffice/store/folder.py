@@ -18,6 +18,7 @@ reconciling its queues with the configuration, and the read-only view
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -32,6 +33,8 @@ from postoffice.errors import ConfigError
 from postoffice.store.queue import Queue
 from postoffice.store.records import PICKLED_MODULE, DeadLetter, new_key
 from postoffice.store.review import KeptArea
+
+log = logging.getLogger("postoffice.store")
 
 
 class QueuesFolder(Persistent):
@@ -113,13 +116,30 @@ class QueuesFolder(Persistent):
         now: float,
         keep: int,
     ) -> int:
+        """Keep mail the decision failed on; past ``keep``, the oldest goes, loudly.
+
+        Each of these was answered 250: dropping one loses mail, so it is
+        logged at ERROR with what it was, never silently.
+        """
         key = new_key(now)
         self.dead_letters[key] = DeadLetter(raw, sender, recipients, error, now)
         self.dead_letter_count.change(1)
         while self.dead_letter_count() > keep and len(self.dead_letters):
-            del self.dead_letters[self.dead_letters.minKey()]
+            oldest = self.dead_letters.minKey()
+            dropped = self.dead_letters[oldest]
+            log.error(
+                "dead letter %d (from <%s> to %s) dropped: more than dead_letter_max = %d kept",
+                oldest,
+                dropped.sender,
+                ", ".join(f"<{r}>" for r in dropped.recipients),
+                keep,
+            )
+            del self.dead_letters[oldest]
             self.dead_letter_count.change(-1)
         return key
+
+    def count_dead_letters(self) -> int:
+        return self.dead_letter_count()
 
 
 def find_folder(root: Any, path: str, create: bool = False) -> QueuesFolder:
@@ -151,23 +171,30 @@ def reconcile(folder: QueuesFolder, names: tuple[str, ...]) -> list[str]:
     Returns warnings for the log: a removed queue that still holds messages
     (or quarantined ones) is kept, so nothing is lost by editing the config.
     """
-    warnings = []
     for name in names:
         if name not in folder.queues:
             folder.queues[name] = Queue()
+    warnings = retired(folder, names)
     for name in list(folder.queues.keys()):
-        if name in names:
-            continue
-        queue = folder.queues[name]
-        if len(queue) or queue.count_quarantined_messages():
-            warnings.append(
-                f"queue {name!r} is no longer in the configuration but holds "
-                f"{len(queue)} messages and {queue.count_quarantined_messages()} "
-                "quarantined ones; kept until they are consumed"
-            )
-        else:
+        if name not in names and not holds_mail(folder.queues[name]):
             del folder.queues[name]
     return warnings
+
+
+def holds_mail(queue: Queue) -> bool:
+    return bool(len(queue) or queue.count_quarantined_messages())
+
+
+def retired(folder: QueuesFolder, names: tuple[str, ...]) -> list[str]:
+    """Warnings for the queues the configuration dropped that still hold mail (read only)."""
+    return [
+        f"queue {name!r} is no longer in the configuration but holds "
+        f"{len(queue)} messages and {queue.count_quarantined_messages()} "
+        "quarantined ones; kept until they are consumed, or moved with "
+        f"postoffice queues move {name!r} --to QUEUE"
+        for name, queue in folder.queues.items()
+        if name not in names and holds_mail(queue)
+    ]
 
 
 class FolderState:

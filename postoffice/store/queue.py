@@ -68,6 +68,7 @@ from postoffice.store.throttle import (
     normal_user,
     seconds,
     sender_of,
+    split_key,
     user_key,
 )
 
@@ -296,6 +297,16 @@ class Queue(Persistent):
         for key in keys or [user_key(address, values)]:
             throttle.set_throttle(key, when)
 
+    def throttled_senders(self, now: float) -> list[tuple[str, tuple[str, ...], float]]:
+        """(sender, discriminator values, until) of each sender throttled at ``now``."""
+        return [(*split_key(key), until) for key, until in self._throttle.throttled(now)]
+
+    def clear_throttle(self, user: str) -> int:
+        """Forget every key of a sender (throttle and arrivals); how many there were."""
+        throttle = self._throttle
+        keys = list(throttle.keys_of(normal_user(user)))
+        return sum(throttle.forget(key) for key in keys)
+
     def is_throttled(self, user: str, now: Any = None, headers: Headers = None) -> bool:
         """Throttled at ``now``: without headers, if any key of the user is."""
         now = clock.now() if now is None else seconds(now)
@@ -510,6 +521,20 @@ class Queue(Persistent):
         if isinstance(message, Message):
             with contextlib.suppress(Exception):
                 del message[ID_HEADER]
+
+    def adopt_quarantine(self, other: Queue, now: float) -> int:
+        """Move every quarantined record of ``other`` into this quarantine, as it is.
+
+        Bytes, error text and, where it is free here, the id go along: what
+        ``postoffice quarantine list`` showed for the old queue it shows for
+        this one.  Returns how many.
+        """
+        theirs, ours = other._quarantined, self._quarantined
+        moved = 0
+        for key in theirs.ids():
+            ours.add(theirs.remove(key), key, now)
+            moved += 1
+        return moved
 
     def requeue_quarantined_messages(self) -> int:
         """Put every quarantined message back at the tail of the queue; how many.

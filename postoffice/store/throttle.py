@@ -83,6 +83,36 @@ class SenderThrottle:
             if not wanted or _includes(key.split(_SEP)[1:], wanted):
                 yield key
 
+    def throttled(self, now: float) -> Iterator[tuple[str, float]]:
+        """(key, until) of each key throttled at ``now``, in key order (reads every key).
+
+        For ``postoffice throttles list``: an administrator's look, not the
+        delivery path, so a walk over the tree is fine.
+        """
+        for key in self._senders:
+            _arrivals, until = self._entry(key)
+            if until is not None and until > now:
+                yield key, until
+
+    def forget(self, key: str) -> bool:
+        """Drop a key, its throttle and its arrivals: the sender starts afresh.
+
+        The arrivals go too, or the next automatic reply of a sender just
+        cleared would be counted with the burst that throttled it.
+        """
+        if key not in self._senders:
+            return False
+        arrivals, until = self._entry(key)
+        del self._senders[key]
+        activity = _activity(arrivals, until)
+        if activity is not None:
+            try:
+                self._by_time.discard((activity, key))
+            except TypeError:
+                self._heal()
+                self._by_time.discard((activity, key))
+        return True
+
     def record_arrival(
         self, key: str, now: float, window: float, throttle_until: float | None = None
     ) -> None:
@@ -206,6 +236,12 @@ def header_values(headers: Headers) -> tuple[str, ...] | None:
     if isinstance(headers, str):
         return (headers,)
     return tuple(headers)
+
+
+def split_key(key: str) -> tuple[str, tuple[str, ...]]:
+    """A key as (sender address, discriminator header values)."""
+    user, *values = key.split(_SEP)
+    return user, tuple(values)
 
 
 def user_key(user: str, headers: Sequence[str] | None) -> str:

@@ -425,10 +425,15 @@ def test_commands_work_while_serve_runs(tmp_path: Path) -> None:
             timeout=60,
         )
         assert listed.returncode == 0, listed.stderr
-        depths = {row["name"]: row["depth"] for row in json.loads(listed.stdout)}
+        depths = {row["name"]: row["depth"] for row in json.loads(listed.stdout)["queues"]}
         assert depths == {"Customer A": 1, "Customer B": 0}
     finally:
         assert stop(proc) == 0
+    # Whatever the umask it was started with, serve's files are not for other users.
+    var = tmp_path / "var"
+    made = [path for path in var.rglob("*") if not path.is_socket()]
+    assert var / "Data.fs" in made
+    assert {path: path.stat().st_mode & 0o007 for path in made} == dict.fromkeys(made, 0)
 
 
 def documented_loop(uri: str, out: Path) -> str:
