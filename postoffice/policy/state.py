@@ -196,8 +196,9 @@ class DepotReader:
     def read_throttle(self, path: str, queue_name: str, sender: str, now: float) -> bool | None:
         """Whether ``sender`` is throttled in ``queue_name``, in a fresh transaction, aborted."""
         manager = self._manager
-        assert manager is not None and self._connection is not None
+        assert manager is not None and self._db is not None and self._connection is not None
         try:
+            _check_connected(self._db)
             manager.abort()  # a new transaction: what serve committed since is seen
             try:
                 folder = find_folder(self._connection.root(), path)
@@ -224,6 +225,18 @@ class _FolderThrottles:
 
     def is_throttled(self, queue: str, sender: str, now: float) -> bool | None:
         return self._reader.read_throttle(self._path, queue, sender, now)
+
+
+def _check_connected(db: ZODB.DB) -> None:
+    """StorageUnavailable when a ZEO client has lost its server.
+
+    A disconnected ``ClientStorage`` still answers from its cache, with
+    the state as it was when the server went away; that is not the
+    depot's state, so it is not used.
+    """
+    is_connected = getattr(db.storage, "is_connected", None)
+    if callable(is_connected) and not is_connected():
+        raise StorageUnavailable("the ZEO server of the depot is not connected")
 
 
 def _readable_uri(uri: str) -> str:
