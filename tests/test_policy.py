@@ -28,11 +28,13 @@ from tests.helpers import (
     client,
     message,
     reply_codes,
+    run_postoffice,
     send,
     uri_for,
     wait_for,
     write_config,
 )
+from tests.integration.postfix_instance import free_port
 
 WAIT = 30.0
 LOOPER = "looper@outside.test"
@@ -458,3 +460,59 @@ def test_an_unreachable_depot_gives_dunno_logged_once_and_serve_starts_beside_it
         line for line in running.log().splitlines() if "cannot read the queue state" in line
     ]
     assert len(warnings) == 2  # once per outage
+
+
+# --- the command line -----------------------------------------------------------------------
+
+
+def test_listen_on_a_loopback_port_for_smtpd_inet_form(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    folder = tmp_path_factory.mktemp("tcp")
+    config = write_policy_config(folder)
+    port = free_port()
+    policy = Process(
+        folder,
+        config,
+        module="postoffice.cli",
+        args=("policy", "--listen", f"127.0.0.1:{port}"),
+        name="policy",
+    )
+    try:
+        policy.wait_for(f"listening on 127.0.0.1:{port}", stream="out", timeout=WAIT)
+        with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
+            sock.sendall(wire(rcpt("nobody@unknown.test")))
+            answer = b""
+            while not answer.endswith(b"\n\n"):
+                chunk = sock.recv(4096)
+                assert chunk, "closed without an answer"
+                answer += chunk
+        assert (
+            answer == b"action=REJECT 5.1.1 <nobody@unknown.test>: no queue for this recipient\n\n"
+        )
+        assert not (folder / "policy.sock").exists()  # --listen replaced [policy] listen
+    finally:
+        assert policy.stop() == 0
+
+
+def test_an_address_beyond_loopback_is_refused_without_allow_remote(tmp_path: Path) -> None:
+    config = write_policy_config(tmp_path)
+    result = run_postoffice("-C", str(config), "policy", "--listen", "192.0.2.1:10040")
+    assert result.returncode == 78
+    [line] = result.stderr.strip().splitlines()
+    assert "192.0.2.1:10040" in line and "allow_remote = yes in [policy]" in line
+
+
+def test_a_socket_another_policy_service_answers_on_is_left_alone(services: Services) -> None:
+    result = run_postoffice("-C", str(services.config), "policy")
+    assert result.returncode == 69
+    assert "another server answers on" in result.stderr
+    # The running one still answers on its socket.
+    assert services.ask(rcpt("user@alpha.test")) == "DUNNO"
+
+
+def test_help_says_what_the_policy_service_is_for() -> None:
+    result = run_postoffice("--help")
+    assert "policy" in result.stdout and "RCPT time" in result.stdout
+    result = run_postoffice("policy", "--help")
+    assert result.returncode == 0 and "--listen" in result.stdout
