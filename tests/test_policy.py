@@ -516,3 +516,37 @@ def test_help_says_what_the_policy_service_is_for() -> None:
     assert "policy" in result.stdout and "RCPT time" in result.stdout
     result = run_postoffice("policy", "--help")
     assert result.returncode == 0 and "--listen" in result.stdout
+
+
+def test_a_depot_that_does_not_answer_holds_no_request_and_no_stop(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    # A ZEO server nobody runs: opening it waits for one (wait_timeout) in the reader's thread.
+    folder = tmp_path_factory.mktemp("hang")
+    config = write_policy_config(folder)
+    config.write_text(
+        config.read_text().replace(
+            f"zodb_uri = {HERE_URI}", f"zodb_uri = zeo://{folder / 'nobody.sock'}?wait_timeout=120"
+        )
+    )
+    policy = Process(folder, config, module="postoffice.cli", args=("policy",), name="policy")
+    policy.wait_for("policy service listening on", stream="out", timeout=WAIT)
+    sock = folder / "policy.sock"
+    started = time.monotonic()
+    first = PolicyClient(sock)
+    assert first.ask(rcpt("user@alpha.test", sender=LOOPER)) == "DUNNO"
+    assert time.monotonic() - started < WAIT  # the request's own wait, not the opening's
+    first.close()
+    # While the opening still hangs, the next requests do not wait behind it.
+    started = time.monotonic()
+    connection = PolicyClient(sock)
+    for _ in range(20):
+        assert connection.ask(rcpt("user@alpha.test", sender=LOOPER)) == "DUNNO"
+    assert time.monotonic() - started < 5.0
+    connection.close()
+    log = policy.err.read_text()
+    assert log.count("cannot read the queue state") == 1
+    # And SIGTERM does not wait for the opening either.
+    started = time.monotonic()
+    assert policy.stop() == 0
+    assert time.monotonic() - started < 20.0
