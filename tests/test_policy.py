@@ -550,3 +550,8 @@ def test_a_depot_that_does_not_answer_holds_no_request_and_no_stop(
     started = time.monotonic()
     assert policy.stop() == 0
     assert time.monotonic() - started < 20.0
+
+
+def test_a_control_character_in_an_address_cannot_end_the_answer(services: Services) -> None:
+    answer = services.ask(rcpt("no\rbody@unknown.test"))
+    assert answer == "REJECT 5.1.1 <no?body@unknown.test>: no queue for this recipient"

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -47,6 +48,8 @@ IDLE_TIMEOUT = 1000.0
 # How long SIGTERM waits for the answers under way.
 SHUTDOWN_GRACE = 5.0
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
 ACCESS_POLICY = "smtpd_access_policy"
 RCPT_STATE = "RCPT"
 
@@ -66,11 +69,17 @@ def listen_address(settings: Settings, listen: str | None = None) -> ListenAddre
 
 
 def action(decision: PolicyDecision) -> str:
-    """The ``action=`` value Postfix reads for a decision."""
+    """The ``action=`` value Postfix reads for a decision.
+
+    The reply text names the recipient or sender the client gave; a control
+    character in it becomes ``?``, so that it can end neither our line nor
+    the SMTP reply Postfix makes of it.
+    """
+    reply = _CONTROL.sub("?", decision.reply)
     if decision.verdict is Verdict.REJECT:
-        return f"REJECT {decision.reply}"
+        return f"REJECT {reply}"
     if decision.verdict is Verdict.DEFER:
-        return f"DEFER_IF_PERMIT {decision.reply}"
+        return f"DEFER_IF_PERMIT {reply}"
     return "DUNNO"
 
 
@@ -167,7 +176,7 @@ class PolicyServer:
                 writer.write(f"action={answer}\n\n".encode())
                 await writer.drain()
                 self._connections[task] = False
-        except (ConnectionError, OSError):
+        except OSError:
             pass  # the client went away; nothing to answer
         finally:
             writer.close()
