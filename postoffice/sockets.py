@@ -180,6 +180,10 @@ def remove_if_ours(path: Path, ours: tuple[int, int] | None) -> None:
             path.unlink()
 
 
+# What listens for each ini section, as a refusal names it.
+_PROTOCOLS = {"lmtp": "LMTP", "policy": "Postfix's policy protocol"}
+
+
 def check_loopback(address: ListenAddress, allow_remote: bool, section: str = "lmtp") -> None:
     """No authentication: TCP beyond loopback only with ``allow_remote = yes``.
 
@@ -201,8 +205,9 @@ def check_loopback(address: ListenAddress, allow_remote: bool, section: str = "l
             raise ConfigError(f"listen {address}: cannot resolve {host!r}: {exc}") from None
         addresses = [ipaddress.ip_address(info[4][0]) for info in infos]
     if not addresses or not all(a.is_loopback for a in addresses):
+        protocol = _PROTOCOLS.get(section, section.upper())
         raise ConfigError(
-            f"listen {address}: not a loopback address; {section.upper()} has no "
+            f"listen {address}: not a loopback address; {protocol} has no "
             f"authentication, set allow_remote = yes in [{section}] to listen there"
         )
 
