@@ -58,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--listen", help="unix:/path, HOST:PORT or [IPv6]:PORT")
     serve.set_defaults(func=cmd_serve)
 
+    policy = sub.add_parser(
+        "policy",
+        help="run the Postfix policy service: refuse at RCPT time what the envelope decides",
+    )
+    policy.add_argument("--listen", help="unix:/path, HOST:PORT or [IPv6]:PORT")
+    policy.set_defaults(func=cmd_policy)
+
     imp = sub.add_parser("import-maildir", help="import a Maildir (the old postoffice script)")
     imp.add_argument("--maildir", help="Maildir to import (default: the maildir option)")
     imp.set_defaults(func=cmd_import_maildir)
@@ -219,6 +226,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from postoffice import lmtp
 
     return lmtp.serve(config.find_config(args.config), args.listen)
+
+
+def cmd_policy(args: argparse.Namespace) -> int:
+    """The Postfix policy service (postoffice.policy): refusals the envelope alone decides."""
+    from postoffice.policy import policy
+
+    return policy(config.find_config(args.config), args.listen)
 
 
 # --- import-maildir -------------------------------------------------------------

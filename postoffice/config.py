@@ -22,6 +22,7 @@ from postoffice.filters import Filter, parse_filter
 
 MAIN_SECTION = "post office"
 LMTP_SECTION = "lmtp"
+POLICY_SECTION = "policy"
 QUEUE_PREFIX = "queue:"
 
 DEFAULT_ZODB_PATH = "/postoffice"
@@ -56,6 +57,7 @@ _MAIN_OPTIONS = frozenset(
 _LMTP_OPTIONS = frozenset(
     {"listen", "socket_mode", "max_sessions", "idle_timeout", "allow_remote", "commit_batch"}
 )
+_POLICY_OPTIONS = frozenset({"listen", "allow_remote"})
 _QUEUE_OPTIONS = frozenset({"filters"})
 _TRUE = frozenset({"yes", "true", "on", "1"})
 _FALSE = frozenset({"no", "false", "off", "0"})
@@ -81,6 +83,18 @@ class LmtpSettings:
 
 
 @dataclass(frozen=True)
+class PolicySettings:
+    """The ``[policy]`` section: where ``postoffice policy`` listens for Postfix's smtpd.
+
+    The policy protocol has no authentication either: a TCP address beyond
+    loopback needs ``allow_remote``, as for ``[lmtp]``.
+    """
+
+    listen: str
+    allow_remote: bool = False
+
+
+@dataclass(frozen=True)
 class QueueRule:
     """One ``[queue:NAME]`` section: the queue wins when every filter matches."""
 
@@ -102,6 +116,9 @@ class Settings:
     queues: tuple[QueueRule, ...] = ()
     maildir: Path | None = None
     lmtp: LmtpSettings = field(default_factory=lambda: LmtpSettings(listen="unix:lmtp.sock"))
+    policy: PolicySettings = field(
+        default_factory=lambda: PolicySettings(listen="unix:policy.sock")
+    )
     source: Path | None = None
     # Messages kept in the dead-letter area before the oldest is dropped.
     dead_letter_max: int = 1000
@@ -333,12 +350,12 @@ class _Reader:
 
         queues: list[QueueRule] = []
         for section in self.parser.sections():
-            if section in (MAIN_SECTION, LMTP_SECTION):
+            if section in (MAIN_SECTION, LMTP_SECTION, POLICY_SECTION):
                 continue
             if not section.startswith(QUEUE_PREFIX):
                 raise ConfigError(
-                    f"{self.path}: [{section}]: unknown section "
-                    f"(expected [{MAIN_SECTION}], [{LMTP_SECTION}] or [queue:NAME])"
+                    f"{self.path}: [{section}]: unknown section (expected [{MAIN_SECTION}], "
+                    f"[{LMTP_SECTION}], [{POLICY_SECTION}] or [queue:NAME])"
                 )
             name = section[len(QUEUE_PREFIX) :].strip()
             if not name:
@@ -359,6 +376,7 @@ class _Reader:
             queues=tuple(queues),
             maildir=maildir,
             lmtp=self.lmtp(),
+            policy=self.policy(),
             source=self.path,
             dead_letter_max=dead_max,
             share=self.boolean(main, "share", True),
@@ -418,6 +436,21 @@ class _Reader:
             idle_timeout=idle,
             allow_remote=allow_remote,
             commit_batch=max(1, batch),
+        )
+
+    def policy(self) -> PolicySettings:
+        section = POLICY_SECTION
+        default_listen = f"unix:{self.base / 'var' / 'policy.sock'}"
+        if not self.parser.has_section(section):
+            return PolicySettings(listen=default_listen)
+        self.unknown(section, _POLICY_OPTIONS)
+        listen = self.scalar(section, "listen") or default_listen
+        try:
+            parse_listen(listen)
+        except ValueError as exc:
+            raise self.error(section, "listen", str(exc)) from None
+        return PolicySettings(
+            listen=listen, allow_remote=self.boolean(section, "allow_remote", False)
         )
 
 

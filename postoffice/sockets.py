@@ -11,6 +11,7 @@ protocol) has no authentication.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import enum
 import ipaddress
@@ -20,9 +21,10 @@ import socket
 import stat
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-from postoffice.config import ListenAddress
+from postoffice.config import ListenAddress, parse_listen
 from postoffice.errors import ConfigError, ListenError
 
 log = logging.getLogger("postoffice.sockets")
@@ -178,6 +180,10 @@ def remove_if_ours(path: Path, ours: tuple[int, int] | None) -> None:
             path.unlink()
 
 
+# What listens for each ini section, as a refusal names it.
+_PROTOCOLS = {"lmtp": "LMTP", "policy": "Postfix's policy protocol"}
+
+
 def check_loopback(address: ListenAddress, allow_remote: bool, section: str = "lmtp") -> None:
     """No authentication: TCP beyond loopback only with ``allow_remote = yes``.
 
@@ -199,7 +205,67 @@ def check_loopback(address: ListenAddress, allow_remote: bool, section: str = "l
             raise ConfigError(f"listen {address}: cannot resolve {host!r}: {exc}") from None
         addresses = [ipaddress.ip_address(info[4][0]) for info in infos]
     if not addresses or not all(a.is_loopback for a in addresses):
+        protocol = _PROTOCOLS.get(section, section.upper())
         raise ConfigError(
-            f"listen {address}: not a loopback address; {section.upper()} has no "
+            f"listen {address}: not a loopback address; {protocol} has no "
             f"authentication, set allow_remote = yes in [{section}] to listen there"
         )
+
+
+def listen_address(text: str, allow_remote: bool, section: str) -> ListenAddress:
+    """``text`` as an address to listen on, refused as configuration if unusable.
+
+    A TCP address beyond loopback without ``allow_remote`` is refused here,
+    before anything opens: neither LMTP nor the policy protocol has
+    authentication.  ``section`` is the ini section the refusal names.
+    """
+    try:
+        address = parse_listen(text)
+    except ValueError as exc:
+        raise ConfigError(f"listen {text!r}: {exc}") from None
+    check_loopback(address, allow_remote, section)
+    return address
+
+
+@dataclass(frozen=True)
+class Listening:
+    """An asyncio server listening on an address, and the socket file it made.
+
+    ``socket_id`` identifies our unix socket file, so that a stop removes
+    it (:func:`remove_if_ours`) but never one another server put there since.
+    """
+
+    server: asyncio.AbstractServer
+    listening_on: str
+    socket_id: tuple[int, int] | None = None
+
+
+async def start_listening(
+    address: ListenAddress, mode: int, factory: Callable[[], asyncio.BaseProtocol]
+) -> Listening:
+    """Listen on ``address`` with ``factory``'s protocols, the way every server of ours does.
+
+    A unix socket is born with ``mode`` (:func:`bind_unix`: a stale one is
+    replaced, a live one refused); TCP reuses the address and takes the
+    port the system gives for port 0.  ListenError when it cannot listen.
+    """
+    loop = asyncio.get_running_loop()
+    if address.path is not None:
+        sock = bind_unix(address.path, mode)
+        socket_id = file_id(address.path)
+        try:
+            server = await loop.create_unix_server(factory, sock=sock)
+        except BaseException:
+            sock.close()
+            remove_if_ours(address.path, socket_id)
+            raise
+        return Listening(server, str(address), socket_id)
+    assert address.port is not None
+    try:
+        server = await loop.create_server(
+            factory, address.host, address.port, reuse_address=True, backlog=LISTEN_BACKLOG
+        )
+    except OSError as exc:
+        raise ListenError(f"cannot listen on {address}: {exc.strerror or exc}") from None
+    bound = server.sockets[0].getsockname()
+    return Listening(server, str(ListenAddress(host=bound[0], port=bound[1])))

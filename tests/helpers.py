@@ -342,15 +342,26 @@ def wait_for(check: Callable[[], object], timeout: float, what: str, pause: floa
 class Process:
     """``python -m postoffice.lmtp -C CONFIG`` with its output in files we can poll.
 
-    Its stdout and stderr go to ``server.out`` and ``server.err`` in ``folder``.
+    Its stdout and stderr go to ``NAME.out`` and ``NAME.err`` in ``folder``
+    (``server`` unless ``name`` says otherwise).  ``module`` and ``args``
+    run another command the same way: ``module="postoffice.cli",
+    args=("policy",)`` is ``postoffice -C CONFIG policy``.
     """
 
-    def __init__(self, folder: Path, config_path: Path) -> None:
-        self.out = folder / "server.out"
-        self.err = folder / "server.err"
+    def __init__(
+        self,
+        folder: Path,
+        config_path: Path,
+        *,
+        module: str = "postoffice.lmtp",
+        args: Sequence[str] = (),
+        name: str = "server",
+    ) -> None:
+        self.out = folder / f"{name}.out"
+        self.err = folder / f"{name}.err"
         with self.out.open("wb") as out, self.err.open("wb") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "postoffice.lmtp", "-C", str(config_path)],
+                [sys.executable, "-m", module, "-C", str(config_path), *args],
                 stdout=out,
                 stderr=err,
                 stdin=subprocess.DEVNULL,

@@ -530,3 +530,29 @@ def test_discard_of_an_unknown_family_is_refused_naming_the_known_ones(tmp_path:
     error = refused(tmp_path, MINIMAL + "discard = reject_filters, duplicates\n")
     assert "[post office] discard" in error
     assert "'duplicates'" in error and "reject_filters, no_queue, auto_reply, throttle" in error
+
+
+def test_the_policy_section_says_where_the_policy_service_listens(tmp_path: Path) -> None:
+    default = load(write(tmp_path, MINIMAL))
+    assert default.policy.listen == f"unix:{tmp_path.resolve() / 'var' / 'policy.sock'}"
+    assert default.policy.allow_remote is False
+    text = (
+        MINIMAL + "\n[policy]\nlisten = 127.0.0.1:10040  # smtpd's inet: form\nallow_remote = yes\n"
+    )
+    settings = load(write(tmp_path, text))
+    assert settings.policy.listen == "127.0.0.1:10040"
+    assert settings.policy.allow_remote is True
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        ("socket_mode = 0666", "[policy] socket_mode: unknown option"),
+        ("listen = localhost", "[policy] listen: not an address: 'localhost'"),
+        ("allow_remote = perhaps", "[policy] allow_remote: not yes or no: 'perhaps'"),
+    ],
+)
+def test_a_bad_policy_section_is_refused_naming_the_option(
+    tmp_path: Path, lines: str, message: str
+) -> None:
+    assert message in refused(tmp_path, MINIMAL + f"\n[policy]\n{lines}\n")

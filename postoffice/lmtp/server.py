@@ -36,7 +36,7 @@ from postoffice import config, logs, sockets
 from postoffice.config import ListenAddress, Settings
 from postoffice.deliver import Depot
 from postoffice.embedded import shared
-from postoffice.errors import ConfigError, ListenError, PostofficeError, exit_code
+from postoffice.errors import ConfigError, PostofficeError, exit_code
 from postoffice.lmtp.session import LmtpHandler, LmtpSession
 from postoffice.lmtp.writer import CommitWriter
 
@@ -58,13 +58,9 @@ def listen_address(settings: Settings, listen: str | None = None) -> ListenAddre
     A TCP address beyond loopback without ``allow_remote`` is refused here,
     before anything opens: LMTP has no authentication.
     """
-    text = listen or settings.lmtp.listen
-    try:
-        address = config.parse_listen(text)
-    except ValueError as exc:
-        raise ConfigError(f"listen {text!r}: {exc}") from None
-    sockets.check_loopback(address, settings.lmtp.allow_remote)
-    return address
+    return sockets.listen_address(
+        listen or settings.lmtp.listen, settings.lmtp.allow_remote, "lmtp"
+    )
 
 
 class LmtpServer:
@@ -165,34 +161,12 @@ class LmtpServer:
         """
         self._begin()
         assert self._loop is not None
-        if self.address.path is not None:
-            sock = sockets.bind_unix(self.address.path, self.settings.lmtp.socket_mode)
-            self._socket_id = sockets.file_id(self.address.path)
-            try:
-                self._server = await self._loop.create_unix_server(
-                    lambda: LmtpSession(self), sock=sock
-                )
-            except BaseException:
-                sock.close()
-                self._remove_socket()
-                raise
-            self.listening_on = str(self.address)
-        else:
-            assert self.address.port is not None
-            try:
-                self._server = await self._loop.create_server(
-                    lambda: LmtpSession(self),
-                    self.address.host,
-                    self.address.port,
-                    reuse_address=True,
-                    backlog=sockets.LISTEN_BACKLOG,
-                )
-            except OSError as exc:
-                raise ListenError(
-                    f"cannot listen on {self.address}: {exc.strerror or exc}"
-                ) from None
-            bound = self._server.sockets[0].getsockname()
-            self.listening_on = str(ListenAddress(host=bound[0], port=bound[1]))
+        listening = await sockets.start_listening(
+            self.address, self.settings.lmtp.socket_mode, lambda: LmtpSession(self)
+        )
+        self._server = listening.server
+        self._socket_id = listening.socket_id
+        self.listening_on = listening.listening_on
         self.writer.opening = True
         self.writer.start()
         try:

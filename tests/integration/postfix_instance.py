@@ -38,6 +38,7 @@ __all__ = [
     "find_tool",
     "free_port",
     "in_ci",
+    "main_cf_settings",
     "make_traversable",
     "parse_sink_dump",
     "require_root",
@@ -134,6 +135,23 @@ def _wait_gone(pids: Sequence[int], timeout: float) -> list[int]:
         time.sleep(0.05)
         alive = [pid for pid in alive if _pid_alive(pid)]
     return alive
+
+
+def main_cf_settings(text: str) -> dict[str, str]:
+    """``name = value`` settings of a main.cf fragment, continuation lines joined."""
+    settings: dict[str, str] = {}
+    name = None
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if line[0].isspace():
+            assert name is not None, f"continuation without a setting: {line!r}"
+            settings[name] += " " + line.strip()
+            continue
+        name, _, value = line.partition("=")
+        name = name.strip()
+        settings[name] = value.strip()
+    return settings
 
 
 def _inline_map(entries: Mapping[str, str]) -> str:

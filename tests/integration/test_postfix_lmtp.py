@@ -29,6 +29,7 @@ from tests.integration.conftest import PostfixFactory
 from tests.integration.postfix_instance import (
     PostfixInstance,
     SmtpSink,
+    main_cf_settings,
     make_traversable,
     require_root,
     require_tool,
@@ -200,23 +201,6 @@ def test_mail_waits_in_postfix_while_serve_is_down(
 
 
 # --- the files of postfix-examples/, as written ---------------------------------------
-
-
-def main_cf_settings(text: str) -> dict[str, str]:
-    """``name = value`` settings of a main.cf fragment, continuation lines joined."""
-    settings: dict[str, str] = {}
-    name = None
-    for line in text.splitlines():
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        if line[0].isspace():
-            assert name is not None, f"continuation without a setting: {line!r}"
-            settings[name] += " " + line.strip()
-            continue
-        name, _, value = line.partition("=")
-        name = name.strip()
-        settings[name] = value.strip()
-    return settings
 
 
 def master_cf_services(text: str) -> list[str]:
