@@ -617,11 +617,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     """Everything ``serve`` would refuse, refused here; reads the database, never creates it."""
     from postoffice.lmtp.server import listen_address
+    from postoffice.policy.server import listen_address as policy_address
     from postoffice.store import find_folder, retired
 
     path = config.find_config(args.config)
     settings = config.load(path)
     listen_address(settings)
+    policy_address(settings)
     warnings = config.warnings(settings)
     uri = consumer_uri(settings.zodb_uri)
     report: dict[str, Any] = {

@@ -465,6 +465,12 @@ def test_check_refuses_a_listen_address_serve_refuses(tmp_path: Path) -> None:
         [line] = result.stderr.splitlines()
         assert "not a loopback address" in line and "allow_remote = yes" in line
     assert not (tmp_path / "var").exists()  # serve refused before opening the database
+    policy = tmp_path / "policy.ini"
+    policy.write_text(config_with(extra="\n[policy]\nlisten = 0.0.0.0:10040\n"))
+    for command in ("check", "policy"):
+        result = run("-C", str(policy), command)
+        assert result.returncode == 78, command
+        assert "not a loopback address" in result.stderr
 
 
 def test_check_warns_of_an_open_socket_and_of_queues_that_take_no_mail(tmp_path: Path) -> None:
