@@ -110,13 +110,19 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 # The one line logged for every recipient of every message, whichever door it came by.
-DECISION_LINE = "message-id=%s sender=<%s> rcpt=<%s> queue=%s reply=%r reason=%r size=%s"
+# What each action is called in the log, in the words of Postfix's own lines.
+STATUS = {
+    Action.ACCEPT: "sent",
+    Action.DISCARD: "discarded",
+    Action.REJECT: "refused",
+    Action.DEFER: "deferred",
+}
 # Bytes of a message read to name its Message-Id in the log when it was not parsed.
 LOG_HEAD = 64 * 1024
 
 
 def log_outcomes(delivery: Delivery, outcomes: Sequence[Outcome], size: int | None = None) -> None:
-    """One line per recipient: Message-Id, sender, recipient, queue, reply, rule and reason."""
+    """One line per recipient (:func:`decision_line`), from both front doors alike."""
     message_id = next((o.message_id for o in outcomes if o.message_id), None)
     if message_id is None:
         message_id = message_id_of(delivery.raw[:LOG_HEAD])
@@ -128,8 +134,10 @@ def log_outcomes(delivery: Delivery, outcomes: Sequence[Outcome], size: int | No
             outcome.recipient,
             decision.queue,
             outcome.reply,
-            f"{decision.rule.name.lower()}: {decision.reason}",
+            decision.rule.name.lower(),
+            decision.reason,
             len(delivery.raw) if size is None else size,
+            STATUS[decision.action],
         )
 
 
@@ -139,11 +147,64 @@ def log_decision(
     rcpt: str,
     queue: str | None,
     reply: str,
+    rule: str,
     reason: str,
     size: int,
+    status: str | None = None,
 ) -> None:
-    """The decision line, for replies made before the depot saw the message too."""
-    log.info(DECISION_LINE, message_id or "-", sender, rcpt, queue or "-", reply, reason, size)
+    """The decision line, also for replies made before the depot saw the message.
+
+    Without ``status`` it is read from the reply's code (4xx deferred, 5xx refused).
+    """
+    if status is None:
+        status = "sent" if reply[:1] == "2" else "deferred" if reply[:1] == "4" else "refused"
+    log.info(
+        "%s", decision_line(message_id, sender, rcpt, size, queue, rule, reason, status, reply)
+    )
+
+
+def decision_line(
+    message_id: str | None,
+    sender: str,
+    rcpt: str,
+    size: int,
+    queue: str | None,
+    rule: str,
+    reason: str,
+    status: str,
+    reply: str,
+) -> str:
+    """``msgid=<...> from=<...> to=<...> size=N queue=... rule=... reason=... status=... (reply)``.
+
+    The keys and their order are those of Postfix's own delivery lines
+    (``from=<>``, ``to=<>``, ``size=``, ``status=sent (250 ...)``), so that
+    the same ``grep`` and log tools read both; a value with a space, a quote
+    or a backslash is written in double quotes, escaped as in C.
+    """
+    return (
+        f"msgid={quoted(message_id or '-')} from=<{log_text(sender)}> "
+        f"to=<{log_text(rcpt)}> size={size} queue={quoted(queue or '-')} "
+        f"rule={rule} reason={quoted(reason)} status={status} ({reply})"
+    )
+
+
+_PLAIN = re.compile(r"[^\s\"\\=()]+")
+
+
+def log_text(value: str) -> str:
+    """A value fit for one log line: control characters (a CR, LF) written as ``\\xNN``.
+
+    Not made ASCII: an address in UTF-8 is logged as it came, as Postfix does.
+    """
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", value)
+
+
+def quoted(value: str) -> str:
+    """A log value as it is when it is one plain word, else in escaped double quotes."""
+    value = log_text(value)
+    if _PLAIN.fullmatch(value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def message_id_of(head: bytes) -> str | None:

@@ -89,12 +89,12 @@ def test_each_family_discarded_is_answered_250_kept_for_review_and_never_queued(
     ]
     assert all(r["sender"] == "envelope@outside.test" for r in rows)
     # The decision is logged, with the rule, like every other.
-    lines = [r.getMessage() for r in caplog.records if "rcpt=" in r.getMessage()]
+    lines = [r.getMessage() for r in caplog.records if " status=" in r.getMessage()]
     assert len(lines) == 5
     for line, rule in zip(
         lines[:3] + lines[4:], ["reject_filter", "no_queue", "auto_reply", "throttled"], strict=True
     ):
-        assert re.search(rf"reply=['\"]250 2\.0\.0 .* reason=['\"]{rule}: ", line), line
+        assert re.search(rf" rule={rule} reason=.* status=discarded \(250 2\.0\.0 ", line), line
 
 
 def test_by_default_the_same_mail_is_refused_and_nothing_is_kept(
@@ -157,7 +157,10 @@ def test_the_pipe_exits_0_for_a_discarded_refusal_and_69_for_one_still_refused(
         "s@sender.test",
     )
     assert stored(uri_for(tmp_path / "var"), "App") == []
-    assert "reply='250 2.0.0 <someone@elsewhere.test> accepted, kept for review" in log.read_text()
+    assert (
+        "status=discarded (250 2.0.0 <someone@elsewhere.test> accepted, kept for review"
+        in log.read_text()
+    )
 
 
 def test_show_requeue_and_delete(start: Callable[..., LmtpServer], tmp_path: Path) -> None:

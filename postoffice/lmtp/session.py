@@ -419,16 +419,16 @@ class LmtpSession(LMTP):
             if received.problem == "size":
                 decision = too_big(self._lmtp.size_limit, received.size)
                 replies = [Outcome(rcpt, decision).reply for rcpt in recipients]
-                reason = f"size: {decision.reason}"
+                rule, reason = "size", decision.reason
             else:
                 replies = [
                     reply_line(500, "5.5.2", f"<{rcpt}> line too long (over 1000 octets)")
                     for rcpt in recipients
                 ]
-                reason = "line over 1000 octets (RFC 5321 4.5.3.1.6)"
+                rule, reason = "line_length", "line over 1000 octets (RFC 5321 4.5.3.1.6)"
             message_id = message_id_of(received.head)
             for rcpt, reply in zip(recipients, replies, strict=True):
-                log_decision(message_id, sender, rcpt, None, reply, reason, received.size)
+                log_decision(message_id, sender, rcpt, None, reply, rule, reason, received.size)
             return replies
         delivery = Delivery(sender, tuple(recipients), received.data)
         # A commit may take long (a ZEO server coming back): not an idle session.

@@ -207,8 +207,9 @@ POSTFIX_LINE = re.compile(
 )
 POSTFIX_STATUS = re.compile(r"to=<(?P<rcpt>[^>]*)>, .*status=(?P<status>\w+) \((?P<text>.*)\)$")
 SERVE_LINE = re.compile(
-    r"message-id=(?P<mid>\S+) sender=<[^>]*> rcpt=<(?P<rcpt>[^>]*)> queue=(?P<queue>\S+) "
-    r"reply=(?P<reply>'[^']*'|\"[^\"]*\") reason="
+    r"msgid=(?P<mid>\S+) from=<[^>]*> to=<(?P<rcpt>[^>]*)> size=\d+ queue=(?P<queue>\S+) "
+    r".* status=\w+ \((?P<reply>.*)\)$",
+    re.M,
 )
 QUEUED = re.compile(r"^250 2\.0\.0 <(?P<rcpt>[^>]*)> queued in (?P<queue>\S+) as (?P<key>\d+)$")
 DUPLICATE = re.compile(r"^250 2\.0\.0 <[^>]*> accepted, not queued: duplicate of (?P<mid>\S+) ")
@@ -258,7 +259,7 @@ class ServeLog:
         decisions = []
         for server in servers:
             for match in SERVE_LINE.finditer(server.log()):
-                reply = match["reply"][1:-1]
+                reply = match["reply"]
                 decisions.append((match["mid"], match["rcpt"], reply))
         return cls(decisions)
 
