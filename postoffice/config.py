@@ -23,6 +23,7 @@ from postoffice.filters import Filter, parse_filter
 MAIN_SECTION = "post office"
 LMTP_SECTION = "lmtp"
 POLICY_SECTION = "policy"
+LOGGING_SECTION = "logging"
 QUEUE_PREFIX = "queue:"
 
 DEFAULT_ZODB_PATH = "/postoffice"
@@ -58,6 +59,13 @@ _LMTP_OPTIONS = frozenset(
     {"listen", "socket_mode", "max_sessions", "idle_timeout", "allow_remote", "commit_batch"}
 )
 _POLICY_OPTIONS = frozenset({"listen", "allow_remote"})
+_LOGGING_OPTIONS = frozenset({"level", "target", "facility"})
+LOG_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+# syslog(3)'s facilities by name, as SysLogHandler knows them.
+SYSLOG_FACILITIES = frozenset(
+    {"mail", "daemon", "user", "local0", "local1", "local2", "local3", "local4", "local5"}
+    | {"local6", "local7"}
+)
 _QUEUE_OPTIONS = frozenset({"filters"})
 _TRUE = frozenset({"yes", "true", "on", "1"})
 _FALSE = frozenset({"no", "false", "off", "0"})
@@ -95,6 +103,21 @@ class PolicySettings:
 
 
 @dataclass(frozen=True)
+class LoggingSettings:
+    """The ``[logging]`` section: how much ``serve``, ``policy`` and the pipe log, and where.
+
+    ``target`` is ``stderr`` (the journal under systemd), ``syslog`` (beside
+    Postfix's lines, with ``facility``) or an absolute file path.  The pipe
+    never logs to stderr (pipe(8) would put it into bounces): for it,
+    ``stderr`` means its own default, ``$POSTOFFICE_LOG`` or syslog.
+    """
+
+    level: int = 20  # logging.INFO
+    target: str = "stderr"
+    facility: str = "mail"
+
+
+@dataclass(frozen=True)
 class QueueRule:
     """One ``[queue:NAME]`` section: the queue wins when every filter matches."""
 
@@ -119,6 +142,7 @@ class Settings:
     policy: PolicySettings = field(
         default_factory=lambda: PolicySettings(listen="unix:policy.sock")
     )
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
     source: Path | None = None
     # Messages kept in the dead-letter area before the oldest is dropped.
     dead_letter_max: int = 1000
@@ -350,12 +374,12 @@ class _Reader:
 
         queues: list[QueueRule] = []
         for section in self.parser.sections():
-            if section in (MAIN_SECTION, LMTP_SECTION, POLICY_SECTION):
+            if section in (MAIN_SECTION, LMTP_SECTION, POLICY_SECTION, LOGGING_SECTION):
                 continue
             if not section.startswith(QUEUE_PREFIX):
                 raise ConfigError(
                     f"{self.path}: [{section}]: unknown section (expected [{MAIN_SECTION}], "
-                    f"[{LMTP_SECTION}], [{POLICY_SECTION}] or [queue:NAME])"
+                    f"[{LMTP_SECTION}], [{POLICY_SECTION}], [{LOGGING_SECTION}] or [queue:NAME])"
                 )
             name = section[len(QUEUE_PREFIX) :].strip()
             if not name:
@@ -377,6 +401,7 @@ class _Reader:
             maildir=maildir,
             lmtp=self.lmtp(),
             policy=self.policy(),
+            logging=self.logging(),
             source=self.path,
             dead_letter_max=dead_max,
             share=self.boolean(main, "share", True),
@@ -452,6 +477,30 @@ class _Reader:
         return PolicySettings(
             listen=listen, allow_remote=self.boolean(section, "allow_remote", False)
         )
+
+    def logging(self) -> LoggingSettings:
+        section = LOGGING_SECTION
+        if not self.parser.has_section(section):
+            return LoggingSettings()
+        self.unknown(section, _LOGGING_OPTIONS)
+        level_name = (self.scalar(section, "level") or "info").lower()
+        if level_name not in LOG_LEVELS:
+            raise self.error(
+                section, "level", f"{level_name!r} is not one of {', '.join(LOG_LEVELS)}"
+            )
+        target = self.scalar(section, "target") or "stderr"
+        if target not in ("stderr", "syslog") and not os.path.isabs(target):
+            raise self.error(
+                section, "target", f"{target!r}: stderr, syslog or an absolute file path"
+            )
+        facility = (self.scalar(section, "facility") or "mail").lower()
+        if facility not in SYSLOG_FACILITIES:
+            raise self.error(
+                section,
+                "facility",
+                f"{facility!r} is not one of {', '.join(sorted(SYSLOG_FACILITIES))}",
+            )
+        return LoggingSettings(LOG_LEVELS[level_name], target, facility)
 
 
 @dataclass(frozen=True)

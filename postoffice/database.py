@@ -207,13 +207,16 @@ def open_db_waiting(
 ) -> ZODB.DB:
     """``open_db``, waiting up to ``wait`` seconds while another process holds the file lock."""
     deadline = clock() + wait
+    told = False  # one line for the wait, not one a poll
     while True:
         try:
             return open_db(uri)
         except StorageUnavailable as exc:
             if not is_lock_error(exc) or clock() >= deadline:
                 raise
-            log.info("database locked by another process, waiting: %s", exc)
+            if not told:
+                log.info("database locked by another process, waiting up to %gs: %s", wait, exc)
+                told = True
         sleep(LOCK_POLL)
 
 

@@ -233,6 +233,7 @@ def _deliver(args: Arguments) -> tuple[int, list[str]]:
     except ConfigError as exc:
         log.error("configuration error, deferring the message: %s", exc)
         return os.EX_TEMPFAIL, [CONFIG_FAILED]
+    logs.for_pipe(PROG, settings=settings.logging)
 
     stdin = sys.stdin.buffer if sys.stdin is not None else None
     if stdin is None:

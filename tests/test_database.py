@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import pytest
 
-from postoffice.database import open_db, redact, redact_uri
-from postoffice.errors import ConfigError
+from postoffice.database import open_db, open_db_waiting, redact, redact_uri
+from postoffice.errors import ConfigError, StorageUnavailable
+from tests.helpers import uri_for
 
 
 @pytest.mark.parametrize(
@@ -51,3 +55,64 @@ def test_a_scheme_without_resolver_says_which_extra_to_install() -> None:
 def test_a_misspelt_scheme_is_a_configuration_error() -> None:
     with pytest.raises(ConfigError, match="no resolver for zoe: URIs"):
         open_db("zoe:///srv/po/zeo.sock")
+
+
+# --- waiting for a FileStorage another process holds --------------------------------
+
+
+class FakeTime:
+    """The clock and sleep of the wait loop: no test waits ten real seconds."""
+
+    def __init__(self, on_sleep: object = None) -> None:
+        self.now = 0.0
+        self.sleeps = 0
+        self.on_sleep = on_sleep
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+        self.sleeps += 1
+        if callable(self.on_sleep):
+            self.on_sleep(self.sleeps)
+
+
+def waiting_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "locked by another process" in r.getMessage()]
+
+
+def test_a_lock_held_too_long_is_one_log_line_then_unavailable(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    uri = uri_for(tmp_path)
+    holder = open_db(uri)  # the lock, as another postoffice-deliver holds it
+    try:
+        fake = FakeTime()
+        with (
+            caplog.at_level(logging.INFO, logger="postoffice.database"),
+            pytest.raises(StorageUnavailable),
+        ):
+            open_db_waiting(uri, wait=10.0, sleep=fake.sleep, clock=fake.clock)
+        assert fake.sleeps >= 40  # it kept trying for the whole wait...
+        assert len(waiting_lines(caplog)) == 1  # ...and said so once
+    finally:
+        holder.close()
+
+
+def test_a_lock_given_up_while_waiting_opens_the_database(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    uri = uri_for(tmp_path)
+    holder = open_db(uri)
+
+    def release(sleeps: int) -> None:
+        if sleeps == 3:
+            holder.close()
+
+    fake = FakeTime(release)
+    with caplog.at_level(logging.INFO, logger="postoffice.database"):
+        db = open_db_waiting(uri, wait=10.0, sleep=fake.sleep, clock=fake.clock)
+    db.close()
+    assert fake.sleeps == 3
+    assert len(waiting_lines(caplog)) == 1

@@ -400,6 +400,7 @@ def serve(settings_path: Path, listen: str | None = None) -> int:
     try:
         settings = config.load(settings_path)
         listen_address(settings, listen)  # refused before the depot opens
+        logs.configure(settings.logging, "postoffice")
         for warning in config.warnings(settings):
             log.warning("%s", warning)
         with shared(settings.zodb_uri, share=settings.share) as depot:

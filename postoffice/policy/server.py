@@ -30,7 +30,7 @@ import signal
 import sys
 from pathlib import Path
 
-from postoffice import clock, config, sockets
+from postoffice import clock, config, logs, sockets
 from postoffice.config import ListenAddress, Settings
 from postoffice.errors import ConfigError, PostofficeError, exit_code
 from postoffice.policy.decide import UNKNOWN, PolicyDecision, Verdict, decide
@@ -292,6 +292,7 @@ def policy(settings_path: Path, listen: str | None = None) -> int:
     """
     try:
         settings = config.load(settings_path)
+        logs.configure(settings.logging, "postoffice-policy")
         server = PolicyServer(settings, settings_path=Path(settings_path), listen=listen)
         return asyncio.run(server.run(install_signals=True))
     except PostofficeError as exc:
