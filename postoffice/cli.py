@@ -616,7 +616,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Everything ``serve`` would refuse, refused here; reads the database, never creates it."""
-    from postoffice.lmtp.server import listen_address
+    from postoffice.lmtp.server import check_metrics, listen_address
     from postoffice.policy.server import listen_address as policy_address
     from postoffice.store import find_folder, retired
 
@@ -624,6 +624,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     settings = config.load(path)
     listen_address(settings)
     policy_address(settings)
+    check_metrics(settings)
     warnings = config.warnings(settings)
     uri = consumer_uri(settings.zodb_uri)
     report: dict[str, Any] = {

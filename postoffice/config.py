@@ -24,6 +24,7 @@ MAIN_SECTION = "post office"
 LMTP_SECTION = "lmtp"
 POLICY_SECTION = "policy"
 LOGGING_SECTION = "logging"
+METRICS_SECTION = "metrics"
 QUEUE_PREFIX = "queue:"
 
 DEFAULT_ZODB_PATH = "/postoffice"
@@ -60,6 +61,7 @@ _LMTP_OPTIONS = frozenset(
 )
 _POLICY_OPTIONS = frozenset({"listen", "allow_remote"})
 _LOGGING_OPTIONS = frozenset({"level", "target", "facility"})
+_METRICS_OPTIONS = frozenset({"listen", "allow_remote"})
 LOG_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 # syslog(3)'s facilities by name, as SysLogHandler knows them.
 SYSLOG_FACILITIES = frozenset(
@@ -118,6 +120,14 @@ class LoggingSettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    """The ``[metrics]`` section: where ``serve`` answers Prometheus' scrapes (None: off)."""
+
+    listen: str | None = None
+    allow_remote: bool = False
+
+
+@dataclass(frozen=True)
 class QueueRule:
     """One ``[queue:NAME]`` section: the queue wins when every filter matches."""
 
@@ -143,6 +153,7 @@ class Settings:
         default_factory=lambda: PolicySettings(listen="unix:policy.sock")
     )
     logging: LoggingSettings = field(default_factory=LoggingSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     source: Path | None = None
     # Messages kept in the dead-letter area before the oldest is dropped.
     dead_letter_max: int = 1000
@@ -374,7 +385,13 @@ class _Reader:
 
         queues: list[QueueRule] = []
         for section in self.parser.sections():
-            if section in (MAIN_SECTION, LMTP_SECTION, POLICY_SECTION, LOGGING_SECTION):
+            if section in (
+                MAIN_SECTION,
+                LMTP_SECTION,
+                POLICY_SECTION,
+                LOGGING_SECTION,
+                METRICS_SECTION,
+            ):
                 continue
             if not section.startswith(QUEUE_PREFIX):
                 raise ConfigError(
@@ -402,6 +419,7 @@ class _Reader:
             lmtp=self.lmtp(),
             policy=self.policy(),
             logging=self.logging(),
+            metrics=self.metrics(),
             source=self.path,
             dead_letter_max=dead_max,
             share=self.boolean(main, "share", True),
@@ -477,6 +495,21 @@ class _Reader:
         return PolicySettings(
             listen=listen, allow_remote=self.boolean(section, "allow_remote", False)
         )
+
+    def metrics(self) -> MetricsSettings:
+        section = METRICS_SECTION
+        if not self.parser.has_section(section):
+            return MetricsSettings()
+        self.unknown(section, _METRICS_OPTIONS)
+        listen = self.scalar(section, "listen")
+        if listen:
+            try:
+                address = parse_listen(listen)
+            except ValueError as exc:
+                raise self.error(section, "listen", str(exc)) from None
+            if address.path is not None:
+                raise self.error(section, "listen", "HOST:PORT: Prometheus scrapes over TCP")
+        return MetricsSettings(listen or None, self.boolean(section, "allow_remote", False))
 
     def logging(self) -> LoggingSettings:
         section = LOGGING_SECTION

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -44,6 +45,25 @@ def attempts(minimum: int, patience: float) -> Iterator[int]:
         yield number
 
 
+class _Count:
+    """A number threads add to: the conflicts retried, for the log and the metrics."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._value = 0
+
+    def add(self) -> None:
+        with self._lock:
+            self._value += 1
+
+    def __int__(self) -> int:
+        return self._value
+
+
+# Every ConflictError :func:`committed` retried in this process.
+conflicts_retried = _Count()
+
+
 def committed(manager: Any, work: Callable[[], T], minimum: int, patience: float) -> T:
     """``work()`` in a transaction of ``manager``, committed; its result.
 
@@ -60,6 +80,7 @@ def committed(manager: Any, work: Callable[[], T], minimum: int, patience: float
         except ConflictError as exc:
             manager.abort()
             last = exc
+            conflicts_retried.add()
             continue
         except BaseException:
             manager.abort()

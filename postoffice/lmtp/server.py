@@ -24,7 +24,7 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -32,7 +32,7 @@ from typing import Any
 import ZODB
 from aiosmtpd.smtp import DATA_SIZE_DEFAULT
 
-from postoffice import config, logs, sockets
+from postoffice import config, logs, retry, sockets
 from postoffice.config import ListenAddress, Settings
 from postoffice.deliver import Depot
 from postoffice.embedded import shared
@@ -400,6 +400,7 @@ def serve(settings_path: Path, listen: str | None = None) -> int:
     try:
         settings = config.load(settings_path)
         listen_address(settings, listen)  # refused before the depot opens
+        check_metrics(settings)
         logs.configure(settings.logging, "postoffice")
         for warning in config.warnings(settings):
             log.warning("%s", warning)
@@ -409,9 +410,41 @@ def serve(settings_path: Path, listen: str | None = None) -> int:
                 print(f"postoffice: consumers use {depot.client_uri}", flush=True)
                 db = depot.db
             server = LmtpServer(settings, settings_path=Path(settings_path), listen=listen, db=db)
-            return asyncio.run(server.run(install_signals=True))
+            stop_metrics = _start_metrics(settings, server)
+            try:
+                return asyncio.run(server.run(install_signals=True))
+            finally:
+                if stop_metrics is not None:
+                    stop_metrics()
+                log.info("%d commits retried after a conflict", int(retry.conflicts_retried))
     except PostofficeError as exc:
         return _fail(exit_code(exc), str(exc))
+
+
+def check_metrics(settings: Settings) -> None:
+    """``[metrics] listen`` beyond loopback without ``allow_remote``: refused, as for LMTP."""
+    if settings.metrics.listen is not None:
+        address = config.parse_listen(settings.metrics.listen)
+        sockets.check_loopback(address, settings.metrics.allow_remote, config.METRICS_SECTION)
+
+
+def _start_metrics(settings: Settings, server: LmtpServer) -> Callable[[], None] | None:
+    """``[metrics]``: Prometheus' figures of this server over HTTP; the stop function."""
+    if settings.metrics.listen is None:
+        return None
+    try:
+        from postoffice import metrics
+    except ImportError:
+        raise ConfigError(
+            "[metrics] listen is set but prometheus_client is not installed "
+            "(pip install 'postoffice[metrics]')"
+        ) from None
+    figures = metrics.Metrics()
+    server.depot.observer = figures.delivered
+    figures.sessions.set_function(lambda: len(server.sessions))
+    depot = server.depot
+    figures.watch(lambda: metrics.folder_of(depot.db(), depot.settings.zodb_path))
+    return metrics.start(settings.metrics, figures)
 
 
 def _fail(code: int, message: str) -> int:
