@@ -9,6 +9,7 @@ re-reads the file or re-validates values.
 from __future__ import annotations
 
 import configparser
+import logging
 import math
 import os
 import re
@@ -593,3 +594,19 @@ def warnings(settings: Settings) -> list[str]:
         if not rule.filters:
             found.append(f"{where}: [{QUEUE_PREFIX}{rule.name}] has no filters: it takes no mail")
     return found
+
+
+def reload(path: Path | None, log: logging.Logger) -> Settings | None:
+    """SIGHUP's reading of the file: the new rules, or None (logged) to keep the old ones.
+
+    Both servers reload this way, so a broken file is refused alike: one
+    ERROR line naming what is wrong, and the rules in force stay.
+    """
+    if path is None:
+        log.warning("reload: no configuration file to read")
+        return None
+    try:
+        return load(path)
+    except ConfigError as exc:
+        log.error("reload refused, the old rules stay in force: %s", exc)
+        return None

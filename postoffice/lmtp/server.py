@@ -301,13 +301,8 @@ class LmtpServer:
 
     async def reload_rules(self) -> bool:
         """SIGHUP: new rules from the config file; a broken file leaves the old ones."""
-        if self.settings_path is None:
-            log.warning("reload: no configuration file to read")
-            return False
-        try:
-            settings = await asyncio.to_thread(config.load, self.settings_path)
-        except ConfigError as exc:
-            log.error("reload refused, the old rules stay in force: %s", exc)
+        settings = await asyncio.to_thread(config.reload, self.settings_path, log)
+        if settings is None:
             return False
         old = self.settings
         warnings = config.warnings(settings)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from postoffice import clock, config, logs, sockets
 from postoffice.config import ListenAddress, Settings
-from postoffice.errors import ConfigError, PostofficeError, exit_code
+from postoffice.errors import PostofficeError, exit_code
 from postoffice.policy.decide import UNKNOWN, PolicyDecision, Verdict, decide
 from postoffice.policy.state import DepotReader
 
@@ -242,13 +242,8 @@ class PolicyServer:
 
     async def reload_rules(self) -> bool:
         """SIGHUP: the rules of the configuration file now; a broken file keeps the old ones."""
-        if self.settings_path is None:
-            log.warning("reload: no configuration file to read")
-            return False
-        try:
-            settings = await asyncio.to_thread(config.load, self.settings_path)
-        except ConfigError as exc:
-            log.error("reload refused, the old rules stay in force: %s", exc)
+        settings = await asyncio.to_thread(config.reload, self.settings_path, log)
+        if settings is None:
             return False
         old, self.settings = self.settings, settings
         if settings.zodb_uri != old.zodb_uri:

@@ -31,6 +31,7 @@ from tests.integration.nobody import nobody_ids
 from tests.integration.postfix_instance import (
     PostfixInstance,
     SmtpSink,
+    main_cf_settings,
     make_traversable,
 )
 from tests.integration.servers import SENDER, ZeoServer, delivery_status, make_message, parse
@@ -43,22 +44,6 @@ LIMIT = 100 * 1024  # max_message_size of the test depot
 
 
 # --- the example files, with this test's paths ---------------------------------------------
-
-
-def main_cf_settings(text: str) -> dict[str, str]:
-    """``name = value`` settings of a main.cf fragment, continuation lines joined."""
-    settings: dict[str, str] = {}
-    name = ""
-    for line in text.splitlines():
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        if line[0].isspace():
-            settings[name] += " " + line.strip()
-            continue
-        name, _, value = line.partition("=")
-        name = name.strip()
-        settings[name] = value.strip()
-    return settings
 
 
 def example_service(command: list[str], config: Path, log: Path) -> str:
