@@ -407,11 +407,12 @@ def serve(settings_path: Path, listen: str | None = None) -> int:
             server = LmtpServer(settings, settings_path=Path(settings_path), listen=listen, db=db)
             stop_metrics = _start_metrics(settings, server)
             try:
-                return asyncio.run(server.run(install_signals=True))
+                code = asyncio.run(server.run(install_signals=True))
             finally:
                 if stop_metrics is not None:
                     stop_metrics()
-                log.info("%d commits retried after a conflict", int(retry.conflicts_retried))
+            log.info("%d commits retried after a conflict", int(retry.conflicts_retried))
+            return code
     except PostofficeError as exc:
         return _fail(exit_code(exc), str(exc))
 
