@@ -69,6 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--maildir", help="Maildir to import (default: the maildir option)")
     imp.set_defaults(func=cmd_import_maildir)
 
+    old = sub.add_parser(
+        "import-repoze",
+        help="copy the queued and quarantined mail of a repoze.postoffice 0.25 depot",
+    )
+    old.add_argument("old_uri", metavar="OLD_URI", help="the 0.25 database (a zodburi URI)")
+    old.add_argument(
+        "--path", default="/postoffice", help="its queues folder (0.25's zodb_path; /postoffice)"
+    )
+    old.set_defaults(func=cmd_import_repoze)
+
     queues = sub.add_parser("queues", help="list queues: name, depth, quarantined, oldest")
     queues.add_argument("--json", action="store_true", help="machine-readable output")
     queues_sub = queues.add_subparsers(dest="action", parser_class=_Parser)
@@ -326,6 +336,22 @@ def _arrival(maildir: mailbox.Maildir, key: str, default: float) -> float:
         return os.path.getmtime(os.path.join(maildir._path, maildir._lookup(key)))  # type: ignore[attr-defined]
     except (KeyError, OSError):
         return default
+
+
+def cmd_import_repoze(args: argparse.Namespace) -> int:
+    """0.25's mail into this depot, which ``serve`` must have made (never created here)."""
+    from postoffice import repoze
+
+    settings = load_settings(args)
+    with open_folder(settings, write=True) as folder:
+        copied = repoze.copy(args.old_uri, folder, settings.queue_names, args.path)
+    for row in copied:
+        note = "" if row.configured else " (not in the configuration: postoffice queues move)"
+        print(
+            f"postoffice: {row.queue}: copied {row.messages} messages and "
+            f"{row.quarantined} quarantined{note}"
+        )
+    return os.EX_OK
 
 
 def cmd_queues(args: argparse.Namespace) -> int:

@@ -161,6 +161,12 @@ def find_folder(root: Any, path: str, create: bool = False) -> QueuesFolder:
         node[last] = QueuesFolder()
     folder = node[last]
     if not isinstance(folder, QueuesFolder):
+        if type(folder).__module__.startswith("repoze.postoffice"):
+            raise ConfigError(
+                f"{path} in the database holds a repoze.postoffice 0.25 folder: point zodb_uri "
+                "(or zodb_path) at a new depot, then copy the old mail into it with "
+                "postoffice import-repoze OLD_URI"
+            )
         raise ConfigError(f"{path} in the database is not a postoffice queues folder")
     return folder
 
