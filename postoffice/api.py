@@ -143,6 +143,5 @@ def find_queue(root: Any, queue_name: str, path: str = DEFAULT_PATH) -> Queue:
         folder = find_folder(root, path, create=False)
     queue = folder.get(queue_name)
     if queue is None:
-        known = ", ".join(repr(n) for n in folder.names()) or "none"
-        raise KeyError(f"no queue {queue_name!r} in {path} (known queues: {known})")
+        raise KeyError(folder.unknown_queue(queue_name, f" in {path}"))
     return queue

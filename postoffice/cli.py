@@ -438,12 +438,13 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
                 }
                 for message, error in queue.get_quarantined_messages()
             ]
-            if args.json:
-                print(listing.as_json(rows))
-            else:
-                cells = [tuple(r.values()) for r in rows]
-                empty = f"postoffice: nothing quarantined in {args.queue}"
-                print("\n".join(listing.table(("id", "message-id", "from", "error"), cells, empty)))
+            listing.show(
+                rows,
+                ("id", "message-id", "from", "error"),
+                [tuple(r.values()) for r in rows],
+                f"postoffice: nothing quarantined in {args.queue}",
+                args.json,
+            )
             return os.EX_OK
         if args.action == "show":
             _quarantined_ids(queue, args.queue, [args.id])
@@ -481,11 +482,12 @@ def _quarantined_ids(queue: Any, name: str, given: Sequence[int]) -> list[int]:
     from postoffice.errors import NotFound
 
     wanted = list(given)
-    known = {key for key, _raw, _when, _error in queue.quarantined()}
+    known = queue.quarantined_ids()
+    present = set(known)
     for key in wanted:
-        if key not in known:
+        if key not in present:
             raise NotFound(f"no quarantined message {key} in queue {name!r}")
-    return wanted or sorted(known)
+    return wanted or known
 
 
 def cmd_throttles(args: argparse.Namespace) -> int:
@@ -495,15 +497,13 @@ def cmd_throttles(args: argparse.Namespace) -> int:
     if args.action == "list":
         with open_folder(settings) as folder:
             rows = throttles.throttled(folder, args.queue, clock.now())
-        if args.json:
-            print(listing.as_json([row.as_json() for row in rows]))
-        else:
-            cells = throttles.table_rows(rows)
-            print(
-                "\n".join(
-                    listing.table(throttles.COLUMNS, cells, "postoffice: no sender is throttled")
-                )
-            )
+        listing.show(
+            [row.as_json() for row in rows],
+            throttles.COLUMNS,
+            [row.cells() for row in rows],
+            "postoffice: no sender is throttled",
+            args.json,
+        )
         return os.EX_OK
     with open_folder(settings, write=True) as folder:
         count = throttles.clear(folder, args.sender, args.queue)
@@ -521,12 +521,13 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
     with open_folder(settings, write=args.action == "delete") as folder:
         if args.action == "list":
             rows = dead_letters.entries(folder)
-            if args.json:
-                print(listing.as_json([row.as_json() for row in rows]))
-            else:
-                cells = [row.cells() for row in rows]
-                empty = "postoffice: no dead letters"
-                print("\n".join(listing.table(dead_letters.COLUMNS, cells, empty)))
+            listing.show(
+                [row.as_json() for row in rows],
+                dead_letters.COLUMNS,
+                [row.cells() for row in rows],
+                "postoffice: no dead letters",
+                args.json,
+            )
             return os.EX_OK
         if args.action == "show":
             letter = dead_letters.letter(folder, args.id)

@@ -29,6 +29,17 @@ def table(columns: Sequence[str], rows: Sequence[Sequence[object]], empty: str) 
     ]
 
 
+def show(
+    rows: Sequence[Any],
+    columns: Sequence[str],
+    cells: Sequence[Sequence[object]],
+    empty: str,
+    json_output: bool,
+) -> None:
+    """Print a listing: ``rows`` as JSON with ``--json``, else ``cells`` as a table."""
+    print(as_json(list(rows)) if json_output else "\n".join(table(columns, cells, empty)))
+
+
 def as_json(value: Any) -> str:
     """JSON as every ``--json`` prints it (indented, keys in the order built)."""
     return json.dumps(value, indent=2)

@@ -15,9 +15,8 @@ from dataclasses import dataclass
 
 import transaction
 
-from postoffice.errors import NotFound, QueueEmpty, UnreadableMessage, UsageError
+from postoffice.errors import QueueEmpty, UnreadableMessage, UsageError
 from postoffice.store import QueuesFolder
-from postoffice.store.queue import Queue
 
 BATCH = 100
 
@@ -27,14 +26,6 @@ class Moved:
     messages: int
     quarantined: int
     removed: bool  # the emptied source queue was dropped (it is not configured)
-
-
-def existing(folder: QueuesFolder, name: str) -> Queue:
-    queue = folder.get(name)
-    if queue is None:
-        known = ", ".join(repr(n) for n in folder.names()) or "none"
-        raise NotFound(f"no queue {name!r} (known queues: {known})")
-    return queue
 
 
 def move(
@@ -52,11 +43,11 @@ def move(
     """
     if source == target:
         raise UsageError(f"queue {source!r} cannot be moved into itself")
-    existing(folder, target)
+    folder.named(target)
     moved = 0
     while True:
         batch = 0
-        src, dst = existing(folder, source), existing(folder, target)
+        src, dst = folder.named(source), folder.named(target)
         while batch < BATCH:
             try:
                 message = src.pop_next()
@@ -71,7 +62,7 @@ def move(
         moved += batch
         if batch < BATCH:
             break
-    src, dst = existing(folder, source), existing(folder, target)
+    src, dst = folder.named(source), folder.named(target)
     quarantined = dst.adopt_quarantine(src, now())
     removed = source not in configured and not len(src) and not src.count_quarantined_messages()
     if removed:
@@ -86,7 +77,7 @@ def purge(folder: QueuesFolder, name: str, configured: tuple[str, ...]) -> tuple
     A queue still in the configuration is refused: ``serve`` would only
     make it again, and the mail in it is what an application reads.
     """
-    queue = existing(folder, name)
+    queue = folder.named(name)
     if name in configured:
         raise UsageError(
             f"queue {name!r} is in the configuration; remove it there first "

@@ -103,8 +103,7 @@ def requeue(folder: QueuesFolder, keys: Sequence[int], queue_name: str, now: flo
     """
     queue = folder.get(queue_name)
     if queue is None:
-        known = ", ".join(repr(n) for n in folder.names()) or "none"
-        raise NoSuchQueue(f"no queue {queue_name!r} (known queues: {known})")
+        raise NoSuchQueue(folder.unknown_queue(queue_name))
     for key in keys:
         record(folder, key)
     area = area_of(folder)

@@ -8,7 +8,6 @@ needs to see it and lift it without a Python shell.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -41,11 +40,7 @@ def queues_of(folder: QueuesFolder, name: str | None) -> list[tuple[str, Queue]]
     """One queue by name (NotFound naming the known ones), or all of them."""
     if name is None:
         return folder.items()
-    queue = folder.get(name)
-    if queue is None:
-        known = ", ".join(repr(n) for n in folder.names()) or "none"
-        raise NotFound(f"no queue {name!r} (known queues: {known})")
-    return [(name, queue)]
+    return [(name, folder.named(name))]
 
 
 def throttled(folder: QueuesFolder, queue: str | None, now: float) -> list[Throttled]:
@@ -67,7 +62,3 @@ def clear(folder: QueuesFolder, sender: str, queue: str | None) -> int:
         where = f" in queue {queue!r}" if queue else ""
         raise NotFound(f"no throttle state for sender <{sender}>{where}")
     return cleared
-
-
-def table_rows(rows: Sequence[Throttled]) -> list[tuple[str, ...]]:
-    return [row.cells() for row in rows]

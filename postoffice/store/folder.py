@@ -29,7 +29,7 @@ from persistent import Persistent
 from persistent.mapping import PersistentMapping
 
 from postoffice.decide import ThrottleView
-from postoffice.errors import ConfigError
+from postoffice.errors import ConfigError, NotFound
 from postoffice.store.queue import Queue
 from postoffice.store.records import PICKLED_MODULE, DeadLetter, new_key
 from postoffice.store.review import KeptArea
@@ -64,6 +64,18 @@ class QueuesFolder(Persistent):
 
     def names(self) -> list[str]:
         return list(self.queues.keys())
+
+    def unknown_queue(self, name: str, where: str = "") -> str:
+        """What every command says of a queue name the folder does not hold."""
+        known = ", ".join(repr(n) for n in self.names()) or "none"
+        return f"no queue {name!r}{where} (known queues: {known})"
+
+    def named(self, name: str) -> Queue:
+        """The queue of that name; NotFound (exit 65) naming the known ones."""
+        queue = self.queues.get(name)
+        if queue is None:
+            raise NotFound(self.unknown_queue(name))
+        return queue
 
     # The rest of a mapping, as 0.25's folder (an OOBTree) was one.
     def keys(self) -> list[str]:

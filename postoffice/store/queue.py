@@ -504,6 +504,10 @@ class Queue(Persistent):
             raise KeyError(message_id)
         return str(self._quarantined.get(key).error)
 
+    def quarantined_ids(self) -> list[int]:
+        """The ids in the quarantine, oldest first (reads no record)."""
+        return self._quarantined.ids()
+
     def count_quarantined_messages(self) -> int:
         return self._quarantined.count()
 
