@@ -189,12 +189,12 @@ def open_db(uri: str, *, create: bool = True, read_only: bool = False) -> ZODB.D
             if not data_fs.exists():
                 raise NoInput(f"no database at {data_fs} yet (postoffice serve creates it)")
         if read_only:
-            uri = _with_query(uri, "read_only", "true")
+            uri = with_query(uri, "read_only", "true")
     storage, dbkw = open_storage(uri, make_dirs=create)
     return db_for(storage, dbkw, uri)
 
 
-def _with_query(uri: str, name: str, value: str) -> str:
+def with_query(uri: str, name: str, value: str) -> str:
     """``uri`` with one more query parameter (a zodburi option)."""
     return f"{uri}{'&' if '?' in uri else '?'}{name}={value}"
 

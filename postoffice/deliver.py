@@ -110,8 +110,7 @@ def ascii_line(text: str) -> str:
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
-# The one line logged for every recipient of every message, whichever door it came by.
-# What each action is called in the log, in the words of Postfix's own lines.
+# What each action is called in the decision line, in the words of Postfix's own lines.
 STATUS = {
     Action.ACCEPT: "sent",
     Action.DISCARD: "discarded",

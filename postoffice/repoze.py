@@ -25,7 +25,7 @@ from persistent import Persistent
 from persistent.list import PersistentList
 
 from postoffice import clock
-from postoffice.database import open_storage
+from postoffice.database import open_storage, with_query
 from postoffice.errors import NotFound
 from postoffice.store import QueuesFolder
 from postoffice.store.queue import Queue
@@ -84,7 +84,7 @@ class _OldDB(ZODB.DB):
 def open_old(uri: str) -> ZODB.DB:
     """The 0.25 database, read-only where the URI allows, read with our class factory."""
     if uri.startswith("file://") and "read_only" not in uri:
-        uri = f"{uri}{'&' if '?' in uri else '?'}read_only=true"
+        uri = with_query(uri, "read_only", "true")
     storage, dbkw = open_storage(uri, make_dirs=False)
     return _OldDB(storage, **dbkw)
 
