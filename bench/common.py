@@ -86,6 +86,7 @@ class Results:
     scaled: list[Sample] = field(default_factory=list)
     rss: dict[str, dict[str, Any]] | None = None
     consumed: list[dict[str, Any]] = field(default_factory=list)
+    drained: list[dict[str, Any]] = field(default_factory=list)
     blobs: list[dict[str, Any]] = field(default_factory=list)
     profiled: dict[str, Any] | None = None
     relayed: list[Sample] = field(default_factory=list)
@@ -96,6 +97,7 @@ class Results:
             any(s.error for s in self.samples + self.scaled + self.relayed)
             or any("error" in r for r in (self.rss or {}).values())
             or any("error" in r for r in self.consumed)
+            or any("error" in r for r in self.drained)
             or any("error" in r for r in self.blobs)
         )
 

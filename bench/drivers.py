@@ -180,6 +180,51 @@ def consume(uri: str, count: int, timeout: float, per_commit: int | None = None)
     return run_worker(["consume", uri, QUEUE, str(count), *batching], timeout)
 
 
+def start_drainers(
+    uri: str, stop_file: Path, count: int, per_commit: int, limit: float
+) -> list[subprocess.Popen[bytes]]:
+    """``count`` consumers popping as mail arrives, once each says it is ready."""
+    procs = [
+        subprocess.Popen(
+            [
+                *(sys.executable, str(BENCH / "worker.py"), "drain", uri, QUEUE, str(stop_file)),
+                *("--per-commit", str(per_commit), "--limit", str(limit)),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(count)
+    ]
+    deadline = time.monotonic() + 60
+    while len(list(stop_file.parent.glob(f"{stop_file.name}.ready-*"))) < count:
+        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+            finish_drainers(procs, 5)
+            raise BenchError("the consumers did not open the queue")
+        time.sleep(0.05)
+    return procs
+
+
+def finish_drainers(procs: list[subprocess.Popen[bytes]], timeout: float) -> list[dict[str, Any]]:
+    """What each consumer popped, once told to stop (the caller made the stop file)."""
+    results: list[dict[str, Any]] = []
+    for proc in procs:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise BenchError("a consumer did not finish") from None
+        if proc.returncode != 0:
+            raise BenchError(f"a consumer failed: {err.decode(errors='replace')[-500:]}")
+        results.append(json.loads(out.decode().strip().splitlines()[-1]))
+    return results
+
+
+def queue_length(uri: str) -> int:
+    """Messages waiting in the queue now, through ``uri``."""
+    return int(run_worker(["count", uri, QUEUE], 120)["count"])
+
+
 def commit_floor(uri: str, count: int, timeout: float) -> dict[str, Any]:
     """How fast the storage behind ``uri`` commits a change of one small object."""
     return run_worker(["commit-floor", uri, str(count)], timeout)

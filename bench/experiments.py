@@ -240,6 +240,65 @@ def consumer(plan: Plan, base: Path, log: Log) -> list[dict[str, Any]]:
     return results
 
 
+# Consumers popping while mail arrives, in the drain part; and how much of
+# what was delivered may still wait when the load ends, for them to keep up.
+DRAINERS = 2
+DRAIN_SESSIONS = 16
+KEEP_UP = 0.05
+
+
+def drain(plan: Plan, base: Path, log: Log) -> list[dict[str, Any]]:
+    """Two consumers of one queue against one ``serve`` at 16 sessions, at the same time.
+
+    The consumers use the loop of docs/consumers.md (one commit a message,
+    then ten a commit) through the URI ``serve`` prints, and are in place
+    before the load starts.  The queue's depth when ``smtp-source`` ends
+    says whether they kept up; then they are told to stop once the queue is
+    empty, and every message must have been popped exactly once (the
+    counts add up, nothing left).
+    """
+    results: list[dict[str, Any]] = []
+    for round_number in range(1, plan.rounds + 1):
+        for per_commit in (1, 10):
+            work = base / f"drain-{round_number}-{per_commit}"
+            work.mkdir()
+            result = _drain_round(plan, work, round_number, per_commit)
+            results.append(result)
+            log(progress.drained(round_number, result))
+            remove(work)
+    return results
+
+
+def _drain_round(plan: Plan, work: Path, round_number: int, per_commit: int) -> dict[str, Any]:
+    server = PostofficeServer(work)
+    result: dict[str, Any] = {"per_commit": per_commit, "messages": plan.messages}
+    stop_file = work / "stop"
+    limit = max(120.0, plan.messages / 20)
+    try:
+        with running(server):
+            uri = server.consumer_uri()
+            if uri is None:
+                raise BenchError("serve printed no consumer URI (share = no?)")
+            consumers = drivers.start_drainers(uri, stop_file, DRAINERS, per_commit, limit)
+            try:
+                helo = f"r{round_number}.drain{per_commit}.{work.name}.bench"
+                result["seconds"] = drivers.smtp_source(
+                    server.socket, DRAIN_SESSIONS, KIB, plan.messages, helo
+                )
+                result["depth"] = drivers.queue_length(uri)
+            finally:
+                stop_file.touch()
+                popped = drivers.finish_drainers(consumers, limit)
+            result["consumers"] = popped
+            left = server.stop()
+        total = sum(int(p["popped"]) for p in popped)
+        if total != plan.messages or left != 0:
+            result["error"] = f"popped {total} of {plan.messages}, {left} left in the queue"
+    except BenchError as exc:
+        result["error"] = f"{exc} [{server.output()[-300:]}]"
+    return result
+
+
 def inline_or_blob(plan: Plan, base: Path, log: Log) -> list[dict[str, Any]]:
     """Store cost of a message kept inline in its record against one in a blob file.
 
@@ -305,6 +364,7 @@ PARTS: dict[str, tuple[str, Callable[[Plan, Path, Log], Any]]] = {
     "scale": ("scaled", scale),
     "rss": ("rss", peak_rss),
     "consume": ("consumed", consumer),
+    "drain": ("drained", drain),
     "blob": ("blobs", inline_or_blob),
     "relay": ("relayed", through_postfix),
     "profile": ("profiled", profile),

@@ -64,6 +64,17 @@ def consumed(round_number: int, result: dict[str, Any]) -> str:
     )
 
 
+def drained(round_number: int, result: dict[str, Any]) -> str:
+    """Delivery rate, and how much was still waiting when the load ended."""
+    what = f"round {round_number} drain, {result['per_commit']} a commit"
+    if "error" in result:
+        return f"{what}: ERROR {result['error']}"
+    return (
+        f"{what}: {result['messages'] / result['seconds']:,.0f} delivered a second, "
+        f"{result['depth']} of {result['messages']} still queued when the load ended"
+    )
+
+
 def inline_or_blob(result: dict[str, Any]) -> str:
     size = human_size(result["size"])
     if "error" in result:

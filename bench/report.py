@@ -86,6 +86,38 @@ def consumer_rates(consumed: Sequence[dict[str, Any]]) -> dict[str, float | None
     return rates
 
 
+def drain_depths(drained: Sequence[dict[str, Any]]) -> dict[int, float | None]:
+    """Per loop (pops a commit): queue depth at the end of the load over what was delivered."""
+    depths: dict[int, float | None] = {}
+    for per_commit in (1, 10):
+        good = [r for r in drained if r["per_commit"] == per_commit and "error" not in r]
+        depths[per_commit] = (
+            statistics.median(r["depth"] / r["messages"] for r in good) if good else None
+        )
+    return depths
+
+
+def drain_lines(drained: Sequence[dict[str, Any]]) -> list[str]:
+    if not drained:
+        return []
+    lines = ["", "Two consumers popping while one serve takes 1 KiB x 16 sessions, medians:", ""]
+    lines += ["| loop | delivered msgs/s | popped msgs/s, both | left queued at the end |"]
+    lines += ["|---|---:|---:|---:|"]
+    for per_commit in (1, 10):
+        good = [r for r in drained if r["per_commit"] == per_commit and "error" not in r]
+        if not good:
+            continue
+        delivered = statistics.median(r["messages"] / r["seconds"] for r in good)
+        popped = statistics.median(
+            sum(c["popped"] for c in r["consumers"]) / max(c["seconds"] for c in r["consumers"])
+            for r in good
+        )
+        depth = statistics.median(r["depth"] / r["messages"] for r in good)
+        lines.append(f"| {per_commit} a commit | {delivered:,.0f} | {popped:,.0f} | {depth:.1%} |")
+    lines += [f"- drain error: {r['error'][-300:]}" for r in drained if "error" in r]
+    return lines
+
+
 def through_zeo(consumed: Sequence[dict[str, Any]]) -> bool:
     """Whether serve printed a consumer URI, so the loops through ZEO ran."""
     return any(r.get("mode") == "zeo" for r in consumed)
@@ -109,6 +141,8 @@ def fmt_rate(rate: float | None) -> str:
 def fmt(value: float | None, unit: str, absent: str = "not measured") -> str:
     if value is None:
         return absent
+    if unit == "%":
+        return f"{value:.1%}"
     return f"{value:.2f}" if unit == "x" else f"{value:,.0f} {unit}"
 
 
@@ -382,6 +416,9 @@ def measures(plan: Plan, results: Results, rates: Rates) -> dict[str, dict[str, 
         measured["rss"] = measures_of_rss(results.rss)
     if results.relayed:
         measured["relay"] = measures_of_relay(plan, results.relayed)
+    if results.drained:
+        depths = drain_depths(results.drained)
+        measured["drain"] = {f"{n} a commit": (depths[n], None) for n in depths}
     if results.consumed:
         by_mode = consumer_rates(results.consumed)
         measured["consume"] = {"file": (by_mode["file"], by_mode["file"])}
@@ -480,6 +517,7 @@ def render(plan: Plan, results: Results) -> tuple[str, list[Row]]:
         *scale_lines(plan, results.scaled),
         *rss_lines(results.rss or {}),
         *consumer_lines(results.consumed),
+        *drain_lines(results.drained),
         *relay_lines(plan, results.relayed),
         *target_lines(rows),
     ]

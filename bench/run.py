@@ -71,7 +71,7 @@ def parse_sizes(text: str) -> list[int]:
 
 def build_plan(args: argparse.Namespace) -> Plan:
     quick = args.quick
-    parts = {"throughput", "scale", "rss", "consume", "blob", "relay"}
+    parts = {"throughput", "scale", "rss", "consume", "drain", "blob", "relay"}
     if args.only:
         parts = set(args.only.split(","))
     if args.profile:
@@ -121,7 +121,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rss-size", default="10m", help="message size of the peak-RSS run")
     parser.add_argument("--consume", type=int, help="messages the consumer pops (default 3000)")
     parser.add_argument(
-        "--only", help="comma-separated parts: throughput,scale,rss,consume,blob,relay,profile"
+        "--only",
+        help="comma-separated parts: throughput,scale,rss,consume,drain,blob,relay,profile",
     )
     parser.add_argument(
         "--profile", action="store_true", help="also profile the server with py-spy"
@@ -171,6 +172,7 @@ def write_json(path: Path, plan: Plan, results: Results, targets: list[report.Ro
                 "scale": [asdict(s) | {"rate": s.rate} for s in results.scaled],
                 "rss": results.rss,
                 "consumer": results.consumed,
+                "drain": results.drained,
                 "profile": results.profiled,
                 "inline_or_blob": results.blobs,
                 "targets": targets,
@@ -200,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if why is not None:
         log(f"bench: postoffice serve cannot run here ({why}); measuring the peers only")
         plan.servers = [k for k in plan.servers if k not in OURS]
-        plan.parts -= {"scale", "rss", "consume", "blob", "profile"}
+        plan.parts -= {"scale", "rss", "consume", "drain", "blob", "profile"}
 
     exit_on_sigterm()
     base = Path(tempfile.mkdtemp(prefix="po-bench-"))

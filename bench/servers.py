@@ -229,7 +229,7 @@ class PostofficeServer(Server):
     label = "postoffice"
     note = (
         "postoffice serve, file:// FileStorage with blobs, the default path "
-        "(serve opens the file and shares it through a ZEO server thread)"
+        "(serve runs ZEO's server on the file in a thread and delivers as its client)"
     )
     max_size = "50m"
     share = True

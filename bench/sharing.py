@@ -1,18 +1,19 @@
 """What sharing the embedded default costs: ``python3 bench/sharing.py``.
 
-``postoffice serve`` on a ``file://`` depot opens the FileStorage itself;
-with ``share`` (the default) it also serves it on a unix socket beside it
-through a ZEO server thread, so that consumers can open the queues at the
-same time (``postoffice/embedded.py``).  This measures deliveries per
-second through ``Depot.deliver_batch``, the call the LMTP server makes:
+``postoffice serve`` on a ``file://`` depot with ``share`` (the default)
+serves the FileStorage with ZEO's server in a thread, on a unix socket
+beside it, and delivers as a ZEO client of that socket, so that consumers
+can open the queues at the same time (``postoffice/embedded.py``).  This
+measures deliveries per second through ``Depot.deliver_batch``, the call
+the LMTP server makes:
 
 - ``direct``: ``file://.../Data.fs?blobstorage_dir=...`` opened in-process
   (``share = no``);
-- ``shared``: the same file opened by ``SharedDepot``, as ``serve`` does by
-  default: delivered into directly, while its ZEO server thread listens;
-- ``zeo``: a writer that is a ZEO client of that server
+- ``shared``: ``SharedDepot``'s own client (``SharedDepot.db``), as
+  ``serve`` delivers by default;
+- ``zeo``: another ZEO client of that server
   (``zeo://...?shared_blob_dir=true``), as ``postoffice-deliver`` is while
-  ``serve`` runs, and as ``serve`` itself was up to 0.1;
+  ``serve`` runs;
 - ``sqlite``, where RelStorage is installed: the measured alternative,
   ``sqlite://?data_dir=...&blob_dir=...&shared_blob_dir=true``, which
   several processes open at once with no server.  RelStorage runs SQLite

@@ -18,7 +18,8 @@ from common import KIB
 class Target:
     # As printed; {prefill}, {limit} and {floor} are figures of the run.
     name: str
-    # Which part's measures it is judged on: throughput, scale, rss, consume, consume-zeo.
+    # Which part's measures it is judged on: throughput, scale, rss, consume, consume-zeo,
+    # relay, drain.
     part: str
     # Which of that part's measures (see the report's measures_of_* functions).
     measure: str
@@ -95,6 +96,25 @@ TARGETS = (
         "zeo-batch",
         1000,
         unit="msgs/s",
+        absent="n/a (no ZEO)",
+    ),
+    Target(
+        "two consumers keep up with one serve at 1 KiB x 16 sessions, one commit a message: "
+        "queued when the load ends <= 5 % of delivered",
+        "drain",
+        "1 a commit",
+        0.05,
+        at_least=False,
+        unit="%",
+        absent="n/a (no ZEO)",
+    ),
+    Target(
+        "... ten pops a commit",
+        "drain",
+        "10 a commit",
+        0.05,
+        at_least=False,
+        unit="%",
         absent="n/a (no ZEO)",
     ),
 )

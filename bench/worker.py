@@ -7,6 +7,7 @@ timeout and never holds a FileStorage open while a server needs it.
     python3 bench/worker.py count URI QUEUE
     python3 bench/worker.py consume URI QUEUE COUNT [--per-commit N]
     python3 bench/worker.py commit-floor URI COUNT
+    python3 bench/worker.py drain URI QUEUE STOP_FILE [--per-commit N] [--limit SECONDS]
 
 Each prints one JSON object on stdout.
 """
@@ -19,6 +20,7 @@ import os
 import random
 import sys
 import time
+from pathlib import Path
 
 import transaction
 from ZODB.FileStorage import FileStorage
@@ -206,6 +208,49 @@ def consume(uri: str, queue_name: str, limit: int, per_commit: int = 1) -> dict[
     }
 
 
+def drain(
+    uri: str, queue_name: str, stop_file: str, per_commit: int, limit: float
+) -> dict[str, object]:
+    """Pop while mail arrives, as an application does, until told to stop and the queue is empty.
+
+    The loop of docs/consumers.md: a transient error (a conflict, a claim
+    that could not be made) is aborted and the loop goes on.  It says it
+    is ready (``STOP_FILE.ready-PID``) once the queue is open, so that the
+    load starts with every consumer in place.
+    """
+    from transaction.interfaces import TransientError
+
+    popped = transient = 0
+    deadline = time.monotonic() + limit
+    with open_queue(uri, queue_name) as queue:
+        Path(f"{stop_file}.ready-{os.getpid()}").touch()
+        start = time.perf_counter()
+        last = start
+        pending = 0
+        while time.monotonic() < deadline:
+            try:
+                queue.pop_next()
+                pending += 1
+                if pending >= per_commit:
+                    transaction.commit()
+                    popped, pending = popped + pending, 0
+                    last = time.perf_counter()
+            except QueueEmpty:
+                if pending:
+                    transaction.commit()
+                    popped, pending = popped + pending, 0
+                    last = time.perf_counter()
+                transaction.abort()
+                if os.path.exists(stop_file) and not queue:
+                    break
+                time.sleep(0.002)
+            except TransientError:
+                transaction.abort()
+                pending = 0
+                transient += 1
+    return {"popped": popped, "seconds": last - start, "transient": transient}
+
+
 def commit_floor(uri: str, count: int) -> dict[str, object]:
     """Transactions a second that change one small object and nothing else.
 
@@ -260,6 +305,12 @@ def main(argv: list[str]) -> int:
     k.add_argument("queue")
     k.add_argument("count", type=int)
     k.add_argument("--per-commit", type=int, default=1)
+    d = sub.add_parser("drain")
+    d.add_argument("uri")
+    d.add_argument("queue")
+    d.add_argument("stop_file")
+    d.add_argument("--per-commit", type=int, default=1)
+    d.add_argument("--limit", type=float, default=300.0, help="seconds at most")
     f = sub.add_parser("commit-floor")
     f.add_argument("uri")
     f.add_argument("count", type=int)
@@ -274,6 +325,8 @@ def main(argv: list[str]) -> int:
         result = count(args.uri, args.queue, args.data_fs)
     elif args.what == "commit-floor":
         result = commit_floor(args.uri, args.count)
+    elif args.what == "drain":
+        result = drain(args.uri, args.queue, args.stop_file, args.per_commit, args.limit)
     else:
         result = consume(args.uri, args.queue, args.count, args.per_commit)
     print(json.dumps(result), flush=True)

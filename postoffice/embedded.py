@@ -1,29 +1,31 @@
-"""The embedded default, shared: ``serve`` opens Data.fs and serves it over ZEO.
+"""The embedded default, shared: ``serve`` runs ZEO's server on Data.fs and is its first client.
 
 A FileStorage can be opened by one process only (it locks ``Data.fs.lock``),
 yet while ``postoffice serve`` runs, applications on the same host must open
 their queues.  So for a ``file://`` zodb_uri, ``serve`` opens the
-FileStorage itself, delivers into it directly, and runs a ZEO server in a
-thread of its own on a unix socket beside the data file (``zeo.sock``),
-through which applications (and ``postoffice queues``, ``postoffice-deliver``)
-open the same depot: the ``zeo://`` URI it prints.  Nothing listens on the
-network.  Blobs are not copied over the socket: every client reads and
-writes the blob folder itself (``shared_blob_dir``), which is why this is
-for one host.
+FileStorage, serves it with ZEO's own ``StorageServer`` in a thread of its
+own on a unix socket beside the data file (``zeo.sock``), and delivers into
+it as an ordinary ZEO client of that socket, exactly as applications,
+``postoffice queues`` and ``postoffice-deliver`` do through the ``zeo://``
+URI it prints.  Nothing listens on the network.  Blobs are not copied over
+the socket: every client reads and writes the blob folder itself
+(``shared_blob_dir``), which is why this is for one host.
 
-Why in-process: a ZEO server in a child process, with ``serve`` as one of
-its clients, cost every delivery a round trip and every record a second
-copy, for about half of the throughput of the file opened directly
-(docs/performance.md).  Here ``serve``'s deliveries never leave the
-process; :mod:`postoffice.hub` tells each side of the storage what the
-other committed.
+Only ZODB's and ZEO's supported parts are involved: the server owns the
+storage, every user is a client of it, and ZEO keeps the clients' caches
+right (its invalidations, its conflict resolution in the server, where
+the storage's records are).  What ``serve`` pays for being a client is a
+round trip to the server thread per commit; the LMTP server's group
+commit (one transaction for whatever arrived while the previous commit
+ran) makes that one round trip per batch of messages
+(docs/performance.md has the figures).
 
 What ``serve`` does with it::
 
     with shared(settings.zodb_uri, share=True) as depot:   # None: not shared
         print(f"postoffice: consumers use {depot.client_uri}")
         ...                       # deliver into depot.db until SIGTERM
-    # the ZEO server stops, then the database closes
+    # serve's client closes, then the ZEO server stops and closes the storage
 """
 
 from __future__ import annotations
@@ -41,9 +43,10 @@ import ZODB
 from postoffice import sockets
 from postoffice.database import FileDepot, db_for, open_storage, zeo_greet
 from postoffice.errors import ConfigError, EmbeddedZeoError, ListenError, StorageUnavailable
-from postoffice.hub import StorageHub
 
 log = logging.getLogger("postoffice.embedded")
+# ZEO's server logs each client connection it loses here.
+ZEO_SERVER_LOGGER = "ZEO.asyncio.server"
 
 DEFAULT_SOCKET_MODE = 0o660
 # How long stop() waits for the ZEO server's thread to end.
@@ -52,6 +55,42 @@ STOP_TIMEOUT = 5.0
 # then stopped or hung before it finished) is disconnected and its
 # transaction aborted: the lock is serve's too, and deliveries wait on it.
 TRANSACTION_TIMEOUT = 30.0
+
+
+# --- the server's log -------------------------------------------------------------
+
+
+class ClientGoneFilter(logging.Filter):
+    """A client that went away while the server wrote to it is routine, not an ERROR.
+
+    ZEO 6.2's server logs ``ERROR Disconnected BrokenPipeError`` (or
+    ``ConnectionResetError``) when a client closes its end while the server
+    is sending it something, which is how every short-lived client ends
+    now and then: a ``postoffice-deliver`` that exits while ``serve``'s
+    commit is being announced to it.  Nothing is lost (the client had
+    finished), so the line is kept at INFO, where an administrator looking
+    for real errors does not trip over it.  Other errors of the server are
+    left as they are.
+    """
+
+    GONE = ("BrokenPipeError", "ConnectionResetError")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if (
+            record.levelno == logging.ERROR
+            and record.msg == "Disconnected %s:%s"
+            and isinstance(record.args, tuple)
+            and record.args[:1] in ((name,) for name in self.GONE)
+        ):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+def _calm_zeo_server_log() -> None:
+    """Put :class:`ClientGoneFilter` on ZEO's server logger, once per process."""
+    logger = logging.getLogger(ZEO_SERVER_LOGGER)
+    if not any(isinstance(f, ClientGoneFilter) for f in logger.filters):
+        logger.addFilter(ClientGoneFilter())
 
 
 # --- deciding -----------------------------------------------------------------
@@ -77,13 +116,13 @@ def shared(uri: str, share: bool = True) -> Iterator[SharedDepot | None]:
 
 
 class SharedDepot:
-    """A ``file://`` depot opened by ``serve``, and the ZEO server thread that shares it.
+    """A ``file://`` depot served by a ZEO server thread in ``serve``, and ``serve``'s client of it.
 
-    ``start()`` (or ``with``) opens the FileStorage (which locks it),
-    gives :attr:`db` to ``serve`` and serves the same storage on
-    ``zeo.sock``; ``stop()`` stops the ZEO server (its clients are
-    disconnected and reconnect to the next ``serve``), then closes the
-    database and removes the socket.
+    ``start()`` (or ``with``) opens the FileStorage (which locks it), serves
+    it on ``zeo.sock`` and opens :attr:`db`, ``serve``'s own ZEO client of
+    that socket; ``stop()`` closes that client, then stops the ZEO server
+    (the other clients are disconnected and reconnect to the next
+    ``serve``), which closes the storage, and removes the socket.
     """
 
     def __init__(
@@ -115,7 +154,7 @@ class SharedDepot:
 
     @property
     def db(self) -> ZODB.DB:
-        """``serve``'s database: the FileStorage itself, no ZEO in between."""
+        """``serve``'s database: a ZEO client of the server thread, like any consumer's."""
         if self._db is None:
             raise EmbeddedZeoError(f"{self.depot.data_fs} is not open (start() first)")
         return self._db
@@ -137,7 +176,7 @@ class SharedDepot:
     # -- starting ----------------------------------------------------------------
 
     def start(self) -> SharedDepot:
-        """Open the file and serve it; EmbeddedZeoError (one line) says why not."""
+        """Open the file, serve it, connect to it; EmbeddedZeoError (one line) says why not."""
         with self._lock:
             if self._server is not None:
                 return self
@@ -145,17 +184,15 @@ class SharedDepot:
             # Others never get the data (as the socket below).
             try:
                 with sockets.umask_at_least(0o007):
-                    storage, dbkw = open_storage(self.uri)
+                    storage, _ = open_storage(self.uri)
             except StorageUnavailable as exc:
                 raise EmbeddedZeoError(self._why(exc)) from None
-            hub = StorageHub(storage)
-            served = hub.side()
+            self._server = self._serve(storage)  # which closes the storage if it fails
             try:
-                self._db = db_for(hub.side(), dbkw, self.uri)
-                self._server = self._serve(served)
+                client, dbkw = open_storage(self.client_uri, make_dirs=False)
+                self._db = db_for(client, dbkw, self.client_uri)
             except BaseException:
-                served.close()  # the storage closes with its last side
-                self._close_db()
+                self._shut()
                 raise
         log.info("sharing %s on %s", self.depot.data_fs, self.socket_path)
         return self
@@ -163,6 +200,7 @@ class SharedDepot:
     def _serve(self, storage: Any) -> Any:
         """ZEO's StorageServer on the socket, in a thread; the socket made ``socket_mode``."""
         StorageServer = _storage_server_class()
+        _calm_zeo_server_log()
 
         # Nobody else gets the socket between bind() and chmod().
         try:
@@ -173,6 +211,7 @@ class SharedDepot:
                     transaction_timeout=self.transaction_timeout,
                 )
         except OSError as exc:
+            storage.close()
             raise EmbeddedZeoError(
                 f"cannot serve {self.depot.data_fs} on {self.socket_path}: {exc}"
             ) from None
@@ -210,20 +249,20 @@ class SharedDepot:
     # -- stopping ----------------------------------------------------------------
 
     def stop(self) -> None:
-        """Stop serving, then close the database and remove our socket.  Safe to call twice."""
+        """Close serve's client, stop serving, remove our socket.  Safe to call twice."""
         with self._lock:
-            server, self._server = self._server, None
-            if server is not None:
-                # Disconnects the clients and joins the server's thread
-                # before the storage closes with serve's database below.
-                server.close(join_timeout=STOP_TIMEOUT)
-                self._remove_socket()
-            self._close_db()
+            self._shut()
 
-    def _close_db(self) -> None:
+    def _shut(self) -> None:
         db, self._db = self._db, None
         if db is not None:
             db.close()
+        server, self._server = self._server, None
+        if server is not None:
+            # Disconnects the other clients, closes the storage and joins the
+            # server's thread.
+            server.close(join_timeout=STOP_TIMEOUT)
+            self._remove_socket()
 
     def _remove_socket(self) -> None:
         """Only our own socket: another serve may have started on the path since."""

@@ -91,21 +91,31 @@ CONSUMER = textwrap.dedent(
 def start_consumer(
     uri: str, out: Path, expected: int = 0, stop_file: str = "", pause: float = 0.0
 ) -> subprocess.Popen[bytes]:
-    """CONSUMER in a process of its own, on queue Customer A."""
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            CONSUMER,
-            uri,
-            "Customer A",
-            str(out),
-            str(expected),
-            stop_file,
-            str(pause),
-        ],
-        cwd=REPO,
-    )
+    """CONSUMER in a process of its own, on queue Customer A; its stderr in ``OUT.stderr``."""
+    with Path(f"{out}.stderr").open("wb") as stderr:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                CONSUMER,
+                uri,
+                "Customer A",
+                str(out),
+                str(expected),
+                stop_file,
+                str(pause),
+            ],
+            cwd=REPO,
+            stderr=stderr,
+        )
+
+
+def assert_quiet(*logs: Path) -> None:
+    """A healthy run logs nothing at ERROR and no traceback, in any of its processes."""
+    for log in logs:
+        text = log.read_text(errors="replace")
+        bad = [line for line in text.splitlines() if "ERROR" in line or "Traceback" in line]
+        assert not bad, f"{log.name}:\n{text[-4000:]}"
 
 
 def progress(out: Path) -> dict[str, int]:
@@ -295,12 +305,12 @@ BOTH_DOORS = 40
 
 @pytest.mark.timeout(300)
 def test_lmtp_pipe_and_two_consumers_at_once_on_the_shared_depot(tmp_path: Path) -> None:
-    """serve writes into the file while the pipe and two consumers write through its ZEO.
+    """serve, the pipe and two consumers all write through the ZEO server of serve.
 
-    The hub is what keeps them consistent: 1,500 messages from smtp-source,
-    and 40 more that arrive both over LMTP and through the pipe at the same
-    time (the duplicate ledger must keep one copy), all popped exactly once
-    by two consumer processes, none of whom sees an error.
+    1,500 messages from smtp-source, and 40 more that arrive both over LMTP
+    and through the pipe at the same time (the duplicate ledger must keep
+    one copy), all popped exactly once by two consumer processes, none of
+    whom sees an error; and no process logs an ERROR or a traceback.
     """
     smtp_source = require_tool("smtp-source")
     shutil.copytree(REPO / "etc", tmp_path / "etc")
@@ -330,6 +340,7 @@ def test_lmtp_pipe_and_two_consumers_at_once_on_the_shared_depot(tmp_path: Path)
                 lmtp.sendmail("twin@example.org", [rcpt], twin(number, b"\r\n"))
 
     pipe_codes: list[int] = []
+    pipe_stderr = tmp_path / "pipe.stderr"
 
     def by_pipe(numbers: range) -> None:
         for number in numbers:
@@ -343,6 +354,8 @@ def test_lmtp_pipe_and_two_consumers_at_once_on_the_shared_depot(tmp_path: Path)
                 timeout=60,
             )
             pipe_codes.append(piped.returncode)
+            with pipe_stderr.open("ab") as handle:
+                handle.write(piped.stderr)
 
     half = BOTH_DOORS // 2
 
@@ -390,6 +403,7 @@ def test_lmtp_pipe_and_two_consumers_at_once_on_the_shared_depot(tmp_path: Path)
         [False] * half + [True] * half
     )
     assert all(r["seen"] for r in results), "one consumer got nothing: they did not share"
+    assert_quiet(config.parent / "serve.log", pipe_stderr, *(Path(f"{out}.stderr") for out in outs))
 
 
 def test_commands_work_while_serve_runs(tmp_path: Path) -> None:

@@ -1,10 +1,11 @@
-"""One FileStorage for serve's own database and for the ZEO server that shares it.
+"""serve's own database and the applications', as clients of one ZEO server.
 
 Real parts: a FileStorage with blobs on disk, ZEO's StorageServer on a unix
-socket in a thread (as ``serve`` runs it), and a ZEO client.  What a user
-would notice if the hub were wrong: an application that does not see the
-message ``serve`` just queued, ``serve`` that does not see an application's
-pop (and pops or counts wrongly), or two commits that overwrite each other
+socket in a thread, started by ``SharedDepot`` as ``serve`` starts it, and
+a second ZEO client for the application.  What a user would notice if the
+arrangement were wrong: an application that does not see the message
+``serve`` just queued, ``serve`` that does not see an application's pop
+(and pops or counts wrongly), or two commits that overwrite each other
 instead of conflicting.
 """
 
@@ -17,15 +18,12 @@ from typing import Any
 
 import pytest
 import transaction
-import ZEO
 import ZODB
 from persistent import Persistent
-from ZEO.StorageServer import StorageServer
-from ZODB.blob import BlobStorage
-from ZODB.FileStorage import FileStorage
 from ZODB.POSException import ConflictError
 
-from postoffice.hub import StorageHub
+from postoffice.database import open_db
+from postoffice.embedded import SharedDepot
 
 WAIT = 10.0
 
@@ -46,18 +44,13 @@ def eventually(condition: Callable[[], bool], what: str) -> None:
 
 
 class Shared:
-    """serve's side (``db``), the ZEO server on the other side, and a client of it."""
+    """serve's database (``db``), and an application's (``client``), on one shared depot."""
 
     def __init__(self, folder: Path) -> None:
-        storage = BlobStorage(str(folder / "blobs"), FileStorage(str(folder / "Data.fs")))
-        self.hub = StorageHub(storage)
-        self.served = self.hub.side()
-        self.server = StorageServer(str(folder / "zeo.sock"), {"1": self.served})
-        self.server.start_thread(daemon=True)
-        self.db = ZODB.DB(self.hub.side())
-        self.client = ZEO.DB(
-            str(folder / "zeo.sock"), blob_dir=str(folder / "blobs"), shared_blob_dir=True
-        )
+        self.depot = SharedDepot(f"file://{folder}/Data.fs?blobstorage_dir={folder}/blobs")
+        self.depot.start()
+        self.db: ZODB.DB = self.depot.db
+        self.client = open_db(self.depot.client_uri)
         self.local_tm = transaction.TransactionManager()
         self.local = self.db.open(self.local_tm)
         self.remote_tm = transaction.TransactionManager()
@@ -67,8 +60,7 @@ class Shared:
         self.remote.close()
         self.client.close()
         self.local.close()
-        self.server.close()
-        self.db.close()
+        self.depot.stop()
 
 
 @pytest.fixture
@@ -111,17 +103,26 @@ def test_what_an_application_commits_reaches_serves_connections(shared: Shared) 
     shared.remote_tm.begin()
     shared.remote.root()["box"].value = 7
     shared.remote_tm.commit()
-    # Invalidated inside the commit: the very next transaction of serve sees it.
-    shared.local_tm.begin()
-    assert box.value == 7
+
+    def seen() -> bool:
+        shared.local_tm.begin()
+        value: int = box.value
+        return value == 7
+
+    eventually(seen, "serve to see the application's commit")
 
 
 def test_a_new_object_from_either_side_is_seen_by_the_other(shared: Shared) -> None:
     shared.remote_tm.begin()
     shared.remote.root()["from application"] = Box(2)
     shared.remote_tm.commit()
-    shared.local_tm.begin()
-    assert shared.local.root()["from application"].value == 2
+
+    def serve_sees() -> bool:
+        shared.local_tm.begin()
+        box: Any = shared.local.root().get("from application")
+        return box is not None and box.value == 2
+
+    eventually(serve_sees, "serve to see the application's new object")
     shared.local.root()["from serve"] = Box(3)
     shared.local_tm.commit()
 
@@ -145,8 +146,13 @@ def test_the_two_sides_conflict_as_two_connections_of_one_database_would(
     with pytest.raises(ConflictError):
         shared.local_tm.commit()
     shared.local_tm.abort()
-    shared.local_tm.begin()
-    assert shared.local.root()["box"].value == 1  # nothing overwritten
+
+    def application_value_stands() -> bool:
+        shared.local_tm.begin()
+        value: int = shared.local.root()["box"].value
+        return value == 1
+
+    eventually(application_value_stands, "the application's value to stand")
 
     # And the other way round, through the ZEO server.
     assert remote_value(shared) == 1
@@ -157,14 +163,3 @@ def test_the_two_sides_conflict_as_two_connections_of_one_database_would(
         shared.remote_tm.commit()
     shared.remote_tm.abort()
     eventually(lambda: remote_value(shared) == 3, "serve's value to stand")
-
-
-def test_the_storage_closes_with_its_last_side(tmp_path: Path) -> None:
-    storage = FileStorage(str(tmp_path / "Data.fs"))
-    hub = StorageHub(storage)
-    first, second = hub.side(), hub.side()
-    first.close()
-    first.close()  # twice is once
-    assert storage._file is not None and not storage._file.closed
-    second.close()
-    assert storage._file.closed
