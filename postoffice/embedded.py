@@ -80,7 +80,8 @@ class ClientGoneFilter(logging.Filter):
             record.levelno == logging.ERROR
             and record.msg == "Disconnected %s:%s"
             and isinstance(record.args, tuple)
-            and record.args[:1] in ((name,) for name in self.GONE)
+            and bool(record.args)
+            and record.args[0] in self.GONE
         ):
             record.levelno, record.levelname = logging.INFO, "INFO"
         return True
