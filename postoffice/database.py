@@ -36,11 +36,10 @@ from typing import Any
 
 import zc.lockfile
 import ZODB
-import zodburi
 from ZODB.interfaces import IBlobStorage
 from ZODB.POSException import POSError
 
-from postoffice import sockets
+from postoffice import relstorage_uri, sockets
 from postoffice.errors import ConfigError, NoInput, StorageUnavailable
 
 log = logging.getLogger("postoffice.database")
@@ -289,8 +288,13 @@ def open_storage(uri: str, make_dirs: bool = True) -> tuple[Any, dict[str, Any]]
     and ``serve`` exiting 75 would make systemd restart it for ever.
     """
     try:
-        factory, dbkw = zodburi.resolve_uri(uri)
-    except KeyError:  # zodburi's answer to a scheme no installed package resolves
+        factory, dbkw = relstorage_uri.resolve_uri(uri)
+    except KeyError as exc:  # zodburi's answer to a scheme, or to parameters, it does not know
+        if "Unrecognized database keyword" in str(exc):
+            raise ConfigError(
+                f"zodb_uri {redact_uri(uri)!r}: unknown parameters: "
+                f"{', '.join(sorted(getattr(exc, 'kw', None) or ['?']))}"
+            ) from None
         scheme = uri.partition(":")[0]
         raise ConfigError(
             f"zodb_uri {redact_uri(uri)!r}: no resolver for {scheme}: URIs is installed"
@@ -303,7 +307,8 @@ def open_storage(uri: str, make_dirs: bool = True) -> tuple[Any, dict[str, Any]]
     try:
         return factory(), dbkw
     except Exception as exc:
-        message = redact(f"cannot open {uri}: {exc}", uri)
+        # One line: libpq's messages run over two.
+        message = " ".join(redact(f"cannot open {uri}: {exc}", uri).split())
         if is_permission_error(exc):
             raise ConfigError(f"{message} (run as the user that owns the database)") from None
         raise StorageUnavailable(message) from None

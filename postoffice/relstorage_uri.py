@@ -1,0 +1,96 @@
+"""``postgres://?dsn=...``: a PostgreSQL depot named by a libpq connection string.
+
+RelStorage's own zodburi resolver builds the connection string from the
+URI's parts (``postgres://user:password@host:port/dbname``) and writes
+each part that is absent as the word ``None`` (``user='None'``,
+``port='None'``), so all five must be given; and a unix socket, which
+libpq names by its folder (``host=/run/postgresql``), cannot be written in
+a URI's host at all.  A ``dsn`` parameter gives libpq's connection string
+whole instead (``host=/run/postgresql dbname=mail``, anything libpq takes:
+``sslmode``, ``passfile``, ``service``).  Everything else in the query is
+read as RelStorage's resolver reads it (``keep_history``, ``blob_dir``,
+``cache_local_mb``, ...) and as zodburi reads it (``connection_*``,
+``database_name``): only the connection string is ours.
+
+Members of our dependencies used here that their documentation does not
+list, pinned in ``pyproject.toml``: RelStorage's ``zodburi_resolver``
+classes ``RelStorageURIResolver`` and ``Resolver`` (the resolver the
+``postgres`` entry point is made of, reused with our adapter helper), and
+zodburi's private ``_get_dbkw`` (the database keywords of a query).
+"""
+
+from __future__ import annotations
+
+import urllib.parse
+from typing import Any
+
+import zodburi
+
+DSN = "dsn"
+
+
+def resolve_uri(uri: str) -> tuple[Any, dict[str, Any]]:
+    """``zodburi.resolve_uri``, plus the ``dsn`` parameter of ``postgres://`` URIs."""
+    scheme, _, rest = uri.partition("://")
+    if scheme != "postgres":
+        return zodburi.resolve_uri(uri)
+    authority, _, query = rest.partition("?")
+    parameters = urllib.parse.parse_qsl(query, keep_blank_values=True)
+    dsn = [value for name, value in parameters if name == DSN]
+    if not dsn:
+        resolved = zodburi.resolve_uri(uri)  # first: no resolver installed says so
+        _require_parts(uri)
+        return resolved
+    if len(dsn) > 1:
+        raise ValueError("give dsn= once")
+    if authority.strip("/"):
+        raise ValueError(
+            "with dsn=, the connection string names the server and the database: "
+            "write postgres://?dsn=..., nothing between // and ?"
+        )
+    rest_uri = "postgres://?" + urllib.parse.urlencode([p for p in parameters if p[0] != DSN])
+    return _resolve_dsn(rest_uri, dsn[0])
+
+
+def _require_parts(uri: str) -> None:
+    """RelStorage would connect to port ``None`` as user ``None``: say what is missing instead."""
+    parts = urllib.parse.urlsplit(uri.replace("postgres://", "http://", 1))
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    missing = [
+        name
+        for name, value in (
+            ("user", parts.username),
+            ("host", parts.hostname),
+            ("port", port),
+            ("database name", parts.path.strip("/")),
+        )
+        if not value
+    ]
+    if missing:
+        raise ValueError(
+            f"no {', '.join(missing)}: RelStorage needs postgres://USER:PASSWORD@HOST:PORT/DBNAME, "
+            "or the libpq connection string whole in dsn= (postgres://?dsn=host%3D/run/postgresql"
+            "%20dbname%3Dmail for a unix socket)"
+        )
+
+
+def _resolve_dsn(uri: str, dsn: str) -> tuple[Any, dict[str, Any]]:
+    """RelStorage's resolver for ``uri`` (the options), its adapter opened on ``dsn``."""
+    from relstorage.zodburi_resolver import RelStorageURIResolver, Resolver
+
+    class DsnAdapterHelper(Resolver):  # type: ignore[misc]
+        """RelStorage's PostgreSQL adapter on the connection string given whole."""
+
+        def __call__(self, parsed_uri: Any, kw: dict[str, str]) -> tuple[Any, dict[str, str]]:
+            def factory(options: Any) -> Any:
+                from relstorage.adapters.postgresql import PostgreSQLAdapter
+
+                return PostgreSQLAdapter(dsn=dsn, options=options)
+
+            return factory, kw
+
+    factory, unused = RelStorageURIResolver(DsnAdapterHelper())(uri)
+    return factory, zodburi._get_dbkw(unused)
