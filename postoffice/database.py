@@ -37,9 +37,9 @@ from typing import Any
 import zc.lockfile
 import ZODB
 from ZODB.interfaces import IBlobStorage
-from ZODB.POSException import POSError
+from ZODB.POSException import ConflictError, POSError
 
-from postoffice import relstorage_uri, sockets
+from postoffice import relstorage_uri, retry, sockets
 from postoffice.errors import ConfigError, NoInput, StorageUnavailable
 
 log = logging.getLogger("postoffice.database")
@@ -49,6 +49,9 @@ SOCKET_NAME = "zeo.sock"
 # a FileStorage's lock.
 LOCK_WAIT = 10.0
 LOCK_POLL = 0.2
+# Creating the root object of a new database, against other processes doing it too.
+ROOT_ATTEMPTS = 5
+ROOT_PATIENCE = 10.0
 
 # zodburi's file:// options that belong to the FileStorage (opened by serve;
 # ZEO clients with the shared blob folder read its layout from its .layout
@@ -305,7 +308,7 @@ def open_storage(uri: str, make_dirs: bool = True) -> tuple[Any, dict[str, Any]]
     if make_dirs:
         _make_file_dirs(uri)
     try:
-        return factory(), dbkw
+        return relstorage_uri.open_storage(factory), dbkw
     except Exception as exc:
         # One line: libpq's messages run over two.
         message = " ".join(redact(f"cannot open {uri}: {exc}", uri).split())
@@ -317,12 +320,22 @@ def open_storage(uri: str, make_dirs: bool = True) -> tuple[Any, dict[str, Any]]
 def db_for(storage: Any, dbkw: dict[str, Any], uri: str) -> ZODB.DB:
     """``ZODB.DB(storage)``; the storage is closed again if that fails."""
     _forget_prefetched_oids(storage)
-    try:
-        return ZODB.DB(storage, **dbkw)
-    except Exception as exc:
-        with contextlib.suppress(Exception):
-            storage.close()
-        raise StorageUnavailable(redact(f"cannot open {uri}: {exc}", uri)) from None
+    error: Exception | None = None
+    # ZODB.DB creates the root object of a new database; another process
+    # creating it at the same moment makes this a ConflictError (or a
+    # ReadConflictError: "object deleted", the root committed since this
+    # snapshot), and the root is there when it is tried again.
+    for _number in retry.attempts(ROOT_ATTEMPTS, ROOT_PATIENCE):
+        try:
+            return ZODB.DB(storage, **dbkw)
+        except ConflictError as exc:
+            error = exc
+        except Exception as exc:
+            error = exc
+            break
+    with contextlib.suppress(Exception):
+        storage.close()
+    raise StorageUnavailable(redact(f"cannot open {uri}: {error}", uri)) from None
 
 
 def has_blobs(db: ZODB.DB) -> bool:

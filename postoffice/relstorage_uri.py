@@ -22,11 +22,39 @@ zodburi's private ``_get_dbkw`` (the database keywords of a query).
 from __future__ import annotations
 
 import urllib.parse
+from collections.abc import Callable
 from typing import Any
 
 import zodburi
 
+from postoffice import retry
+
 DSN = "dsn"
+
+# RelStorage creates its tables, functions and triggers when it first opens
+# a database, in one transaction, after looking which exist, and without a
+# lock: of two processes opening a new database at once, the second fails
+# with one of these PostgreSQL errors (duplicate table, object, function;
+# a unique index of the catalog; a deadlock between the two) once the
+# first commits.  Its own transaction was rolled back; opened again, it
+# finds the schema complete.
+SCHEMA_RACE = frozenset({"42P07", "42710", "42723", "23505", "40P01"})
+OPEN_ATTEMPTS = 5
+OPEN_PATIENCE = 10.0
+
+
+def open_storage(factory: Callable[[], Any]) -> Any:
+    """``factory()``, opened again when another process was creating the schema meanwhile."""
+    last: BaseException | None = None
+    for _number in retry.attempts(OPEN_ATTEMPTS, OPEN_PATIENCE):
+        try:
+            return factory()
+        except Exception as exc:
+            if getattr(exc, "pgcode", None) not in SCHEMA_RACE:
+                raise
+            last = exc
+    assert last is not None
+    raise last
 
 
 def resolve_uri(uri: str) -> tuple[Any, dict[str, Any]]:
