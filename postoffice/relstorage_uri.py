@@ -1,4 +1,4 @@
-"""``postgres://?dsn=...``: a PostgreSQL depot named by a libpq connection string.
+"""RelStorage's URIs as postoffice opens them: ``postgres://?dsn=...``, one-process ``sqlite://``.
 
 RelStorage's own zodburi resolver builds the connection string from the
 URI's parts (``postgres://user:password@host:port/dbname``) and writes
@@ -12,6 +12,9 @@ read as RelStorage's resolver reads it (``keep_history``, ``blob_dir``,
 ``cache_local_mb``, ...) and as zodburi reads it (``connection_*``,
 ``database_name``): only the connection string is ours.
 
+A ``sqlite://`` depot is opened by one process at a time (see
+``_one_process``); a second is told so in one line.
+
 Members of our dependencies used here that their documentation does not
 list, pinned in ``pyproject.toml``: RelStorage's ``zodburi_resolver``
 classes ``RelStorageURIResolver`` and ``Resolver`` (the resolver the
@@ -21,10 +24,13 @@ zodburi's private ``_get_dbkw`` (the database keywords of a query).
 
 from __future__ import annotations
 
+import os
+import threading
 import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
+import zc.lockfile
 import zodburi
 
 from postoffice import retry
@@ -58,8 +64,11 @@ def open_storage(factory: Callable[[], Any]) -> Any:
 
 
 def resolve_uri(uri: str) -> tuple[Any, dict[str, Any]]:
-    """``zodburi.resolve_uri``, plus the ``dsn`` parameter of ``postgres://`` URIs."""
+    """``zodburi.resolve_uri``, plus ``postgres://?dsn=`` and the one-process ``sqlite://``."""
     scheme, _, rest = uri.partition("://")
+    if scheme == "sqlite":
+        factory, dbkw = zodburi.resolve_uri(uri)
+        return _one_process(factory, rest), dbkw
     if scheme != "postgres":
         return zodburi.resolve_uri(uri)
     authority, _, query = rest.partition("?")
@@ -78,6 +87,84 @@ def resolve_uri(uri: str) -> tuple[Any, dict[str, Any]]:
         )
     rest_uri = "postgres://?" + urllib.parse.urlencode([p for p in parameters if p[0] != DSN])
     return _resolve_dsn(rest_uri, dsn[0])
+
+
+# --- sqlite:// is for one process ----------------------------------------------------
+
+# Tried with a serve and two consumers in three processes on one sqlite://
+# depot: consumers saw RelStorage's CacheConsistencyError and, in one run
+# of four, a KeyError from inside pop_next (a tree read half old, half
+# new).  Mail was not lost, but a consumer must not meet that; so a second
+# process is refused, as a FileStorage refuses it.
+LOCK_NAME = "postoffice.lock"
+_held: dict[str, tuple[zc.lockfile.LockFile, int]] = {}
+_held_lock = threading.Lock()
+
+
+def _one_process(factory: Callable[[], Any], rest: str) -> Callable[[], Any]:
+    """``factory``, opening the SQLite depot only while no other process has it open.
+
+    The lock (``postoffice.lock`` in ``data_dir``) is held from the open to
+    the storage's ``close()``, which is wrapped for it (an attribute of the
+    storage instance); connections of this same process share it.
+    """
+    data_dir = dict(urllib.parse.parse_qsl(rest.partition("?")[2])).get("data_dir")
+
+    def opened() -> Any:
+        if not data_dir:
+            return factory()
+        path = os.path.join(os.path.abspath(data_dir), LOCK_NAME)
+        _acquire(path)
+        try:
+            storage = factory()
+        except BaseException:
+            _release(path)
+            raise
+        close = storage.close
+
+        def closing() -> None:
+            try:
+                close()
+            finally:
+                _release(path)
+
+        storage.close = closing
+        return storage
+
+    return opened
+
+
+def _acquire(path: str) -> None:
+    with _held_lock:
+        lock, count = _held.get(path, (None, 0))
+        if lock is None:
+            try:
+                lock = zc.lockfile.LockFile(path, content_template="{pid}")
+            except zc.lockfile.LockError:
+                raise SqliteInUse(
+                    f"another process has the sqlite:// depot in {os.path.dirname(path)} open "
+                    "(RelStorage's SQLite depot is for one process at a time; "
+                    "for serve and consumers in several processes use zeo:// or postgres://)"
+                ) from None
+        _held[path] = (lock, count + 1)
+
+
+def _release(path: str) -> None:
+    with _held_lock:
+        lock, count = _held.pop(path, (None, 0))
+        if lock is None:
+            return
+        if count > 1:
+            _held[path] = (lock, count - 1)
+        else:
+            lock.close()
+
+
+class SqliteInUse(zc.lockfile.LockError):
+    """A second process opening a sqlite:// depot: told why, as a FileStorage's lock is."""
+
+
+# --- postgres:// ------------------------------------------------------------------------
 
 
 def _require_parts(uri: str) -> None:
