@@ -7,6 +7,7 @@ Each test gets a fresh database in a private PostgreSQL server (the
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,22 @@ def test_check_reaches_the_server_and_never_prints_the_password(
     assert "Traceback" not in result.stderr
     [line] = [line for line in result.stderr.splitlines() if line.startswith("postoffice:")]
     assert "postoffice:***@127.0.0.1" in line
+
+
+def test_the_zconfig_file_of_the_manual_opens_the_same_storage(
+    tmp_path: Path, postgres_cluster: PostgresCluster, postgres_db: str
+) -> None:
+    """docs/scaling.md's ``zconfig://`` file, its dsn and cache folder pointed at this server."""
+    manual = (Path(__file__).resolve().parents[2] / "docs" / "scaling.md").read_text()
+    [block] = re.findall(r"```\n(%import relstorage\n.*?)```", manual, re.DOTALL)
+    dsn = (
+        f"host={postgres_cluster.socket_dir} port={postgres_cluster.port} "
+        f"user={PostgresCluster.USER} dbname={postgres_db}"
+    )
+    conf = tmp_path / "storage.conf"
+    conf.write_text(
+        re.sub(r"dsn .*", f"dsn {dsn}", block).replace(
+            "/var/cache/postoffice/blobs", str(tmp_path / "blobs")
+        )
+    )
+    _deliver_and_pop(tmp_path, f"zconfig://{conf}")
