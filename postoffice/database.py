@@ -36,11 +36,10 @@ from typing import Any
 
 import zc.lockfile
 import ZODB
-import zodburi
 from ZODB.interfaces import IBlobStorage
-from ZODB.POSException import POSError
+from ZODB.POSException import ConflictError, POSError
 
-from postoffice import sockets
+from postoffice import relstorage_uri, retry, sockets
 from postoffice.errors import ConfigError, NoInput, StorageUnavailable
 
 log = logging.getLogger("postoffice.database")
@@ -50,6 +49,9 @@ SOCKET_NAME = "zeo.sock"
 # a FileStorage's lock.
 LOCK_WAIT = 10.0
 LOCK_POLL = 0.2
+# Creating the root object of a new database, against other processes doing it too.
+ROOT_ATTEMPTS = 5
+ROOT_PATIENCE = 10.0
 
 # zodburi's file:// options that belong to the FileStorage (opened by serve;
 # ZEO clients with the shared blob folder read its layout from its .layout
@@ -289,8 +291,13 @@ def open_storage(uri: str, make_dirs: bool = True) -> tuple[Any, dict[str, Any]]
     and ``serve`` exiting 75 would make systemd restart it for ever.
     """
     try:
-        factory, dbkw = zodburi.resolve_uri(uri)
-    except KeyError:  # zodburi's answer to a scheme no installed package resolves
+        factory, dbkw = relstorage_uri.resolve_uri(uri)
+    except KeyError as exc:  # zodburi's answer to a scheme, or to parameters, it does not know
+        if "Unrecognized database keyword" in str(exc):
+            raise ConfigError(
+                f"zodb_uri {redact_uri(uri)!r}: unknown parameters: "
+                f"{', '.join(sorted(getattr(exc, 'kw', None) or ['?']))}"
+            ) from None
         scheme = uri.partition(":")[0]
         raise ConfigError(
             f"zodb_uri {redact_uri(uri)!r}: no resolver for {scheme}: URIs is installed"
@@ -301,9 +308,10 @@ def open_storage(uri: str, make_dirs: bool = True) -> tuple[Any, dict[str, Any]]
     if make_dirs:
         _make_file_dirs(uri)
     try:
-        return factory(), dbkw
+        return relstorage_uri.open_storage(factory), dbkw
     except Exception as exc:
-        message = redact(f"cannot open {uri}: {exc}", uri)
+        # One line: libpq's messages run over two.
+        message = " ".join(redact(f"cannot open {uri}: {exc}", uri).split())
         if is_permission_error(exc):
             raise ConfigError(f"{message} (run as the user that owns the database)") from None
         raise StorageUnavailable(message) from None
@@ -312,12 +320,22 @@ def open_storage(uri: str, make_dirs: bool = True) -> tuple[Any, dict[str, Any]]
 def db_for(storage: Any, dbkw: dict[str, Any], uri: str) -> ZODB.DB:
     """``ZODB.DB(storage)``; the storage is closed again if that fails."""
     _forget_prefetched_oids(storage)
-    try:
-        return ZODB.DB(storage, **dbkw)
-    except Exception as exc:
-        with contextlib.suppress(Exception):
-            storage.close()
-        raise StorageUnavailable(redact(f"cannot open {uri}: {exc}", uri)) from None
+    error: Exception | None = None
+    # ZODB.DB creates the root object of a new database; another process
+    # creating it at the same moment makes this a ConflictError (or a
+    # ReadConflictError: "object deleted", the root committed since this
+    # snapshot), and the root is there when it is tried again.
+    for _number in retry.attempts(ROOT_ATTEMPTS, ROOT_PATIENCE):
+        try:
+            return ZODB.DB(storage, **dbkw)
+        except ConflictError as exc:
+            error = exc
+        except Exception as exc:
+            error = exc
+            break
+    with contextlib.suppress(Exception):
+        storage.close()
+    raise StorageUnavailable(redact(f"cannot open {uri}: {error}", uri)) from None
 
 
 def has_blobs(db: ZODB.DB) -> bool:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -67,11 +68,12 @@ conflicts_retried = _Count()
 def committed(manager: Any, work: Callable[[], T], minimum: int, patience: float) -> T:
     """``work()`` in a transaction of ``manager``, committed; its result.
 
-    A ConflictError aborts and tries again, as :func:`attempts` paces it;
+    A ConflictError (or RelStorage's stale cache, :func:`is_stale_cache`)
+    aborts and tries again, as :func:`attempts` paces it;
     when the conflicts win, the last one is raised for the caller to say
     what failed.  Any other exception aborts and goes on up.
     """
-    last: ConflictError | None = None
+    last: BaseException | None = None
     for _number in attempts(minimum, patience):
         try:
             manager.begin()
@@ -82,9 +84,27 @@ def committed(manager: Any, work: Callable[[], T], minimum: int, patience: float
             last = exc
             conflicts_retried.add()
             continue
-        except BaseException:
+        except BaseException as exc:
             manager.abort()
-            raise
+            if not is_stale_cache(exc):
+                raise
+            last = exc
+            conflicts_retried.add()
+            continue
         return result
     assert last is not None  # attempts() yields at least once
     raise last
+
+
+def is_stale_cache(exc: BaseException) -> bool:
+    """RelStorage's CacheConsistencyError: its cache was behind the database; try again.
+
+    RelStorage raises it (a ``TransientError``, its cache already cleared)
+    when its local cache and the database disagree, which on SQLite happens
+    while another process commits.  Like a conflict, the same transaction
+    succeeds when tried again.  Looked up only where RelStorage is in use
+    (imported), so that other depots never import it.
+    """
+    interfaces = sys.modules.get("relstorage.cache.interfaces")
+    error = getattr(interfaces, "CacheConsistencyError", None)
+    return error is not None and isinstance(exc, error)

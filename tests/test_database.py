@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
+import zodburi
 
 from postoffice.database import open_db, open_db_waiting, redact, redact_uri
 from postoffice.errors import ConfigError, StorageUnavailable
@@ -43,13 +45,41 @@ def test_an_error_message_quoting_the_password_hides_it_too() -> None:
     assert "postgres://po:***@db.example/mail" in text
 
 
-def test_a_scheme_without_resolver_says_which_extra_to_install() -> None:
+def test_a_scheme_without_resolver_says_which_extra_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # RelStorage is a test dependency: hide its resolvers, as where it is not installed.
+    found = zodburi.entry_points
+
+    def without_relstorage(**kw: str) -> list[Any]:
+        return [ep for ep in found(**kw) if not ep.value.startswith("relstorage.")]
+
+    monkeypatch.setattr(zodburi, "entry_points", without_relstorage)
     with pytest.raises(ConfigError) as caught:
         open_db("postgres://po:hunter2@127.0.0.1/mail")
     message = str(caught.value)
     assert "no resolver for postgres: URIs is installed" in message
     assert "postoffice[postgresql]" in message
     assert "hunter2" not in message
+
+
+@pytest.mark.parametrize(
+    ("uri", "says"),
+    [
+        ("postgres://po:hunter2@127.0.0.1/mail", "no port: RelStorage needs postgres://USER"),
+        ("postgres://127.0.0.1:5432/mail", "no user:"),
+        ("postgres://db.example/mail?dsn=dbname%3Dmail", "nothing between // and ?"),
+        ("postgres://po:hunter2@db.example:5432/mail?keep_histroy=0", "unknown parameters"),
+    ],
+)
+def test_a_postgres_uri_relstorage_would_misread_is_one_clear_line(uri: str, says: str) -> None:
+    pytest.importorskip("relstorage")
+    with pytest.raises(ConfigError) as caught:
+        open_db(uri)
+    message = str(caught.value)
+    assert says in message
+    assert "hunter2" not in message
+    assert "\n" not in message
 
 
 def test_a_misspelt_scheme_is_a_configuration_error() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
@@ -16,7 +17,7 @@ from tests.integration.postfix_instance import (
     require_root,
     require_tool,
 )
-from tests.integration.servers import Serve, ZeoServer
+from tests.integration.servers import PostgresCluster, Serve, ZeoServer
 
 PostfixFactory = Callable[..., PostfixInstance]
 
@@ -71,6 +72,26 @@ def zeo_servers() -> Iterator[list[ZeoServer]]:
     yield started
     for server in started:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    """One private PostgreSQL server for the session (initdb takes seconds); stopped at the end."""
+    cluster = PostgresCluster()
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def postgres_db(postgres_cluster: PostgresCluster) -> str:
+    """A fresh, empty database in the private cluster, for one test: its name."""
+    name = f"mail{next(_database_numbers)}"
+    return postgres_cluster.create_database(name)
+
+
+_database_numbers = itertools.count(1)
 
 
 @pytest.fixture
