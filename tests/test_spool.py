@@ -10,7 +10,6 @@ from __future__ import annotations
 import gc
 import importlib
 import os
-import random
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +21,15 @@ from postoffice.deliver import Depot
 from postoffice.message import added_headers
 from postoffice.spool import Spooled, Spooler
 from postoffice.store import find_folder
-from tests.helpers import DELIVERY_DEPOT, T0, codes, message, message_bytes, settings_for, stored
+from tests.helpers import (
+    DELIVERY_DEPOT,
+    T0,
+    big_message,
+    codes,
+    message,
+    settings_for,
+    stored,
+)
 
 # The module of FileStorage (the package exports the class under the same name).
 FileStorageModule = importlib.import_module("ZODB.FileStorage.FileStorage")
@@ -42,38 +49,6 @@ def spool_dir(depot: Depot) -> Path:
     directory = depot.spool_directory()
     assert directory is not None
     return Path(directory)
-
-
-def big_message(size: int, *, body_text: str = "Hello.\n", eol: bytes = b"\r\n") -> bytes:
-    """A multipart message: a text part, a binary attachment of ``size`` octets, long lines."""
-    rng = random.Random(size)
-    binary = rng.randbytes(size)
-    long_line = b"L" * 5000 + eol  # a line far over 1000 octets: fine on a pipe
-    boundary = b"=_spool_="
-    body = b"".join(
-        [
-            b"--" + boundary + eol,
-            b"Content-Type: text/plain; charset=utf-8" + eol + eol,
-            body_text.replace("\n", eol.decode()).encode() + eol,
-            b"--" + boundary + eol,
-            b"Content-Type: application/octet-stream" + eol,
-            b"Content-Transfer-Encoding: binary" + eol + eol,
-            binary + eol,
-            long_line,
-            b"--" + boundary + b"--" + eol,
-        ]
-    )
-    return message_bytes(
-        [
-            "From: Sender <sender@outside.example>",
-            "To: rcpt@a.example",
-            f"Message-Id: <big.{size}@outside.example>",
-            "MIME-Version: 1.0",
-            f'Content-Type: multipart/mixed; boundary="{boundary.decode()}"',
-        ],
-        body,
-        eol,
-    )
 
 
 def spooled(depot: Depot, raw: bytes, recipient: str = "rcpt@a.example") -> Spooled:
@@ -152,7 +127,7 @@ def test_the_line_ending_is_found_past_the_first_piece(tmp_path: Path) -> None:
 def test_a_big_message_is_stored_exactly_and_its_spool_file_is_the_blob(
     tmp_path: Path, depot: Depot
 ) -> None:
-    raw = big_message(6 * MiB)
+    raw = big_message(6 * MiB, line=5000)  # long lines: fine on a pipe
     received = spooled(depot, raw)
     assert Path(received.path).parent == spool_dir(depot)  # the storage's blob temp dir
     inode = os.stat(received.path).st_ino
@@ -262,11 +237,7 @@ def test_a_body_rule_matching_in_the_last_text_part_of_30_mib_refuses_it(tmp_pat
     )
     depot.prepare()
     try:
-        raw = big_message(30 * MiB)
-        raw = raw.replace(
-            b"--=_spool_=--",
-            b"--=_spool_=\r\nContent-Type: text/plain\r\n\r\nunsubscribe-now\r\n--=_spool_=--",
-        )
+        raw = big_message(30 * MiB, last_text=b"unsubscribe-now")
         received = spooled(depot, raw)
         outcomes = depot.deliver(SENDER, ["rcpt@a.example"], received, now=T0)
         received.remove()
@@ -311,7 +282,7 @@ def test_a_discarded_refusal_keeps_the_big_message_for_review_as_a_blob(tmp_path
 
 
 def test_duplicates_of_a_big_message_are_detected(depot: Depot) -> None:
-    raw = big_message(2 * MiB)
+    raw = big_message(2 * MiB, message_id="<twice@outside.example>")
     for _ in range(2):
         received = spooled(depot, raw)
         outcomes = depot.deliver(SENDER, ["rcpt@a.example"], received, now=T0)
