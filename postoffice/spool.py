@@ -53,7 +53,7 @@ SPOOL_THRESHOLD = 1024 * 1024
 # Octets read or copied at a time from a spool file.
 READ_CHUNK = 1024 * 1024
 # Octets of the start of a message kept in memory, to name its Message-Id in
-# the log (deliver.LOG_HEAD, which imports this module's users).
+# the log (``deliver.LOG_HEAD`` is this value).
 HEAD = 64 * 1024
 PREFIX = "spool-"
 
