@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from common import KIB, Plan, Sample, human_size
+from common import KIB, Sample, human_size
 from servers import SERVER_LABELS
 
 
@@ -38,10 +38,10 @@ def prefilled(result: dict[str, Any], data_fs_bytes: int) -> str:
     )
 
 
-def peak_rss(kind: str, plan: Plan, result: dict[str, Any]) -> str:
+def peak_rss(kind: str, message: int, sessions: int, result: dict[str, Any]) -> str:
     return (
-        f"peak RSS of {SERVER_LABELS[kind]}, {plan.rss_sessions} x "
-        f"{human_size(plan.rss_message)} at once: "
+        f"peak RSS of {SERVER_LABELS[kind]}, {sessions} x "
+        f"{human_size(message)} at once (max_message_size = {result['max_message_size']}): "
         + (
             f"{result['hwm_kib'] / KIB:,.0f} MiB (idle {result['rss_idle_kib'] / KIB:,.0f} MiB)"
             if "error" not in result

@@ -358,7 +358,7 @@ def measures_of_relay(plan: Plan, relayed: Sequence[Sample]) -> dict[str, Measur
 
 
 def rss_line(kind: str, result: dict[str, Any]) -> str:
-    label = SERVER_LABELS[kind]
+    label = SERVER_LABELS[result.get("kind", kind)]
     if "error" in result:
         return f"Peak RSS of {label}: error: {result['error']}"
     limit_note = (
@@ -378,8 +378,14 @@ def rss_lines(rss: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def measures_of_rss(rss: dict[str, dict[str, Any]]) -> dict[str, Measure]:
-    mine, direct = (peak_mib(rss[kind]) if kind in rss else None for kind in OURS)
-    return {"peak MiB": (mine, direct)}
+    """Peak MiB of ``--rss-size`` messages, and (``40m``) of 40 MiB ones under a 50 MiB limit."""
+    measured: dict[str, Measure] = {}
+    for suffix, measure in (("", "peak MiB"), (".40m", "peak MiB 40m")):
+        mine, direct = (
+            peak_mib(rss[kind + suffix]) if kind + suffix in rss else None for kind in OURS
+        )
+        measured[measure] = (mine, direct)
+    return measured
 
 
 def consumer_lines(consumed: Sequence[dict[str, Any]]) -> list[str]:

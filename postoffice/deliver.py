@@ -21,15 +21,17 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import transaction
 import ZODB
 from persistent import Persistent
+from ZODB.blob import Blob
 from ZODB.POSException import ConflictError
 
-from postoffice import clock, retry
+from postoffice import clock, retry, spool
 from postoffice.config import Settings
-from postoffice.database import is_storage_away, open_db
+from postoffice.database import has_blobs, is_storage_away, open_db
 from postoffice.decide import (
     Action,
     Decision,
@@ -41,6 +43,7 @@ from postoffice.decide import (
 )
 from postoffice.errors import StorageUnavailable
 from postoffice.message import ParsedMessage, added_headers, line_ending
+from postoffice.spool import Spooled
 from postoffice.store import FolderState, QueuesFolder, find_folder, reconcile, records
 
 log = logging.getLogger("postoffice.deliver")
@@ -83,11 +86,48 @@ class Outcome:
 
 @dataclass(frozen=True)
 class Delivery:
-    """One message as the front door received it."""
+    """One message as the front door received it: its bytes, or a spool file.
+
+    A message past ``spool.SPOOL_THRESHOLD`` comes as ``spooled`` (and
+    ``raw`` is empty): the depot reads its header block, lets the body
+    rules scan the file, and stores the file as the blob.
+    """
 
     sender: str
     recipients: tuple[str, ...]
     raw: bytes
+    spooled: Spooled | None = None
+
+    @classmethod
+    def of(cls, sender: str, recipients: Sequence[str], received: bytes | Spooled) -> Delivery:
+        if isinstance(received, Spooled):
+            return cls(sender, tuple(recipients), b"", received)
+        return cls(sender, tuple(recipients), received)
+
+    @property
+    def size(self) -> int:
+        return len(self.raw) if self.spooled is None else self.spooled.size
+
+    @property
+    def head(self) -> bytes:
+        """The first octets, enough to name the Message-Id in the log."""
+        return self.raw[:LOG_HEAD] if self.spooled is None else self.spooled.head
+
+    @property
+    def eol(self) -> bytes:
+        """The line ending of the lines added on top (``message.line_ending``)."""
+        return line_ending(self.raw) if self.spooled is None else self.spooled.eol
+
+    def whole(self) -> bytes:
+        """All of it in memory: only where it must be (a dead letter, a storage without blobs)."""
+        return self.raw if self.spooled is None else self.spooled.read()
+
+    def parsed(self) -> ParsedMessage:
+        """The view the rules read: headers from the header block, the body streamed."""
+        spooled = self.spooled
+        if spooled is None:
+            return ParsedMessage(self.raw)
+        return ParsedMessage(spooled.header_block(), spooled.size, spooled.chunks)
 
 
 def reply_line(code: int, status: str, text: str) -> str:
@@ -118,14 +158,14 @@ STATUS = {
     Action.DEFER: "deferred",
 }
 # Bytes of a message read to name its Message-Id in the log when it was not parsed.
-LOG_HEAD = 64 * 1024
+LOG_HEAD = spool.HEAD
 
 
 def log_outcomes(delivery: Delivery, outcomes: Sequence[Outcome], size: int | None = None) -> None:
     """One line per recipient (:func:`decision_line`), from both front doors alike."""
     message_id = next((o.message_id for o in outcomes if o.message_id), None)
     if message_id is None:
-        message_id = message_id_of(delivery.raw[:LOG_HEAD])
+        message_id = message_id_of(delivery.head)
     for outcome in outcomes:
         decision = outcome.decision
         log_decision(
@@ -136,7 +176,7 @@ def log_outcomes(delivery: Delivery, outcomes: Sequence[Outcome], size: int | No
             outcome.reply,
             decision.rule.name.lower(),
             decision.reason,
-            len(delivery.raw) if size is None else size,
+            delivery.size if size is None else size,
             STATUS[decision.action],
         )
 
@@ -335,10 +375,30 @@ class Depot:
     # -- delivering -----------------------------------------------------------
 
     def deliver(
-        self, sender: str, recipients: Sequence[str], raw: bytes, now: float | None = None
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        raw: bytes | Spooled,
+        now: float | None = None,
     ) -> list[Outcome]:
         """Decide and store one message for every recipient; one Outcome each."""
-        return self.deliver_batch([Delivery(sender, tuple(recipients), raw)], now)[0]
+        return self.deliver_batch([Delivery.of(sender, recipients, raw)], now)[0]
+
+    def spool_directory(self) -> str | None:
+        """Where a front door spools a big message: the storage's blob temporary directory.
+
+        ZODB makes its own new blobs there, on the filesystem of the blob
+        folder, so a spool file becomes a blob by a rename.  None while the
+        database is not open, or keeps no blobs: the system's then.
+        """
+        db = self._db
+        if db is None or not has_blobs(db):
+            return None
+        try:
+            directory = db.storage.temporaryDirectory()
+        except Exception:  # a ZEO client without a blob folder
+            return None
+        return directory if isinstance(directory, str) else None
 
     def deliver_batch(
         self, deliveries: Sequence[Delivery], now: float | None = None
@@ -365,7 +425,7 @@ class Depot:
         settings = self._settings
         if now is None:
             now = self._clock() if self._clock is not None else clock.now()
-        parsed = [ParsedMessage(d.raw) for d in deliveries]
+        parsed = [d.parsed() for d in deliveries]
         try:
             if not self._reconciled:
                 self.prepare()
@@ -398,11 +458,14 @@ class Depot:
         manager = transaction.TransactionManager()
         connection = self._open(manager)
 
+        blobs = SpoolBlobs()
+
         def store() -> tuple[list[list[Outcome]], list[Persistent]]:
             folder = find_folder(connection.root(), settings.zodb_path, create=False)
             created: list[Persistent] = []
+            blobs.attempt()
             results = [
-                self._apply(folder, settings, d, m, now, created)
+                self._apply(folder, settings, d, m, now, created, blobs)
                 for d, m in zip(deliveries, parsed, strict=True)
             ]
             return results, created
@@ -423,6 +486,7 @@ class Depot:
             raise
         finally:
             _close(manager, connection)
+            blobs.drop_uncommitted()
 
     def _apply(
         self,
@@ -432,8 +496,11 @@ class Depot:
         message: ParsedMessage,
         now: float,
         created: list[Persistent] | None = None,
+        blobs: SpoolBlobs | None = None,
     ) -> list[Outcome]:
         """Decide every recipient against the state before this message, then store."""
+        if blobs is None:
+            blobs = SpoolBlobs()
         envelope = Envelope(delivery.sender, delivery.recipients)
         state = FolderState(folder)
         recipients = _unique(delivery.recipients)
@@ -443,7 +510,7 @@ class Depot:
             error = traceback.format_exc()
             log.error("deciding %s failed; kept as a dead letter:\n%s", message.message_id, error)
             folder.add_dead_letter(
-                delivery.raw,
+                delivery.whole(),
                 delivery.sender,
                 delivery.recipients,
                 error,
@@ -460,28 +527,30 @@ class Depot:
             return self._all(delivery, kept)
 
         outcomes: dict[str, Outcome] = {}
-        eol = line_ending(delivery.raw)
+        eol = delivery.eol
         arrivals: dict[str, tuple[str, float | None]] = {}
         for rcpt, decision in decisions.items():
             key = None
             if decision.action is Action.ACCEPT and decision.queue is not None:
                 queue = folder[decision.queue]
-                raw = added_headers(delivery.sender, rcpt, int(now), eol) + delivery.raw
-                key = queue.store(raw, now, created)
+                lines = added_headers(delivery.sender, rcpt, int(now), eol)
+                key = queue.store(blobs.stored(delivery, lines, queue._p_jar), now, created)
                 if message.message_id:
                     queue.record_delivery(message.message_id, rcpt, now)
             elif decision.review:
-                key = self._keep_for_review(folder, settings, delivery, rcpt, decision, now, eol)
+                key = self._keep_for_review(
+                    folder, settings, delivery, rcpt, decision, now, eol, blobs
+                )
             if decision.count_arrival and decision.queue and decision.throttle_key:
                 _, until = arrivals.get(decision.queue, (decision.throttle_key, None))
                 if decision.throttle_until is not None:
                     until = max(until or 0.0, decision.throttle_until)
                 arrivals[decision.queue] = (decision.throttle_key, until)
             outcomes[rcpt.lower()] = outcome = Outcome(rcpt, decision, message.message_id, key)
-            if settings.replay_keep and len(delivery.raw) <= records.BLOB_THRESHOLD:
+            if settings.replay_keep and delivery.size <= records.BLOB_THRESHOLD:
                 area = folder.recent_area(create=True)
                 assert area is not None
-                raw = added_headers(delivery.sender, rcpt, int(now), eol) + delivery.raw
+                raw = added_headers(delivery.sender, rcpt, int(now), eol) + delivery.whole()
                 rule = decision.rule.name.lower()
                 area.add(raw, rule, decision.queue, outcome.reply, now, settings.replay_keep)
         window = throttle_window(settings.ooo_loop_frequency or 1.0)
@@ -499,11 +568,13 @@ class Depot:
         decision: Decision,
         now: float,
         eol: bytes,
+        blobs: SpoolBlobs,
     ) -> int:
         """A refusal discarded: the message kept in the review area, as a queue would keep it."""
         area = folder.review_area(create=True)
         assert area is not None
-        raw = added_headers(delivery.sender, rcpt, int(now), eol) + delivery.raw
+        lines = added_headers(delivery.sender, rcpt, int(now), eol)
+        raw = blobs.stored(delivery, lines, folder._p_jar)
         refusal = decision.refusal or decision.reason
         key, dropped = area.add(
             raw, decision.rule.name.lower(), decision.queue, refusal, now, settings.review_max
@@ -515,6 +586,59 @@ class Depot:
                 dropped,
             )
         return key
+
+
+class SpoolBlobs:
+    """The blobs one batch makes of spool files, attempt after attempt.
+
+    A record keeps our ``lines`` on top of the message.  A spooled message
+    becomes a blob of its spool file itself (the lines written into the
+    room at its start) for the first record of an attempt that fits; any
+    other record of it gets a copy, streamed.  Only a storage without blobs
+    (or a message the blob threshold keeps inline) has it read into memory.
+
+    ZODB removes the file of a blob whose transaction aborted when the blob
+    object is collected; a traceback that holds on to it (a log handler
+    keeping records) would keep the file.  So after the batch, each blob
+    that did not end up in the database (no ``_p_jar`` since the abort) is
+    invalidated, ZODB's own way of letting its uncommitted file go
+    (``Blob._p_invalidate``, the persistence protocol's method).
+    """
+
+    def __init__(self) -> None:
+        self._made: list[Blob] = []
+        self._used: set[int] = set()
+
+    def attempt(self) -> None:
+        """A new attempt at the transaction: every spool file may be used as it is again."""
+        self._used.clear()
+
+    def stored(self, delivery: Delivery, lines: bytes, jar: Any) -> bytes | Blob:
+        """``lines`` then the message, as bytes or as a blob made of the spool file."""
+        spooled = delivery.spooled
+        if spooled is None:
+            return lines + delivery.raw
+        if (
+            jar is None
+            or not has_blobs(jar.db())
+            or len(lines) + spooled.size <= records.BLOB_THRESHOLD
+        ):
+            return lines + spooled.read()
+        in_place = id(spooled) not in self._used and spooled.fits(lines)
+        if in_place:
+            self._used.add(id(spooled))
+        blob = records.blob_from_file(spooled.blob_file(lines, in_place), jar)
+        self._made.append(blob)
+        return blob
+
+    def drop_uncommitted(self) -> None:
+        for blob in self._made:
+            if blob._p_jar is None:
+                try:
+                    blob._p_invalidate()
+                except Exception:
+                    log.debug("dropping an aborted blob's file failed", exc_info=True)
+        self._made.clear()
 
 
 def _close(manager: transaction.TransactionManager, connection: object) -> None:

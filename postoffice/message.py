@@ -17,11 +17,13 @@ import email.utils
 import inspect
 import quopri
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from email.feedparser import BytesFeedParser
 from email.message import Message
 from email.parser import BytesParser
 from functools import cached_property
+from typing import Any
 
 # Header block ends at the first empty line, whatever the line endings are.
 _END_OF_HEADERS = re.compile(rb"\r?\n\r?\n|\r\r")
@@ -133,16 +135,30 @@ def split_headers(raw: bytes) -> tuple[list[tuple[str, str]], int]:
 
 
 class ParsedMessage:
-    """A read-only view of one received message for the filters and the decision."""
+    """A read-only view of one received message for the filters and the decision.
 
-    def __init__(self, raw: bytes) -> None:
+    ``raw`` is the whole message; or, for a message spooled to a file
+    (``postoffice.spool``), only its header block, with ``size`` the size
+    of the whole and ``pieces`` a function giving the whole again, in
+    pieces: the body rules then scan it as it streams by
+    (:func:`streamed_text_parts`), and it is never in memory at once.
+    """
+
+    def __init__(
+        self,
+        raw: bytes,
+        size: int | None = None,
+        pieces: Callable[[], Iterable[bytes]] | None = None,
+    ) -> None:
         self.raw = raw
         self.raw_headers, self.body_offset = split_headers(raw)
+        self._size = len(raw) if size is None else size
+        self._pieces = pieces
         self._addresses: dict[tuple[str, bool], list[str]] = {}
         self._parsed: dict[str, list[str]] = {}
 
     def __len__(self) -> int:
-        return len(self.raw)
+        return self._size
 
     @cached_property
     def headers(self) -> tuple[tuple[str, str], ...]:
@@ -206,11 +222,18 @@ class ParsedMessage:
 
     @cached_property
     def body_message(self) -> Message | None:
-        """The full MIME parse, made only when a body filter needs it."""
+        """The full MIME parse, made only when a body filter needs it (not for a spooled one)."""
+        if self._pieces is not None:
+            return None
         try:
             return BytesParser(policy=email.policy.compat32).parsebytes(self.raw)
         except Exception:
             return None
+
+    @cached_property
+    def _streamed(self) -> list[str]:
+        assert self._pieces is not None
+        return streamed_text_parts(self._pieces, self.body_offset)
 
     def text_parts(self) -> Iterator[str]:
         """Each ``text/*`` part, decoded by its charset, then UTF-8, then ISO-8859-1.
@@ -218,24 +241,68 @@ class ParsedMessage:
         Line ends come out as LF whatever arrived (CRLF over LMTP, LF from
         a pipe or a Maildir), so one body regexp works for every door.
         """
+        if self._pieces is not None:
+            yield from self._streamed
+            return
         root = self.body_message
         if root is None:
             yield _lf(decode_bytes(self.raw[self.body_offset :]))
             return
+        yield from _texts_of(root)
+
+
+class _TextOnly(Message):
+    """A part as the feed parser builds it, with its payload dropped unless it is text.
+
+    What a body rule reads is the ``text/*`` parts; an attachment's
+    payload, the bulk of a big message, is let go as soon as the parser
+    has it, rather than kept in the tree until the whole message is parsed.
+    """
+
+    def set_payload(self, payload: Any, charset: Any = None) -> None:
         try:
-            parts = list(root.walk())
+            text = self.get_content_maintype() == "text"
         except Exception:
-            parts = [root]
-        for part in parts:
-            try:
-                if part.is_multipart() or part.get_content_maintype() != "text":
-                    continue
-                payload = part.get_payload(decode=True)
-            except Exception:
+            text = False
+        super().set_payload(payload if text else "", charset)
+
+
+def streamed_text_parts(pieces: Callable[[], Iterable[bytes]], body_offset: int) -> list[str]:
+    """:meth:`ParsedMessage.text_parts` of a message given in pieces, parsed as they come.
+
+    The email package's own feed parser, fed piece by piece, with
+    :class:`_TextOnly` parts: the same parts and payloads as the parse of
+    the whole message in memory, without keeping the non-text ones.  When
+    the parser gives up (a nesting too deep for it), the body is read as
+    one text, as for a message in memory.
+    """
+    parser = BytesFeedParser(_factory=_TextOnly, policy=email.policy.compat32)
+    try:
+        for piece in pieces():
+            parser.feed(piece)
+        root = parser.close()
+        return list(_texts_of(root))
+    except Exception:
+        body = b"".join(pieces())[body_offset:]
+        return [_lf(decode_bytes(body))]
+
+
+def _texts_of(root: Message) -> Iterator[str]:
+    """The decoded ``text/*`` parts of a parsed message, in order."""
+    try:
+        parts = list(root.walk())
+    except Exception:
+        parts = [root]
+    for part in parts:
+        try:
+            if part.is_multipart() or part.get_content_maintype() != "text":
                 continue
-            if not isinstance(payload, bytes):
-                continue
-            yield _lf(decode_text(payload, _charset_of(part)))
+            payload = part.get_payload(decode=True)
+        except Exception:
+            continue
+        if not isinstance(payload, bytes):
+            continue
+        yield _lf(decode_text(payload, _charset_of(part)))
 
 
 def _lf(text: str) -> str:

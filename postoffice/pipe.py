@@ -26,9 +26,12 @@ so that Postfix keeps the message and retries, and never prints a
 traceback: Postfix would mail that to the sender.  Tracebacks go to the
 log (see :func:`postoffice.logs.for_pipe`).
 
-The message is read in chunks into one buffer, and reading stops as soon
-as it is larger than ``max_message_size``: a huge message costs at most
-the limit in memory, and the rest is never read.  Postfix writes into a
+The message is read in chunks, as the LMTP server reads DATA: up to
+``spool.SPOOL_THRESHOLD`` in memory, the rest into a spool file in the
+storage's blob temporary directory, which becomes the stored blob by a
+rename (so the database is opened before standard input is read).
+Reading stops as soon as the message is larger than ``max_message_size``:
+the rest is never read, and nothing of it is kept.  Postfix writes into a
 pipe whose reader is gone, gets EPIPE, and goes by our exit status.
 """
 
@@ -45,11 +48,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
+import ZODB
+
 from postoffice import config, logs
 from postoffice.database import open_db_waiting
 from postoffice.decide import Action, Decision, Rule, deferred, too_big
 from postoffice.deliver import Delivery, Depot, Outcome, log_outcomes
 from postoffice.errors import ConfigError, StorageUnavailable, UsageError
+from postoffice.spool import Spooled, Spooler
 from postoffice.version import version
 
 PROG = "postoffice-deliver"
@@ -123,24 +129,29 @@ def parse_args(argv: Sequence[str]) -> Arguments:
     return Arguments(config_path, sender, tuple(recipients))
 
 
-def read_message(stream: BinaryIO, limit: int | None, chunk: int = CHUNK) -> bytes | TooBig:
-    """All of ``stream``, or TooBig as soon as it holds more than ``limit`` bytes.
+def read_message(
+    stream: BinaryIO, limit: int | None, spooler: Spooler, chunk: int = CHUNK
+) -> bytes | Spooled | TooBig:
+    """All of ``stream`` through ``spooler``, or TooBig as soon as it is over ``limit`` bytes.
 
-    One buffer grows as chunks arrive; ``getvalue()`` hands that buffer over
-    without copying it, so the message is in memory once.  Past the limit we
-    stop reading: memory stays bounded by the limit, whatever comes in.
+    Past the limit we stop reading and the spooler keeps nothing: whatever
+    comes in, memory holds at most the spooler's threshold.
     """
-    buffer = io.BytesIO()
     size = 0
-    while True:
-        data = stream.read(chunk)
-        if not data:
-            break
-        size += len(data)
-        if limit is not None and size > limit:
-            return TooBig(size, limit)
-        buffer.write(data)
-    return buffer.getvalue()
+    try:
+        while True:
+            data = stream.read(chunk)
+            if not data:
+                break
+            size += len(data)
+            if limit is not None and size > limit:
+                spooler.abandon()
+                return TooBig(size, limit)
+            spooler.write(data)
+        return spooler.finish()
+    except BaseException:
+        spooler.abandon()
+        raise
 
 
 def exit_code(decision: Decision) -> int:
@@ -238,31 +249,44 @@ def _deliver(args: Arguments) -> tuple[int, list[str]]:
     stdin = sys.stdin.buffer if sys.stdin is not None else None
     if stdin is None:
         raise OSError("standard input is closed")
-    received = read_message(stdin, settings.max_message_size)
-    if isinstance(received, TooBig):
-        decision = too_big(received.limit)
-        outcomes = [Outcome(rcpt, decision) for rcpt in args.recipients]
-        log_outcomes(Delivery(args.sender, args.recipients, b""), outcomes, size=received.seen)
-    else:
-        outcomes = _store(settings, args, received)  # logged by the depot
-    return worst_exit_code(outcomes), report_lines(outcomes)
-
-
-def _store(settings: config.Settings, args: Arguments, raw: bytes) -> list[Outcome]:
-    """``Depot.deliver`` on a database opened for this one message."""
+    # Opened first: a big message is spooled where the storage keeps its blobs.
+    db: ZODB.DB | None = None
     try:
         db = open_db_waiting(settings.zodb_uri)
     except StorageUnavailable as exc:
         log.warning("storage unavailable, deferring the message: %s", exc)
-        outcomes = [Outcome(rcpt, deferred(STORAGE_DOWN)) for rcpt in args.recipients]
-        log_outcomes(Delivery(args.sender, args.recipients, raw), outcomes)
-        return outcomes
-    depot = Depot(settings, db=db)
+    depot = None if db is None else Depot(settings, db=db)
     try:
-        return depot.deliver(args.sender, args.recipients, raw)
+        directory = None if depot is None else depot.spool_directory()
+        spooler = Spooler(directory, args.sender, args.recipients[0], b"\n")
+        received = read_message(stdin, settings.max_message_size, spooler)
+        try:
+            outcomes = _store(depot, args, received)
+        finally:
+            if isinstance(received, Spooled):
+                received.remove()
     finally:
-        depot.close()
-        db.close()
+        if depot is not None:
+            depot.close()
+        if db is not None:
+            db.close()
+    return worst_exit_code(outcomes), report_lines(outcomes)
+
+
+def _store(
+    depot: Depot | None, args: Arguments, received: bytes | Spooled | TooBig
+) -> list[Outcome]:
+    """``Depot.deliver`` of what was read, unless it was too big or the database is away."""
+    if isinstance(received, TooBig):
+        decision = too_big(received.limit)
+        outcomes = [Outcome(rcpt, decision) for rcpt in args.recipients]
+        log_outcomes(Delivery(args.sender, args.recipients, b""), outcomes, size=received.seen)
+        return outcomes
+    if depot is None:
+        outcomes = [Outcome(rcpt, deferred(STORAGE_DOWN)) for rcpt in args.recipients]
+        log_outcomes(Delivery.of(args.sender, args.recipients, received), outcomes)
+        return outcomes
+    return depot.deliver(args.sender, args.recipients, received)  # logged by the depot
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import itertools
 import os
+import random
 import re
 import signal
 import smtplib
@@ -200,6 +201,48 @@ def message(
         end = eol.encode() if isinstance(eol, str) else eol
         raw += (b"x" * 76 + end) * (size // 78)
     return raw
+
+
+def big_message(
+    size: int,
+    *,
+    eol: bytes = b"\r\n",
+    line: int = 998,
+    last_text: bytes | None = None,
+    message_id: str | None = None,
+) -> bytes:
+    """A multipart message of about ``size`` octets: a text part, then a binary attachment.
+
+    The attachment is random octets (all but CR and LF) in lines of ``line``
+    octets, lines starting with a dot among them, the last one longer by
+    half; ``last_text`` adds a text part after it.  Only CR and LF are
+    left out so that the lines stay lines for LMTP's limit and dot-stuffing.
+    """
+    rng = random.Random(size)
+    octets = bytes(b for b in range(256) if b not in b"\r\n")
+    lines = [bytes(rng.choices(octets, k=line)) for _ in range(max(1, size // (line + 2)))]
+    lines[len(lines) // 2] = b"." + lines[len(lines) // 2][1:]
+    lines[-1] = lines[-1] + lines[-1][: line // 2]
+    boundary = b"=_big_="
+    parts = [
+        b"--" + boundary + eol + b"Content-Type: text/plain; charset=utf-8" + eol + eol,
+        b"Hello." + eol,
+        b"--" + boundary + eol + b"Content-Type: application/octet-stream" + eol,
+        b"Content-Transfer-Encoding: binary" + eol + eol,
+        eol.join(lines) + eol,
+    ]
+    if last_text is not None:
+        parts.append(b"--" + boundary + eol + b"Content-Type: text/plain" + eol + eol)
+        parts.append(last_text + eol)
+    parts.append(b"--" + boundary + b"--" + eol)
+    headers = [
+        "From: Sender <sender@outside.example>",
+        "To: rcpt@a.example",
+        f"Message-Id: {message_id or f'<big.{size}.{time.time_ns()}@outside.example>'}",
+        "MIME-Version: 1.0",
+        f'Content-Type: multipart/mixed; boundary="{boundary.decode()}"',
+    ]
+    return message_bytes(headers, b"".join(parts), eol)
 
 
 _mail_numbers = itertools.count(1)

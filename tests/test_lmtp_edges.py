@@ -9,16 +9,27 @@ session goes on.  A healthy run logs nothing at ERROR.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from postoffice.lmtp import LmtpServer
-from tests.helpers import Process, mail, stored, stuff, uri_for, wait_for, write_lmtp_config
+from postoffice.message import without_added_headers
+from tests.helpers import (
+    Process,
+    big_message,
+    mail,
+    stored,
+    stuff,
+    uri_for,
+    wait_for,
+    write_lmtp_config,
+)
 
 
 @pytest.fixture
@@ -267,3 +278,71 @@ def test_sigterm_while_the_database_is_being_opened_stops_cleanly(
     assert not path.exists()
     err = unreachable.err.read_text()
     assert "Traceback" not in err and "ERROR" not in err
+
+
+# --- big messages: spooled to the blob temporary directory -------------------------------------
+
+MiB = 1024 * 1024
+
+
+def spool_files(server: LmtpServer) -> list[str]:
+    """What is in the storage's blob temporary directory, where DATA is spooled."""
+    directory = server.depot.spool_directory()
+    assert directory is not None
+    return sorted(os.listdir(directory))
+
+
+def test_a_big_message_over_lmtp_is_stored_exactly_as_sent(
+    start: Callable[..., LmtpServer], tmp_path: Path, no_errors: None
+) -> None:
+    """Several MiB, binary octets, lines up to 900 and dots to unstuff: the very bytes stored."""
+    server = start(max_size="20m")
+    raw = big_message(6 * MiB, line=600)
+    assert b"\r\n." in raw
+    wire = Wire(tmp_path / "lmtp.sock")
+    wire.greet()
+    wire.send(b"MAIL FROM:<a@outside.test>\r\nRCPT TO:<user@alpha.test>\r\nDATA\r\n")
+    assert [codes(wire.reply())[0] for _ in range(3)] == [b"250", b"250", b"354"]
+    wire.send(stuff(raw))
+    assert codes(wire.reply()) == (b"250", b"2.0.0")
+    wire.close()
+    (kept,) = stored(server.depot.db(), "Alpha")
+    envelope = without_added_headers(kept)
+    assert envelope is not None
+    assert (envelope.sender, envelope.recipient) == ("a@outside.test", "user@alpha.test")
+    assert envelope.received == raw
+    assert spool_files(server) == []
+
+
+def test_a_client_gone_mid_data_leaves_no_spool_file_and_stores_nothing(
+    start: Callable[..., LmtpServer], tmp_path: Path, no_errors: None
+) -> None:
+    server = start(max_size="20m")
+    wire = Wire(tmp_path / "lmtp.sock")
+    wire.greet()
+    wire.send(b"MAIL FROM:<a@outside.test>\r\nRCPT TO:<user@alpha.test>\r\nDATA\r\n")
+    assert [codes(wire.reply())[0] for _ in range(3)] == [b"250", b"250", b"354"]
+    wire.send(stuff(big_message(5 * MiB))[: 4 * MiB])  # past the threshold, no final dot
+    wait_for(lambda: spool_files(server), 20, "the message to be spooled")
+    wire.close()  # a full close, not a half close: the session is lost
+    wait_for(lambda: not server.sessions, 20, "the session to end")
+    wait_for(lambda: spool_files(server) == [], 20, "the spool file to go")
+    assert stored(server.depot.db(), "Alpha") == []
+
+
+def test_a_message_over_the_limit_gets_552_and_is_not_spooled(
+    start: Callable[..., LmtpServer], tmp_path: Path, no_errors: None
+) -> None:
+    """Past the limit the rest is drained: neither memory nor a file holds it."""
+    server = start(max_size="3m")
+    wire = Wire(tmp_path / "lmtp.sock")
+    wire.greet()
+    wire.send(b"MAIL FROM:<a@outside.test>\r\nRCPT TO:<user@alpha.test>\r\nDATA\r\n")
+    assert [codes(wire.reply())[0] for _ in range(3)] == [b"250", b"250", b"354"]
+    wire.send(stuff(big_message(8 * MiB)))
+    assert codes(wire.reply()) == (b"552", b"5.3.4")
+    assert spool_files(server) == []
+    wire.send(b"QUIT\r\n")
+    assert codes(wire.reply())[0] == b"221"
+    wire.close()
+    assert stored(server.depot.db(), "Alpha") == []

@@ -25,7 +25,7 @@ from postoffice.message import (
     split_headers,
 )
 from postoffice.store import stored_message
-from tests.helpers import message, message_bytes
+from tests.helpers import message, message_bytes, python_corpus, shared_corpus
 
 # Header values that make the ``email`` package raise when they are read
 # with ``policy.default`` (IndexError, AttributeError deep in its parser).
@@ -486,3 +486,38 @@ def test_safe_header_is_one_clean_line_or_none(header: bytes, expected: str | No
 
 def test_safe_header_of_an_absent_header_is_none() -> None:
     assert safe_header(stored_message(message()), "In-Reply-To") is None
+
+
+# --- the body of a spooled message, read as it streams by ----------------------------
+
+
+def _streamed(raw: bytes, piece: int) -> ParsedMessage:
+    """The view deliver makes of a spooled message: the header block, then pieces of the whole."""
+    head = ParsedMessage(raw)
+    block = raw[: head.body_offset]
+    return ParsedMessage(
+        block, len(raw), lambda: (raw[i : i + piece] for i in range(0, len(raw), piece))
+    )
+
+
+def test_a_streamed_message_has_the_text_parts_of_the_whole_one_for_every_corpus_mail() -> None:
+    """Over the real-world and Python's corpora: what a body rule reads does not depend on size."""
+    files = shared_corpus() + python_corpus()
+    if not files:
+        pytest.skip("no corpus")
+    for number, path in enumerate(files):
+        raw = path.read_bytes()
+        whole = ParsedMessage(raw)
+        streamed = _streamed(raw, 1 + number % 7 * 997)  # pieces cut anywhere, CRLF split too
+        assert len(streamed) == len(whole)
+        assert streamed.headers == whole.headers, path
+        assert list(streamed.text_parts()) == list(whole.text_parts()), path
+
+
+def test_a_streamed_message_drops_what_is_not_text() -> None:
+    raw = message_bytes(
+        ['Content-Type: multipart/mixed; boundary="b"', "From: a@b.example"],
+        b"--b\r\nContent-Type: image/png\r\n\r\n" + b"\x89PNG" * 1000 + b"\r\n"
+        b"--b\r\nContent-Type: text/plain\r\n\r\nlast words\r\n--b--\r\n",
+    )
+    assert list(_streamed(raw, 100).text_parts()) == ["last words"]

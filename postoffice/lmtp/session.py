@@ -7,8 +7,10 @@ declared ``SIZE=`` over the limit gets ``552 5.3.4`` at MAIL FROM.
 :class:`LmtpSession` reads DATA in bulk and gives every outcome ("too much
 mail data", a line over 1000 octets, an internal error) one reply per
 recipient, never a single line: a reply-count mismatch makes Postfix
-bounce good mail.  Data over the limit is drained, not kept, so memory
-stays bounded by the limit.  Nothing here decides about mail: the message
+bounce good mail.  Data over the limit is drained, not kept; data past
+``spool.SPOOL_THRESHOLD`` goes to a spool file that becomes the message's
+blob, so a session holds at most that threshold of a message in memory,
+whatever its size.  Nothing here decides about mail: the message
 goes to the server's commit writer, and the replies are the depot's
 ``Outcome.reply`` lines, in RCPT order, joined with CRLF (RFC 2033).
 
@@ -64,6 +66,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 
 from postoffice.decide import too_big
 from postoffice.deliver import LOG_HEAD, Delivery, Outcome, log_decision, message_id_of, reply_line
+from postoffice.spool import Spooled, Spooler
 
 if TYPE_CHECKING:
     from postoffice.lmtp.server import LmtpServer
@@ -183,7 +186,7 @@ def _declared_size(mail_options: Sequence[str]) -> int | None:
 class _Received:
     """What came between 354 and the final dot."""
 
-    data: bytes  # dot-unstuffed, CRLF kept; empty when refused
+    data: bytes | Spooled  # dot-unstuffed, CRLF kept; a spool file past its threshold
     size: int  # octets after dot-unstuffing, all of them, also when refused
     problem: str | None  # None, "size" or "line"
     head: bytes  # the first octets, to name the Message-Id of a refused message
@@ -385,7 +388,7 @@ class LmtpSession(LMTP):
             await self.push("354 End data with <CR><LF>.<CR><LF>")
             try:
                 self.receiving = True
-                received = await self._receive()
+                received = await self._receive(sender, recipients[0])
             except (asyncio.CancelledError, ConnectionError):
                 raise
             except asyncio.IncompleteReadError:
@@ -430,7 +433,8 @@ class LmtpSession(LMTP):
             for rcpt, reply in zip(recipients, replies, strict=True):
                 log_decision(message_id, sender, rcpt, None, reply, rule, reason, received.size)
             return replies
-        delivery = Delivery(sender, tuple(recipients), received.data)
+        # From here the writer owns a spool file: it removes it after the commit.
+        delivery = Delivery.of(sender, recipients, received.data)
         # A commit may take long (a ZEO server coming back): not an idle session.
         if self._timeout_handle is not None:
             self._timeout_handle.cancel()
@@ -449,18 +453,29 @@ class LmtpSession(LMTP):
             ]
         return replies
 
-    async def _receive(self) -> _Received:
-        """Read up to the final dot in bulk; dot-unstuff; keep no more than the limit.
+    async def _receive(self, sender: str, recipient: str) -> _Received:
+        """Read up to the final dot in bulk; dot-unstuff; spool past a threshold; stop at the limit.
 
         ``readuntil(b".\\r\\n")`` lets the stream reader search in C and
         never reads past the final dot (the client may pipeline the next
         command behind it).  A match is the end of data only when the dot
         starts a line; the last two octets seen carry that across reads,
         starting with the CRLF that ended the DATA command.
+
+        The octets go to a :class:`Spooler`: past ``SPOOL_THRESHOLD`` into a
+        file in the storage's blob temporary directory, which a refusal, a
+        client gone mid-DATA or any error removes at once.
         """
+        spooler = Spooler(self._lmtp.depot.spool_directory(), sender, recipient, b"\r\n")
+        try:
+            return await self._read_into(spooler)
+        except BaseException:
+            spooler.abandon()
+            raise
+
+    async def _read_into(self, spooler: Spooler) -> _Received:
         reader = self._reader
         limit = self._lmtp.size_limit
-        chunks: list[bytes] = []
         head = b""
         size = 0
         run = 0  # octets of the current line so far (after unstuffing)
@@ -488,16 +503,40 @@ class LmtpSession(LMTP):
                     elif size > limit:
                         problem = "size"
                     if problem is None:
-                        chunks.append(data)
+                        spooler.write(data)
                     else:
                         # Keep nothing over the limit: memory stays bounded by it.
-                        head = _first_bytes([*chunks, data], LOG_HEAD)
-                        chunks.clear()
+                        head = (spooler.head + data[:LOG_HEAD])[:LOG_HEAD]
+                        spooler.abandon()
             if final:
                 break
         if problem is not None:
             return _Received(b"", size, problem, head)
-        return _Received(b"".join(chunks), size, None, b"")
+        if not spooler.spooling:
+            return _Received(spooler.finish(), size, None, b"")
+        return _Received(await _synced(spooler), size, None, b"")
+
+
+async def _synced(spooler: Spooler) -> bytes | Spooled:
+    """The spool file, synced in a thread: an fsync of megabytes must not stop the loop.
+
+    A session cancelled meanwhile (the client went away) leaves the thread
+    to finish; the file it gives is then removed.
+    """
+    work = asyncio.ensure_future(asyncio.to_thread(spooler.finish))
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        work.add_done_callback(_remove_result)
+        raise
+
+
+def _remove_result(work: asyncio.Future[bytes | Spooled]) -> None:
+    if work.cancelled() or work.exception() is not None:
+        return
+    result = work.result()
+    if isinstance(result, Spooled):
+        result.remove()
 
 
 def _check_lines(run: int, data: bytes) -> tuple[int, bool]:
@@ -508,14 +547,3 @@ def _check_lines(run: int, data: bytes) -> tuple[int, bool]:
         return run, run > LONGEST_LINE_RUN
     longest = max(run + len(parts[0]), max(map(len, parts[1:]), default=0))
     return len(parts[-1]), longest > LONGEST_LINE_RUN
-
-
-def _first_bytes(chunks: Sequence[bytes], count: int) -> bytes:
-    taken: list[bytes] = []
-    total = 0
-    for chunk in chunks:
-        if total >= count:
-            break
-        taken.append(chunk[: count - total])
-        total += len(taken[-1])
-    return b"".join(taken)

@@ -116,6 +116,7 @@ class CommitWriter:
             outcomes = _deferred_all(delivery, why)
             with contextlib.suppress(Exception):  # the log must not cost the replies
                 log_outcomes(delivery, outcomes)
+            _remove_spool(delivery)
             future.set_result(outcomes)
         else:
             with self._lock:
@@ -178,7 +179,13 @@ class CommitWriter:
         """One transaction for the batch; any failure defers all of it, logged as decided."""
         deliveries = [job.delivery for job in batch if job.delivery is not None]
         try:
-            results = self._depot.deliver_batch(deliveries)
+            try:
+                results = self._depot.deliver_batch(deliveries)
+            finally:
+                # The writer owns the spool files of what it was given: whatever
+                # the outcome, and whether or not the session still waits.
+                for delivery in deliveries:
+                    _remove_spool(delivery)
             if len(results) != len(deliveries) or any(
                 len(outcomes) != len(d.recipients)
                 for d, outcomes in zip(deliveries, results, strict=True)
@@ -217,6 +224,14 @@ def _call_on(loop: asyncio.AbstractEventLoop, func: Callable[..., None], *args: 
         loop.call_soon_threadsafe(func, *args)
     except RuntimeError:  # the loop is closed: nobody waits any more
         log.debug("event loop closed before a result could be delivered")
+
+
+def _remove_spool(delivery: Delivery) -> None:
+    if delivery.spooled is not None:
+        try:
+            delivery.spooled.remove()
+        except OSError:
+            log.warning("could not remove the spool file %s", delivery.spooled.path, exc_info=True)
 
 
 def _deferred_all(delivery: Delivery, reason: str) -> list[Outcome]:

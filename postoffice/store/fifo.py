@@ -26,6 +26,7 @@ from typing import Any
 from BTrees.Length import Length
 from BTrees.LOBTree import LOBTree
 from BTrees.OOBTree import OOTreeSet
+from ZODB.blob import Blob
 
 from postoffice.errors import QueueEmpty
 from postoffice.store.records import PRUNE_BATCH, MessageRecord, MessageTree, new_key
@@ -44,7 +45,7 @@ class Fifo:
 
     # -- adding and reading ------------------------------------------------------
 
-    def append(self, raw: bytes, now: float, use_blob: bool) -> tuple[int, MessageRecord]:
+    def append(self, raw: bytes | Blob, now: float, use_blob: bool) -> tuple[int, MessageRecord]:
         """A new waiting message at the tail; its key and record."""
         key = new_key(now)
         record = MessageRecord(raw, now, use_blob)

@@ -32,6 +32,7 @@ from BTrees.Length import Length
 from BTrees.LOBTree import LOBTree
 from BTrees.OOBTree import OOBTree, OOTreeSet
 from persistent import Persistent
+from ZODB.blob import Blob
 
 from postoffice import clock
 from postoffice.database import has_blobs
@@ -148,8 +149,11 @@ class Queue(Persistent):
 
     # -- writing -------------------------------------------------------------------
 
-    def store(self, raw: bytes, now: float, created: list[Persistent] | None = None) -> int:
-        """Append raw bytes (already carrying our added lines); return the key.
+    def store(self, raw: bytes | Blob, now: float, created: list[Persistent] | None = None) -> int:
+        """Append raw bytes (already carrying our added lines), or a blob of them; the key.
+
+        A blob is a message spooled to a file by a front door
+        (``postoffice.spool``), stored as it is whatever its size.
 
         The new record is appended to ``created`` when given: the writer
         turns them into ghosts after its commit, so that its object cache
@@ -158,7 +162,9 @@ class Queue(Persistent):
         """
         jar = self._p_jar
         # Read at each store (not imported), so the bench can move the threshold.
-        use_blob = len(raw) > records.BLOB_THRESHOLD and jar is not None and has_blobs(jar.db())
+        use_blob = isinstance(raw, Blob) or (
+            len(raw) > records.BLOB_THRESHOLD and jar is not None and has_blobs(jar.db())
+        )
         key, record = self.fifo.append(raw, now, use_blob)
         if created is not None:
             created.append(record)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import random
 import threading
+from typing import Any
 
 from BTrees.LLBTree import LLBTree
 from BTrees.LOBTree import LOBTree
@@ -118,9 +119,11 @@ class MessageRecord(Persistent, _Bytes):
     arrived: float = 0.0
     done: bool = False
 
-    def __init__(self, raw: bytes, arrived: float, use_blob: bool) -> None:
+    def __init__(self, raw: bytes | Blob, arrived: float, use_blob: bool) -> None:
         self.arrived = arrived
-        if use_blob:
+        if isinstance(raw, Blob):
+            self.blob = raw
+        elif use_blob:
             blob = Blob()
             with blob.open("w") as handle:
                 handle.write(raw)
@@ -130,6 +133,20 @@ class MessageRecord(Persistent, _Bytes):
             self.blob = blob
         else:
             self.data = raw
+
+
+def blob_from_file(path: str, jar: Any) -> Blob:
+    """A blob made of the file at ``path`` by renaming it (``Blob.consumeFile``): no copy.
+
+    The blob joins the connection first: ZODB then moves the file within
+    the storage's temporary directory, where a blob without a connection
+    would go to the system's (a copy, when that is another filesystem).
+    The file must already be synced: ZODB renames it into place without.
+    """
+    blob = Blob()
+    jar.add(blob)
+    blob.consumeFile(path)
+    return blob
 
 
 class QuarantineRecord(Persistent, _Bytes):

@@ -33,6 +33,7 @@ from collections.abc import Iterator
 
 from BTrees.Length import Length
 from BTrees.LOBTree import LOBTree
+from ZODB.blob import Blob
 
 from postoffice.store.quarantine import Quarantine
 from postoffice.store.records import QuarantineRecord
@@ -47,15 +48,19 @@ class KeptArea:
 
     def add(
         self,
-        raw: bytes,
+        raw: bytes | Blob,
         rule: str,
         queue: str | None,
         refusal: str,
         now: float,
         keep: int,
     ) -> tuple[int, int]:
-        """Keep one message; its id and how many of the oldest made room for it."""
-        record = QuarantineRecord(raw, refusal, now)
+        """Keep one message (its bytes, or a blob); its id and how many of the oldest made room."""
+        if isinstance(raw, Blob):
+            record = QuarantineRecord(None, refusal, now)
+            record.blob = raw
+        else:
+            record = QuarantineRecord(raw, refusal, now)
         record.rule = rule
         record.queue = queue
         key = self._kept.add(record, None, now)
