@@ -306,6 +306,8 @@ def _drain_round(plan: Plan, work: Path, round_number: int, per_commit: int) -> 
                 popped = drivers.finish_drainers(consumers, limit)
             result["consumers"] = popped
             left = server.stop()
+            result["serve_commits"] = server.transactions
+            result["serve_conflicts"] = server.conflicts
         total = sum(int(p["popped"]) for p in popped)
         if total != plan.messages or left != 0:
             result["error"] = f"popped {total} of {plan.messages}, {left} left in the queue"

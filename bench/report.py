@@ -101,8 +101,11 @@ def drain_lines(drained: Sequence[dict[str, Any]]) -> list[str]:
     if not drained:
         return []
     lines = ["", "Two consumers popping while one serve takes 1 KiB x 16 sessions, medians:", ""]
-    lines += ["| loop | delivered msgs/s | popped msgs/s, both | left queued at the end |"]
-    lines += ["|---|---:|---:|---:|"]
+    lines += [
+        "| loop | delivered msgs/s | popped msgs/s, both | left queued at the end "
+        "| serve's conflicts retried, of all commits in the depot |"
+    ]
+    lines += ["|---|---:|---:|---:|---:|"]
     for per_commit in (1, 10):
         good = [r for r in drained if r["per_commit"] == per_commit and "error" not in r]
         if not good:
@@ -113,7 +116,16 @@ def drain_lines(drained: Sequence[dict[str, Any]]) -> list[str]:
             for r in good
         )
         depth = statistics.median(r["depth"] / r["messages"] for r in good)
-        lines.append(f"| {per_commit} a commit | {delivered:,.0f} | {popped:,.0f} | {depth:.1%} |")
+        conflicts = [
+            r["serve_conflicts"] / r["serve_commits"]
+            for r in good
+            if r.get("serve_conflicts") is not None and r.get("serve_commits")
+        ]
+        retried = f"{statistics.median(conflicts):.1%}" if conflicts else "not logged"
+        lines.append(
+            f"| {per_commit} a commit | {delivered:,.0f} | {popped:,.0f} | {depth:.1%} "
+            f"| {retried} |"
+        )
     lines += [f"- drain error: {r['error'][-300:]}" for r in drained if "error" in r]
     return lines
 

@@ -243,6 +243,8 @@ class PostofficeServer(Server):
         self.printed = ""
         self.transactions = 0
         self.data_fs_bytes = 0
+        # What serve logged when it stopped: its commits retried after a conflict.
+        self.conflicts: int | None = None
 
     def write_config(self) -> None:
         self.config.write_text(
@@ -269,6 +271,11 @@ class PostofficeServer(Server):
         code = stop_process(self.proc)
         if code != 0:
             raise BenchError(f"postoffice serve exited with {code}: {self.output()}")
+        retried = re.search(
+            r"(\d+) commits retried after a conflict",
+            (self.work / "server.err").read_text(errors="replace"),
+        )
+        self.conflicts = int(retried.group(1)) if retried else None
         answer = self.count()
         self.transactions = int(answer["transactions"])
         self.data_fs_bytes = int(answer["data_fs_bytes"])

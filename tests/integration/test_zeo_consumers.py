@@ -213,18 +213,17 @@ def _fill(tmp_path: Path, uri: str) -> None:
         depot.close()
 
 
-def test_two_consumer_processes_pop_every_message_exactly_once(
-    tmp_path: Path, zeo_uri: str
-) -> None:
-    _fill(tmp_path, zeo_uri)
-    script = tmp_path / "consumer.py"
+def start_consumers(
+    folder: Path, uri: str, outputs: list[Path], go: Path, done: Path | None = None
+) -> list[subprocess.Popen[bytes]]:
+    """CONSUMER in a process of its own for each output file; they start popping at ``go``."""
+    script = folder / "consumer.py"
     script.write_text(CONSUMER)
-    go = tmp_path / "go"
-    outputs = [tmp_path / f"consumer-{n}.json" for n in (1, 2)]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    consumers = [
+    extra = [] if done is None else [str(done)]
+    return [
         subprocess.Popen(
-            [sys.executable, str(script), zeo_uri, str(out), str(go), str(DEADLINE)],
+            [sys.executable, str(script), uri, str(out), str(go), str(DEADLINE), *extra],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -232,6 +231,15 @@ def test_two_consumer_processes_pop_every_message_exactly_once(
         )
         for out in outputs
     ]
+
+
+def test_two_consumer_processes_pop_every_message_exactly_once(
+    tmp_path: Path, zeo_uri: str
+) -> None:
+    _fill(tmp_path, zeo_uri)
+    go = tmp_path / "go"
+    outputs = [tmp_path / f"consumer-{n}.json" for n in (1, 2)]
+    consumers = start_consumers(tmp_path, zeo_uri, outputs, go)
     with reaped(consumers):
         # Both are connected and waiting: start them together.
         wait_for(
@@ -380,22 +388,10 @@ def test_two_serves_and_two_consumers_pass_every_message_exactly_once(
         )
         serves.append(start_serve(servers, config))
 
-    script = tmp_path / "consumer.py"
-    script.write_text(CONSUMER)
     go, done = tmp_path / "go", tmp_path / "done"
     go.touch()
     outputs = [tmp_path / f"consumer-{n}.json" for n in (1, 2)]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    consumers = [
-        subprocess.Popen(
-            [sys.executable, str(script), uri, str(out), str(go), str(DEADLINE), str(done)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-        for out in outputs
-    ]
+    consumers = start_consumers(tmp_path, uri, outputs, go, done)
     with reaped(consumers):
         # Four senders, two on each serve, while both consumers pop.
         jobs = [
