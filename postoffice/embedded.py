@@ -281,6 +281,13 @@ def _storage_server_class() -> type:
     here that lock is also the one ``serve`` commits under: deliveries would
     wait for it forever.  So such a close aborts the transaction, as a lost
     connection does.
+
+    And its ``close()`` closes the storage before the server's thread has
+    ended: a client's vote still running there then fails with ``ValueError:
+    truncate of closed file`` (a consumer's commit under way while ``serve``
+    stops), where the client should just see itself disconnected.  So the
+    storage closes after the thread (``StorageServer.storages``, the mapping
+    ``close()`` closes, is swapped for the time of that call).
     """
     from ZEO.StorageServer import StorageServer, ZEOStorage
 
@@ -300,5 +307,16 @@ def _storage_server_class() -> type:
     class Server(StorageServer):  # type: ignore[misc]
         def create_client_handler(self) -> ZEOStorage:
             return ClientHandler(self, self.read_only)
+
+        def close(self, join_timeout: float = 1) -> None:
+            server: Any = self  # ZEO has no type hints
+            storages: dict[str, Any] = server.storages
+            server.storages = {}
+            try:
+                super().close(join_timeout)  # disconnects, stops and joins the thread
+            finally:
+                server.storages = storages
+                for storage in storages.values():
+                    storage.close()
 
     return Server
