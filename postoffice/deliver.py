@@ -495,12 +495,10 @@ class Depot:
         delivery: Delivery,
         message: ParsedMessage,
         now: float,
-        created: list[Persistent] | None = None,
-        blobs: SpoolBlobs | None = None,
+        created: list[Persistent],
+        blobs: SpoolBlobs,
     ) -> list[Outcome]:
         """Decide every recipient against the state before this message, then store."""
-        if blobs is None:
-            blobs = SpoolBlobs()
         envelope = Envelope(delivery.sender, delivery.recipients)
         state = FolderState(folder)
         recipients = _unique(delivery.recipients)
