@@ -79,14 +79,9 @@ def committed(manager: Any, work: Callable[[], T], minimum: int, patience: float
             manager.begin()
             result = work()
             manager.commit()
-        except ConflictError as exc:
-            manager.abort()
-            last = exc
-            conflicts_retried.add()
-            continue
         except BaseException as exc:
             manager.abort()
-            if not is_stale_cache(exc):
+            if not (isinstance(exc, ConflictError) or is_stale_cache(exc)):
                 raise
             last = exc
             conflicts_retried.add()
