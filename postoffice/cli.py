@@ -497,12 +497,8 @@ def cmd_throttles(args: argparse.Namespace) -> int:
     if args.action == "list":
         with open_folder(settings) as folder:
             rows = throttles.throttled(folder, args.queue, clock.now())
-        listing.show(
-            [row.as_json() for row in rows],
-            throttles.COLUMNS,
-            [row.cells() for row in rows],
-            "postoffice: no sender is throttled",
-            args.json,
+        listing.show_records(
+            rows, throttles.COLUMNS, "postoffice: no sender is throttled", args.json
         )
         return os.EX_OK
     with open_folder(settings, write=True) as folder:
@@ -521,12 +517,8 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
     with open_folder(settings, write=args.action == "delete") as folder:
         if args.action == "list":
             rows = dead_letters.entries(folder)
-            listing.show(
-                [row.as_json() for row in rows],
-                dead_letters.COLUMNS,
-                [row.cells() for row in rows],
-                "postoffice: no dead letters",
-                args.json,
+            listing.show_records(
+                rows, dead_letters.COLUMNS, "postoffice: no dead letters", args.json
             )
             return os.EX_OK
         if args.action == "show":

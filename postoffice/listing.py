@@ -40,6 +40,19 @@ def show(
     print(as_json(list(rows)) if json_output else "\n".join(table(columns, cells, empty)))
 
 
+def show_records(
+    records: Sequence[Any], columns: Sequence[str], empty: str, json_output: bool
+) -> None:
+    """:func:`show` for records that give their own ``as_json()`` and ``cells()``."""
+    show(
+        [record.as_json() for record in records],
+        columns,
+        [record.cells() for record in records],
+        empty,
+        json_output,
+    )
+
+
 def as_json(value: Any) -> str:
     """JSON as every ``--json`` prints it (indented, keys in the order built)."""
     return json.dumps(value, indent=2)
