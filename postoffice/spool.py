@@ -188,6 +188,8 @@ class Spooler:
         self._threshold = threshold
         self._memory: list[bytes] = []
         self._writer: _Writer | None = None
+        # The message's own line ending, once its first line end was in memory.
+        self._seen_eol: bytes | None = None
         self.size = 0
         self.head = b""
 
@@ -212,7 +214,9 @@ class Spooler:
     def _to_file(self) -> None:
         received = b"".join(self._memory)
         self._memory = []
-        eol = line_ending(received) if b"\n" in received else self._eol
+        if b"\n" in received:
+            self._seen_eol = line_ending(received)
+        eol = self._seen_eol or self._eol
         room = room_for(self._sender, self._recipient, eol, clock.now())
         self._writer = _Writer(self._directory, room)
         self._writer.write(received)
@@ -229,9 +233,11 @@ class Spooler:
         except BaseException:
             writer.abandon()
             raise
-        with open(path, "rb") as handle:
-            handle.seek(start)
-            eol = _line_ending_in(handle)
+        eol = self._seen_eol
+        if eol is None:  # no line end in the first threshold's octets: look in the file
+            with open(path, "rb") as handle:
+                handle.seek(start)
+                eol = _line_ending_in(handle)
         return Spooled(path, start, self.size, eol, self.head)
 
     def abandon(self) -> None:
