@@ -19,6 +19,8 @@ SENDER = "sender@client.bench.example"
 RECIPIENT = "rcpt@app.bench.example"
 KIB = 1024
 MIB = 1024 * 1024
+# The consumer loops of the drain part, in pops a commit.
+DRAIN_LOOPS = (1, 10)
 
 # ``--keep``: leave the temporary folders for a look afterwards.
 KEEP = False

@@ -21,7 +21,7 @@ from typing import Any
 import drivers
 import progress
 import servers
-from common import KIB, MIB, BenchError, Plan, Results, Sample, remove
+from common import DRAIN_LOOPS, KIB, MIB, BenchError, Plan, Results, Sample, remove
 from procs import process_tree, tail, tree_memory_kib
 from profiling import PROFILE_RATE, recording, summarize_profile
 from relay import through_postfix
@@ -274,7 +274,7 @@ def drain(plan: Plan, base: Path, log: Log) -> list[dict[str, Any]]:
     """
     results: list[dict[str, Any]] = []
     for round_number in range(1, plan.rounds + 1):
-        for per_commit in (1, 10):
+        for per_commit in DRAIN_LOOPS:
             work = base / f"drain-{round_number}-{per_commit}"
             work.mkdir()
             result = _drain_round(plan, work, round_number, per_commit)

@@ -14,7 +14,7 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
-from common import KIB, Plan, Results, Sample, human_size
+from common import DRAIN_LOOPS, KIB, Plan, Results, Sample, human_size
 from progress import describe
 from servers import OURS, SERVER_LABELS, SERVERS
 from targets import TARGETS, through_postfix, vs_peer
@@ -89,12 +89,20 @@ def consumer_rates(consumed: Sequence[dict[str, Any]]) -> dict[str, float | None
 def drain_depths(drained: Sequence[dict[str, Any]]) -> dict[int, float | None]:
     """Per loop (pops a commit): queue depth at the end of the load over what was delivered."""
     depths: dict[int, float | None] = {}
-    for per_commit in (1, 10):
-        good = [r for r in drained if r["per_commit"] == per_commit and "error" not in r]
-        depths[per_commit] = (
-            statistics.median(r["depth"] / r["messages"] for r in good) if good else None
-        )
+    for per_commit in DRAIN_LOOPS:
+        good = _drained(drained, per_commit)
+        depths[per_commit] = _depth(good) if good else None
     return depths
+
+
+def _drained(drained: Sequence[dict[str, Any]], per_commit: int) -> list[dict[str, Any]]:
+    """The rounds of one loop that ran without an error."""
+    return [r for r in drained if r["per_commit"] == per_commit and "error" not in r]
+
+
+def _depth(good: Sequence[dict[str, Any]]) -> float:
+    """Queued when the load ended, of what was delivered: the median of the rounds."""
+    return statistics.median(r["depth"] / r["messages"] for r in good)
 
 
 def drain_lines(drained: Sequence[dict[str, Any]]) -> list[str]:
@@ -106,8 +114,8 @@ def drain_lines(drained: Sequence[dict[str, Any]]) -> list[str]:
         "| serve's conflicts retried, of all commits in the depot |"
     ]
     lines += ["|---|---:|---:|---:|---:|"]
-    for per_commit in (1, 10):
-        good = [r for r in drained if r["per_commit"] == per_commit and "error" not in r]
+    for per_commit in DRAIN_LOOPS:
+        good = _drained(drained, per_commit)
         if not good:
             continue
         delivered = statistics.median(r["messages"] / r["seconds"] for r in good)
@@ -115,7 +123,7 @@ def drain_lines(drained: Sequence[dict[str, Any]]) -> list[str]:
             sum(c["popped"] for c in r["consumers"]) / max(c["seconds"] for c in r["consumers"])
             for r in good
         )
-        depth = statistics.median(r["depth"] / r["messages"] for r in good)
+        depth = _depth(good)
         conflicts = [
             r["serve_conflicts"] / r["serve_commits"]
             for r in good
