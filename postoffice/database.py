@@ -192,7 +192,7 @@ def open_db(uri: str, *, create: bool = True, read_only: bool = False) -> ZODB.D
                 raise NoInput(f"no database at {data_fs} yet (postoffice serve creates it)")
         if read_only:
             uri = with_query(uri, "read_only", "true")
-    storage, dbkw = open_storage(uri, make_dirs=create)
+    storage, dbkw = open_storage(uri, make_dirs=create, create=create)
     return db_for(storage, dbkw, uri)
 
 
@@ -282,7 +282,9 @@ RESOLVER_HINTS = {
 }
 
 
-def open_storage(uri: str, make_dirs: bool = True) -> tuple[Any, dict[str, Any]]:
+def open_storage(
+    uri: str, make_dirs: bool = True, create: bool = True
+) -> tuple[Any, dict[str, Any]]:
     """The storage a zodburi URI names, opened, and the keywords for its ``ZODB.DB``.
 
     A storage the operating system refuses to open for this user
@@ -291,7 +293,7 @@ def open_storage(uri: str, make_dirs: bool = True) -> tuple[Any, dict[str, Any]]
     and ``serve`` exiting 75 would make systemd restart it for ever.
     """
     try:
-        factory, dbkw = relstorage_uri.resolve_uri(uri)
+        factory, dbkw = relstorage_uri.resolve_uri(uri, create=create)
     except KeyError as exc:  # zodburi's answer to a scheme, or to parameters, it does not know
         if "Unrecognized database keyword" in str(exc):
             raise ConfigError(
@@ -303,12 +305,16 @@ def open_storage(uri: str, make_dirs: bool = True) -> tuple[Any, dict[str, Any]]
             f"zodb_uri {redact_uri(uri)!r}: no resolver for {scheme}: URIs is installed"
             f"{RESOLVER_HINTS.get(scheme.lower(), '')}"
         ) from None
+    except NoInput:
+        raise
     except Exception as exc:
         raise ConfigError(redact(f"zodb_uri {uri!r}: {exc}", uri)) from None
     if make_dirs:
         _make_file_dirs(uri)
     try:
         return relstorage_uri.open_storage(factory), dbkw
+    except NoInput:
+        raise
     except Exception as exc:
         # One line: libpq's messages run over two.
         message = " ".join(redact(f"cannot open {uri}: {exc}", uri).split())

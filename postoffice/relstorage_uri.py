@@ -17,9 +17,11 @@ A ``sqlite://`` depot is opened by one process at a time (see
 
 Members of our dependencies used here that their documentation does not
 list, pinned in ``pyproject.toml``: RelStorage's ``zodburi_resolver``
-classes ``RelStorageURIResolver`` and ``Resolver`` (the resolver the
-``postgres`` entry point is made of, reused with our adapter helper), and
-zodburi's private ``_get_dbkw`` (the database keywords of a query).
+classes ``RelStorageURIResolver``, ``Resolver`` and the adapter helpers
+(what the ``postgres`` and ``sqlite`` entry points are made of, reused
+with our adapter helper and without schema creation), its schema
+installer's ``list_tables``, and zodburi's private ``_get_dbkw`` (the
+database keywords of a query).
 """
 
 from __future__ import annotations
@@ -34,8 +36,12 @@ import zc.lockfile
 import zodburi
 
 from postoffice import retry
+from postoffice.errors import NoInput
 
 DSN = "dsn"
+NO_DEPOT = "no postoffice depot in this database yet (postoffice serve creates it)"
+# The table of object states, in RelStorage's history-free and history-preserving schemas alike.
+OBJECT_TABLE = "object_state"
 
 # RelStorage creates its tables, functions and triggers when it first opens
 # a database, in one transaction, after looking which exist, and without a
@@ -63,21 +69,31 @@ def open_storage(factory: Callable[[], Any]) -> Any:
     raise last
 
 
-def resolve_uri(uri: str) -> tuple[Any, dict[str, Any]]:
-    """``zodburi.resolve_uri``, plus ``postgres://?dsn=`` and the one-process ``sqlite://``."""
+def resolve_uri(uri: str, create: bool = True) -> tuple[Any, dict[str, Any]]:
+    """``zodburi.resolve_uri``, plus ``postgres://?dsn=`` and the one-process ``sqlite://``.
+
+    Without ``create``, a RelStorage depot whose tables do not exist yet is
+    not made: opening it is :class:`~postoffice.errors.NoInput`, as a
+    ``Data.fs`` that is not there is for the administrator's commands.
+    """
     scheme, _, rest = uri.partition("://")
     if scheme == "sqlite":
-        factory, dbkw = zodburi.resolve_uri(uri)
-        return _one_process(factory, rest), dbkw
+        zodburi.resolve_uri(uri)  # first: no resolver installed says so
+        factory, dbkw = _relstorage(_helper("SqliteAdapterHelper"), uri, create)
+        data_dir = dict(urllib.parse.parse_qsl(rest.partition("?")[2])).get("data_dir")
+        if not create and data_dir and not os.path.exists(os.path.join(data_dir, SQLITE_FILE)):
+            # Not even the lock file: sqlite3 would make an empty database to look into.
+            raise NoInput(f"no database in {data_dir} yet (postoffice serve creates it)")
+        return _one_process(factory, data_dir), dbkw
     if scheme != "postgres":
         return zodburi.resolve_uri(uri)
     authority, _, query = rest.partition("?")
     parameters = urllib.parse.parse_qsl(query, keep_blank_values=True)
     dsn = [value for name, value in parameters if name == DSN]
     if not dsn:
-        resolved = zodburi.resolve_uri(uri)  # first: no resolver installed says so
+        zodburi.resolve_uri(uri)  # first: no resolver installed says so
         _require_parts(uri)
-        return resolved
+        return _relstorage(_helper("PostgreSQLAdapterHelper"), uri, create)
     if len(dsn) > 1:
         raise ValueError("give dsn= once")
     if authority.strip("/"):
@@ -86,7 +102,7 @@ def resolve_uri(uri: str) -> tuple[Any, dict[str, Any]]:
             "write postgres://?dsn=..., nothing between // and ?"
         )
     rest_uri = "postgres://?" + urllib.parse.urlencode([p for p in parameters if p[0] != DSN])
-    return _resolve_dsn(rest_uri, dsn[0])
+    return _relstorage(_dsn_helper(dsn[0]), rest_uri, create)
 
 
 # --- sqlite:// is for one process ----------------------------------------------------
@@ -97,18 +113,19 @@ def resolve_uri(uri: str) -> tuple[Any, dict[str, Any]]:
 # new).  Mail was not lost, but a consumer must not meet that; so a second
 # process is refused, as a FileStorage refuses it.
 LOCK_NAME = "postoffice.lock"
+# The database file RelStorage's SQLite adapter keeps in data_dir.
+SQLITE_FILE = "main.sqlite3"
 _held: dict[str, tuple[zc.lockfile.LockFile, int]] = {}
 _held_lock = threading.Lock()
 
 
-def _one_process(factory: Callable[[], Any], rest: str) -> Callable[[], Any]:
+def _one_process(factory: Callable[[], Any], data_dir: str | None) -> Callable[[], Any]:
     """``factory``, opening the SQLite depot only while no other process has it open.
 
     The lock (``postoffice.lock`` in ``data_dir``) is held from the open to
     the storage's ``close()``, which is wrapped for it (an attribute of the
     storage instance); connections of this same process share it.
     """
-    data_dir = dict(urllib.parse.parse_qsl(rest.partition("?")[2])).get("data_dir")
 
     def opened() -> Any:
         if not data_dir:
@@ -192,13 +209,11 @@ def _require_parts(uri: str) -> None:
         )
 
 
-def _resolve_dsn(uri: str, dsn: str) -> tuple[Any, dict[str, Any]]:
-    """RelStorage's resolver for ``uri`` (the options), its adapter opened on ``dsn``."""
-    from relstorage.zodburi_resolver import RelStorageURIResolver, Resolver
+def _dsn_helper(dsn: str) -> Any:
+    """RelStorage's PostgreSQL adapter on the connection string given whole."""
+    from relstorage.zodburi_resolver import Resolver
 
     class DsnAdapterHelper(Resolver):  # type: ignore[misc]
-        """RelStorage's PostgreSQL adapter on the connection string given whole."""
-
         def __call__(self, parsed_uri: Any, kw: dict[str, str]) -> tuple[Any, dict[str, str]]:
             def factory(options: Any) -> Any:
                 from relstorage.adapters.postgresql import PostgreSQLAdapter
@@ -207,5 +222,60 @@ def _resolve_dsn(uri: str, dsn: str) -> tuple[Any, dict[str, Any]]:
 
             return factory, kw
 
-    factory, unused = RelStorageURIResolver(DsnAdapterHelper())(uri)
+    return DsnAdapterHelper()
+
+
+def _helper(name: str) -> Any:
+    """One of RelStorage's own adapter helpers (what its resolvers are made of)."""
+    from relstorage import zodburi_resolver
+
+    return getattr(zodburi_resolver, name)()
+
+
+# --- opening, and not creating ------------------------------------------------------
+
+
+def _relstorage(helper: Any, uri: str, create: bool) -> tuple[Any, dict[str, Any]]:
+    """RelStorage's resolver over ``helper``; without ``create``, nothing made in the database.
+
+    RelStorage creates (or updates) its tables when it opens a database,
+    unless told ``create_schema`` false; and told so, it opens an empty
+    database with "Schema mismatch", which is no answer for an
+    administrator.  So the adapter looks for RelStorage's object table
+    first, and its absence is :class:`NoInput`.
+    """
+    from relstorage.zodburi_resolver import RelStorageURIResolver
+
+    def adapter_helper(parsed_uri: Any, kw: dict[str, str]) -> tuple[Any, dict[str, str]]:
+        adapter_factory, unused = helper(parsed_uri, kw)
+        if create:
+            return adapter_factory, unused
+
+        def factory(options: Any) -> Any:
+            adapter = adapter_factory(options)
+            if not _has_tables(adapter):
+                raise NoInput(
+                    "no postoffice depot in this database yet (postoffice serve creates it)"
+                )
+            return adapter
+
+        return factory, unused
+
+    class URIResolver(RelStorageURIResolver):  # type: ignore[misc]
+        def interpret_kwargs(self, kw: dict[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+            options, unused = super().interpret_kwargs(kw)
+            if not create:
+                options["create_schema"] = False
+            return options, unused
+
+    factory, unused = URIResolver(adapter_helper)(uri)
     return factory, zodburi._get_dbkw(unused)
+
+
+def _has_tables(adapter: Any) -> bool:
+    """Whether RelStorage's tables are in the adapter's database (a read, in a transaction)."""
+
+    def listed(_connection: Any, cursor: Any) -> list[str]:
+        return [str(name).lower() for name in adapter.schema.list_tables(cursor)]
+
+    return OBJECT_TABLE in adapter.connmanager.open_and_call(listed)

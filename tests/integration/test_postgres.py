@@ -83,6 +83,7 @@ def test_check_reaches_the_server_and_never_prints_the_password(
     tmp_path: Path, postgres_cluster: PostgresCluster, postgres_db: str
 ) -> None:
     uri = postgres_cluster.tcp_uri(postgres_db, keep_history="false")
+    _deliver_and_pop(tmp_path, uri)  # the depot serve makes
     path = write_config(tmp_path, zodb_uri=uri, queues=QUEUES)
     result = run_postoffice("-C", str(path), "check")
     assert result.returncode == 0, result.stderr
@@ -99,6 +100,45 @@ def test_check_reaches_the_server_and_never_prints_the_password(
     assert "Traceback" not in result.stderr
     [line] = [line for line in result.stderr.splitlines() if line.startswith("postoffice:")]
     assert "postoffice:***@127.0.0.1" in line
+
+
+def _tables(cluster: PostgresCluster, database: str) -> list[str]:
+    import psycopg2
+
+    dsn = f"host={cluster.socket_dir} port={cluster.port} user={cluster.USER} dbname={database}"
+    with psycopg2.connect(dsn) as connection, connection.cursor() as cursor:
+        cursor.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+        return sorted(name for (name,) in cursor.fetchall())
+
+
+@pytest.mark.parametrize("keep_history", ["false", "true"])
+def test_the_commands_never_create_the_depot_in_an_empty_database(
+    tmp_path: Path, postgres_cluster: PostgresCluster, postgres_db: str, keep_history: str
+) -> None:
+    """As for a missing Data.fs: a look at a depot ``serve`` has not made yet makes nothing."""
+    uri = postgres_cluster.socket_uri(postgres_db, keep_history=keep_history)
+    path = write_config(tmp_path, zodb_uri=uri, queues=QUEUES)
+
+    checked = run_postoffice("-C", str(path), "check")
+    assert checked.returncode == 0, checked.stderr
+    assert "no postoffice depot in this database yet (postoffice serve creates it)" in (
+        checked.stdout
+    )
+    assert "is reachable" not in checked.stdout
+    listed = run_postoffice("-C", str(path), "queues")
+    assert listed.returncode == 66, listed.stderr  # nothing to read (EX_NOINPUT)
+    assert "no postoffice depot in this database yet" in listed.stderr
+    assert "Traceback" not in checked.stderr + listed.stderr
+    assert _tables(postgres_cluster, postgres_db) == []
+
+    # Once serve's side has made it, the same commands read it.
+    _deliver_and_pop(tmp_path, uri)
+    tables = _tables(postgres_cluster, postgres_db)
+    checked = run_postoffice("-C", str(path), "check")
+    assert checked.returncode == 0, checked.stderr
+    assert "is reachable" in checked.stdout
+    assert run_postoffice("-C", str(path), "queues").returncode == 0
+    assert _tables(postgres_cluster, postgres_db) == tables
 
 
 def test_the_zconfig_file_of_the_manual_opens_the_same_storage(

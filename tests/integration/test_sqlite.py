@@ -80,3 +80,26 @@ def test_a_second_process_is_refused_while_serve_has_the_depot(
     consumed = _consume(uri)
     assert consumed.returncode == 0, consumed.stderr
     assert consumed.stdout.split() == ["<1@outside.example>"]
+
+
+def test_the_commands_never_create_the_depot(tmp_path: Path) -> None:
+    """Before serve made it, a look at a sqlite:// depot makes no file (root's, in /var/lib)."""
+    require_relstorage()
+    data_dir = tmp_path / "sqlite"
+    config = write_config(
+        tmp_path, zodb_uri=f"sqlite://?data_dir={data_dir}", queues={"A": "to_hostname: a.example"}
+    )
+    for present in (False, True):
+        if present:
+            data_dir.mkdir()  # made by the package, empty until serve starts
+        checked = run_postoffice("-C", str(config), "check")
+        assert checked.returncode == 0, checked.stderr
+        assert f"no database in {data_dir} yet (postoffice serve creates it)" in checked.stdout
+        listed = run_postoffice("-C", str(config), "queues")
+        assert listed.returncode == 66, listed.stderr
+        assert (
+            listed.stderr
+            == f"postoffice: no database in {data_dir} yet (postoffice serve creates it)\n"
+        )
+        assert data_dir.exists() == present
+        assert not present or list(data_dir.iterdir()) == []
