@@ -11,6 +11,7 @@ instead of conflicting.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -163,3 +164,26 @@ def test_the_two_sides_conflict_as_two_connections_of_one_database_would(
         shared.remote_tm.commit()
     shared.remote_tm.abort()
     eventually(lambda: remote_value(shared) == 3, "serve's value to stand")
+
+
+def test_stop_closes_the_file_only_after_the_server_has_stopped_running(tmp_path: Path) -> None:
+    """A consumer's vote still running in the server must not find Data.fs closed under it.
+
+    ZEO's own ``close()`` closes the storage first and joins the server's
+    thread after; a commit in flight there then fails with "truncate of
+    closed file" instead of the client seeing itself disconnected.
+    """
+    depot = SharedDepot(f"file://{tmp_path}/Data.fs?blobstorage_dir={tmp_path}/blobs").start()
+    storage = depot._server.storages["1"]
+    close = storage.close
+    running_at_close: list[list[str]] = []
+
+    def recording_close() -> None:
+        running_at_close.append(
+            [t.name for t in threading.enumerate() if t.name.startswith("StorageServer(")]
+        )
+        close()
+
+    storage.close = recording_close
+    depot.stop()
+    assert running_at_close == [[]]
