@@ -172,7 +172,7 @@ def test_big_messages_go_to_blobs_and_read_back_intact(tmp_path: Path, depot: De
     assert blob_files[0].read_bytes().endswith(big)
 
     with open_queue(uri_for(tmp_path), "A") as queue:
-        records = [queue._messages[key] for key, _raw, _t in queue.messages()]
+        records = [queue.fifo.record(key) for key, _raw, _t in queue.messages()]
         assert records[0].blob is not None and records[0].data is None
         assert records[1].blob is None and records[1].data is not None
         assert records[0].raw.endswith(big)

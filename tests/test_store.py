@@ -122,6 +122,99 @@ def test_queue_add_keeps_fifo_order_even_within_one_clock_tick(db: ZODB.DB) -> N
     consumer.close()
 
 
+def _append_concurrently(db: ZODB.DB, salts: tuple[int, int], rounds: int) -> int:
+    """Two writers with the key salts of two processes, committing at once; conflicts met.
+
+    Each round both begin, each appends ten messages, then both commit:
+    the second commit meets whatever the first changed under it.
+    """
+    managers = (transaction.TransactionManager(), transaction.TransactionManager())
+    connections = [db.open(manager) for manager in managers]
+    conflicts = 0
+    try:
+        for round_number in range(rounds):
+            queues = []
+            for manager, connection in zip(managers, connections, strict=True):
+                manager.begin()
+                queues.append(find_folder(connection.root(), "/postoffice")["A"])
+            for writer, (salt, queue) in enumerate(zip(salts, queues, strict=True)):
+                store.records._SALT = salt  # this writer's process, as far as keys go
+                for number in range(10):
+                    now = time.time()
+                    queue.store(message(round_number * 10 + number), now)
+                    queue.record_delivery(f"<{writer}.{round_number}.{number}@x>", "r@a", now)
+            for manager in managers:
+                try:
+                    manager.commit()
+                except ConflictError:
+                    manager.abort()
+                    conflicts += 1
+    finally:
+        for connection in connections:
+            connection.close()
+    return conflicts
+
+
+def test_writers_in_two_processes_append_to_one_queue_without_conflicts(
+    db: ZODB.DB, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each process appends to its own lane: no leaf, no split, is written by both."""
+    monkeypatch.setattr(store.records, "_SALT", store.records._SALT)
+    first, second = 3, 4  # two lanes
+    assert store.records.lane_of(first) != store.records.lane_of(second)
+    assert _append_concurrently(db, (first, second), rounds=40) == 0
+    with open_queue(db, "A") as queue:
+        assert len(queue) == 800
+        # Each writer's deliveries are duplicates for the other (and anyone).
+        since = time.time() - 60
+        assert all(
+            queue.has_delivered(f"<{writer}.{r}.{n}@x>", "r@a", since)
+            for writer in (0, 1)
+            for r in range(40)
+            for n in range(10)
+        )
+
+    # The same lane (salts 3 and 3 + LANES): the shared last leaf splits under both.
+    same = (first, first + store.records.LANES)
+    assert _append_concurrently(db, same, rounds=40) > 0
+
+
+def test_a_gone_writers_ledger_lane_is_pruned_by_the_deliveries_of_another(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(store.records, "_SALT", 3)
+    queue = Queue()
+    for number in range(100):
+        queue.record_delivery(f"<old-{number}@x>", "r@a.example", T)
+    gone = queue._ledger_lanes[store.records.own_lane()]
+    assert len(gone[1]) == 100
+
+    store.records._SALT = 4  # the next serve, in another lane
+    deliveries = 0
+    while len(gone[1]) and deliveries < 2000:  # each delivery prunes one other lane too
+        queue.record_delivery(f"<new-{deliveries}@x>", "r@a.example", T + DAY + deliveries)
+        deliveries += 1
+    assert len(gone[1]) == len(gone[0]) == 0
+    assert not queue.has_delivered("<old-1@x>", "r@a.example", T)
+
+
+def test_the_queue_pops_in_arrival_order_across_lanes(
+    db: ZODB.DB, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store.records, "_SALT", store.records._SALT)
+    with open_queue(db, "A") as queue:
+        start = time.time()
+        for number in range(40):
+            store.records._SALT = random.choice((1, 2, 5, 6))  # four processes
+            queue.store(message(number), start + number)
+        transaction.commit()
+        lanes = {store.records.lane_of(key) for key, _raw, _t in queue.messages()}
+        assert len(lanes) > 1
+        popped = [queue.pop_next()["Message-Id"] for _ in range(40)]
+        transaction.commit()
+    assert popped == [f"<{number}@outside.example>" for number in range(40)]
+
+
 def test_len_and_truth_follow_pops_commits_and_aborts(tmp_path: Path, db: ZODB.DB) -> None:
     consumer = Consumer(db)
     assert len(consumer.queue) == 0
@@ -559,7 +652,7 @@ def test_consumed_records_are_cleaned_up_so_the_queue_does_not_grow(
         while queue:
             queue.pop_next()
             transaction.commit()
-        assert len(queue._messages) <= CLEANUP_AT  # consumed records do not pile up
+        assert len(list(queue.fifo.items())) <= CLEANUP_AT  # consumed records do not pile up
         assert len(queue._claims) <= CLEANUP_AT
 
 
@@ -571,7 +664,7 @@ def test_large_messages_go_to_blobs_small_ones_stay_inline(tmp_path: Path, db: Z
     fill(tmp_path, 1, size=100)
     fill(tmp_path, 1, size=BLOB_THRESHOLD + 1, start=1)
     with open_queue(uri_for(tmp_path), "A") as queue:
-        small, large = list(queue._messages.values())
+        small, large = [record for _key, record in queue.fifo.items()]
         assert small.blob is None and small.data is not None
         assert large.data is None and large.blob is not None
         raw = large.raw
@@ -625,7 +718,7 @@ def test_large_messages_are_stored_inline_without_blob_support(tmp_path: Path, k
         with open_queue_created(db) as queue:
             queue.add(big)
             transaction.commit()
-            (record,) = queue._messages.values()
+            ((_key, record),) = queue.fifo.items()
             assert record.blob is None
             assert queue.pop_next().as_bytes() == big
             transaction.commit()
@@ -730,7 +823,8 @@ def test_ledger_pruning_forgets_only_entries_before_the_cutoff_oldest_first() ->
         True
     ] * 6
     assert queue.prune_ledger(T + 100) == 6
-    assert queue.ledger_size() == 0 and len(queue._ledger_by_time) == 0
+    assert queue.ledger_size() == 0
+    assert queue._duplicates.time_entries() == 0
 
 
 def test_a_pair_recorded_again_is_pruned_by_its_newest_arrival_only() -> None:
@@ -752,7 +846,7 @@ def test_ledger_time_keys_are_unique_also_when_the_clock_goes_back() -> None:
         queue.record_delivery(f"<early-{n}@x>", "r@a.example", T)
     for n in range(50):  # the same instants again
         queue.record_delivery(f"<again-{n}@x>", "r@a.example", T)
-    assert len(queue._ledger_by_time) == 150 == queue.ledger_size()
+    assert queue._duplicates.time_entries() == 150 == queue.ledger_size()
     assert queue.prune_ledger(T + 50, limit=1000) == 100
     assert queue.ledger_size() == 50
     assert queue.has_delivered("<late-0@x>", "r@a.example", T)
@@ -762,11 +856,12 @@ def test_ledger_keys_are_fixed_size_integers_keyed_per_queue() -> None:
     one, two = Queue(), Queue()
     one.record_delivery("<a@x>", "r@a.example", T)
     two.record_delivery("<a@x>", "r@a.example", T)
-    (key_one,) = one._ledger.keys()
-    (key_two,) = two._ledger.keys()
+    lane = store.records.own_lane()  # a process records in its own lane
+    (key_one,) = one._ledger_lanes[lane][0].keys()
+    (key_two,) = two._ledger_lanes[lane][0].keys()
     assert isinstance(key_one, int) and -(2**63) <= key_one < 2**63
     assert key_one != key_two  # each queue hashes with its own random salt
-    (value,) = one._ledger.values()
+    (value,) = one._ledger_lanes[lane][0].values()
     assert value & 0xFFFFFFFF == int(T)
 
 
@@ -840,10 +935,12 @@ def test_the_servers_start_reads_the_ledger_into_the_writers_cache(tmp_path: Pat
             connection = depot.db().open()  # the pool hands the prepared connection back
             try:
                 states = []
-                leaf = find_folder(connection.root(), "/postoffice")["A"]._ledger._firstbucket
-                while leaf is not None:
-                    states.append(leaf._p_changed)  # None for a ghost; reading it loads nothing
-                    leaf = leaf._next
+                queue = find_folder(connection.root(), "/postoffice")["A"]
+                for entries, _times in queue._ledger_lanes:
+                    leaf = getattr(entries, "_firstbucket", None)  # None: an empty lane
+                    while leaf is not None:
+                        states.append(leaf._p_changed)  # None for a ghost; reading loads nothing
+                        leaf = leaf._next
                 return states
             finally:
                 connection.close()

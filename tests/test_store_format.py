@@ -117,6 +117,10 @@ def test_new_objects_keep_the_attributes_and_types_of_the_old_ones(old_depot: st
 
     with open_queue(old_depot, "A") as queue:
         folder = find_folder(queue._p_jar.root(), "/postoffice")
+        # Lanes came later: a queue gets them at its first append, or as serve starts.
+        lanes = {"_lanes": tuple, "_ledger_lanes": tuple}
+        assert layout(store.Queue()) == {**layout(queue), **lanes}
+        assert queue.upgrade() and not queue.upgrade()
         assert layout(store.Queue()) == layout(queue)
         assert layout(store.QueuesFolder()) == layout(folder)
         waiting = list(queue._messages.values())[1]  # 0 was consumed: it has ``done``

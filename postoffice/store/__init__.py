@@ -11,15 +11,22 @@ Layout under ``zodb_path`` (``/postoffice`` by default)::
       recent_count: Length                        with replay_keep; review.py)
 
     Queue                                                (queue.py)
-      _messages:   MessageTree (LOBTree)  key -> MessageRecord    (FIFO by key)
+      _lanes:      LANES x MessageTree (LOBTree)  key -> MessageRecord
+                             (FIFO by key across the lanes; a process appends
+                              to the lane of its key salt)
+      _messages:   MessageTree, the one FIFO tree before lanes: read, consumed,
+                             never appended to
       _length:     Length    messages waiting (not claimed by a consumer)
       _holders:    LOBTree   key -> (lease end, holder id) of claimed messages
       _claims:     OOTreeSet (lease end, key), the same claims by age   (fifo.py)
       _quarantine: LOBTree   key -> QuarantineRecord
       _quarantine_length: Length                                (quarantine.py)
-      _ledger:     Ledger (LLBTree)  keyed hash of (message-id, recipient)
+      _ledger_lanes: LANES x (Ledger, LedgerTimes), a process writing to
+                   the lane of its key salt, every lane read:
+                   Ledger (LLBTree)  keyed hash of (message-id, recipient)
                                  -> check bits << 32 | arrival   (duplicates, 24 h)
-      _ledger_by_time: LedgerTimes (LLBTree)  time key -> ledger key   (pruning)
+                   LedgerTimes (LLBTree)  time key -> ledger key   (pruning)
+      _ledger, _ledger_by_time: the one such pair before lanes: read, pruned
       _ledger_salt: bytes     the key of the ledger's hash   (duplicates.py)
       _senders:    OOBTree   throttle key -> (arrivals tuple, throttled until)
       _senders_by_time: OOTreeSet (last activity, key)         (throttle.py)

@@ -1,22 +1,32 @@
 """A queue's duplicate ledger: which (Message-Id, recipient) it stored in the last 24 h.
 
-One entry per pair, in two trees of integers (docs/performance.md measures
-them against the strings and tuples they replace), both attributes of the
-queue, read and written only here:
+One entry per pair, in trees of integers (docs/performance.md measures
+them against the strings and tuples they replace), attributes of the
+queue, read and written only here.  A process writes to the lane of its
+key salt (``records.own_lane``), so that two writers in different
+processes (two serves, a serve and a pipe run) never write to, and never
+split, the same tree; a lookup reads every lane.  Each lane is a pair:
 
-- ``_ledger``: ``Ledger``, ``key -> check << 32 | arrival``.  ``key`` and
-  ``check`` are 64 and 31 bits of a BLAKE2b hash of the pair, keyed with
-  the queue's random ``_ledger_salt``; ``arrival`` is in whole seconds.
-- ``_ledger_by_time``: ``LedgerTimes``, ``time key -> key``, oldest first,
-  for pruning.  Time keys are the arrival in microseconds, shifted, plus
-  the process's salt, as the queue's own keys: in arrival order, so a
-  commit appends to one leaf, and unique to this process, so two writers
-  never pick the same one.
+- a ``Ledger``, ``key -> check << 32 | arrival``.  ``key`` and ``check``
+  are 64 and 31 bits of a BLAKE2b hash of the pair, keyed with the queue's
+  random ``_ledger_salt``; ``arrival`` is in whole seconds;
+- a ``LedgerTimes``, ``time key -> key``, oldest first, for pruning.  Time
+  keys are the arrival in microseconds, shifted, plus the process's salt,
+  as the queue's own keys: in arrival order, so a commit appends to one
+  leaf.
+
+The queue's attributes: ``_ledger_lanes``, a tuple of ``LANES`` such
+pairs; and ``_ledger`` with ``_ledger_by_time``, the one pair of the
+releases before lanes, still read and pruned, never written to.
 
 A different pair with the same 64-bit key is told apart by ``check``, so
-it is taken for a duplicate only when 95 bits agree; it replaces the older
-entry, which could then be delivered twice (a duplicate, never a loss),
-about once in 2**64 / entries deliveries.
+it is taken for a duplicate only when 95 bits agree; in the same lane it
+replaces the older entry, which could then be delivered twice (a
+duplicate, never a loss), about once in 2**64 / entries deliveries.  Two
+serves that store the same message for the same recipient within the
+same moment (both commits under way at once) each record it in their own
+lane, and both keep it: a duplicate, which a single serve, whose
+deliveries are one after the other, never lets through.
 """
 
 from __future__ import annotations
@@ -26,70 +36,121 @@ import email.parser
 import email.policy
 import hashlib
 import itertools
+import random
+from collections.abc import Sequence
 from email.message import Message
 
 from postoffice.decide import DUPLICATE_WINDOW
-from postoffice.store.records import PRUNE_BATCH, Ledger, LedgerTimes, time_key
+from postoffice.store.records import (
+    LANES,
+    PRUNE_BATCH,
+    Ledger,
+    LedgerTimes,
+    own_lane,
+    time_key,
+)
 
 _ARRIVAL_MASK = (1 << 32) - 1
+
+# One lane of the ledger: its entries, and their time index.
+Lane = tuple[Ledger, LedgerTimes]
+
+
+def new_lanes() -> tuple[Lane, ...]:
+    """The empty lanes of a new queue's ledger (or of one written before lanes, at its upgrade)."""
+    return tuple((Ledger(), LedgerTimes()) for _ in range(LANES))
 
 
 class DuplicateLedger:
     """The ledger of one queue, over the queue's own trees and salt."""
 
-    def __init__(self, entries: Ledger, by_time: LedgerTimes, salt: bytes) -> None:
-        self._entries = entries
-        self._by_time = by_time
+    def __init__(self, legacy: Lane, lanes: Sequence[Lane] | None, salt: bytes) -> None:
+        self._legacy = legacy
+        # None: a queue written before lanes, until its upgrade.
+        self._lanes: Sequence[Lane] = lanes or ()
         self._salt = salt
 
+    def _all(self) -> tuple[Lane, ...]:
+        return (self._legacy, *self._lanes)
+
+    def _own(self) -> Lane:
+        return self._lanes[own_lane()] if self._lanes else self._legacy
+
     def has_delivered(self, message_id: str, recipient: str, since: float) -> bool:
-        """Stored for this recipient at ``since`` or later (to the second)?"""
+        """Stored for this recipient at ``since`` or later (to the second), by any writer?"""
         key, check = _ledger_hash(self._salt, message_id, recipient)
-        value = self._entries.get(key)
-        if value is None or value >> 32 != check:
-            return False
-        return value & _ARRIVAL_MASK >= int(since)
+        for entries, _times in self._all():
+            value = entries.get(key)
+            if value is not None and value >> 32 == check and value & _ARRIVAL_MASK >= int(since):
+                return True
+        return False
 
     def record(self, message_id: str, recipient: str, now: float) -> None:
         """Remember the pair as stored at ``now``; forget a few that left the window."""
         key, check = _ledger_hash(self._salt, message_id, recipient)
-        self._entries[key] = check << 32 | _seconds(now)
+        entries, times = self._own()
+        entries[key] = check << 32 | _seconds(now)
         when = time_key(now)
-        while not self._by_time.insert(when, key):
+        while not times.insert(when, key):
             when += 1 << 10  # taken (the clock went back): the next microsecond
-        self.prune(now - DUPLICATE_WINDOW)
+        self.prune(now - DUPLICATE_WINDOW, everywhere=False)
 
-    def prune(self, before: float, limit: int = PRUNE_BATCH) -> int:
-        """Forget up to ``limit`` entries recorded before ``before``: O(log n) each."""
-        times, entries = self._by_time, self._entries
-        end = int(before * 1_000_000) << 10
-        # The truth of a tree is O(1); its len() would walk every leaf.
-        if not times or times.minKey() >= end:
-            return 0
-        old = list(itertools.islice(times.items(max=end, excludemax=True), limit))
-        cutoff = _seconds(before)
-        for when, key in old:
-            del times[when]
-            value = entries.get(key)
-            # Unless it was recorded again since (its newer time key prunes it).
-            if value is not None and value & _ARRIVAL_MASK < cutoff:
-                del entries[key]
-        return len(old)
+    def prune(self, before: float, limit: int = PRUNE_BATCH, everywhere: bool = True) -> int:
+        """Forget up to ``limit`` entries recorded before ``before``: O(log n) each.
+
+        This process's lane first, which only it writes; then every other
+        lane, or (not ``everywhere``: at each delivery) one of them picked
+        at random, so that the entries of a process that is gone (another
+        serve's, the lane of before lanes) leave too, while two live
+        writers seldom prune the same lane.
+        """
+        own = self._own()
+        others = [lane for lane in self._all() if lane is not own]
+        if not everywhere and others:
+            others = [random.choice(others)]
+        pruned = 0
+        for lane in (own, *others):
+            pruned += _prune_lane(lane, before, limit - pruned)
+            if pruned >= limit:
+                break
+        return pruned
 
     def warm_up(self, budget: int) -> int:
-        """Load up to ``budget`` leaves into the cache; how many it loaded."""
+        """Load up to ``budget`` leaves into the cache, lane by lane; how many it loaded."""
         loaded = 0
-        with contextlib.suppress(AttributeError):  # an empty tree has no first leaf
-            leaf = self._entries._firstbucket
-            while leaf is not None and loaded < budget:
-                leaf._p_activate()
-                loaded += 1
-                leaf = leaf._next
+        for entries, _times in self._all():
+            with contextlib.suppress(AttributeError):  # an empty tree has no first leaf
+                leaf = entries._firstbucket
+                while leaf is not None and loaded < budget:
+                    leaf._p_activate()
+                    loaded += 1
+                    leaf = leaf._next
         return loaded
 
     def size(self) -> int:
         """How many entries (walks every leaf: for tests and tools, not deliveries)."""
-        return len(self._entries)
+        return sum(len(entries) for entries, _times in self._all())
+
+    def time_entries(self) -> int:
+        """How many time index entries (walks every leaf: for tests and tools)."""
+        return sum(len(times) for _entries, times in self._all())
+
+
+def _prune_lane(lane: Lane, before: float, limit: int) -> int:
+    entries, times = lane
+    end = int(before * 1_000_000) << 10
+    # The truth of a tree is O(1); its len() would walk every leaf.
+    if limit <= 0 or not times or times.minKey() >= end:
+        return 0
+    old = list(itertools.islice(times.items(max=end, excludemax=True), limit))
+    cutoff = _seconds(before)
+    for when, key in old:
+        del times[when]
+        value = entries.get(key)
+        # Unless it was recorded again since (its newer time key prunes it).
+        if value is not None and value & _ARRIVAL_MASK < cutoff:
+            del entries[key]
+    return len(old)
 
 
 def ledger_pair(message: Message | bytes) -> tuple[str, str]:

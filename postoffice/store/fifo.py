@@ -1,9 +1,15 @@
 """A queue's messages and the claims on them: what is waiting, who holds what.
 
-Four of the queue's attributes are this state, and only this part reads
+Five of the queue's attributes are this state, and only this part reads
 or writes them:
 
-- ``_messages``: ``MessageTree`` key -> ``MessageRecord``, FIFO by key;
+- ``_lanes``: a tuple of ``LANES`` ``MessageTree``, key -> ``MessageRecord``:
+  a process appends to the lane of its key salt (``records.lane_of``), so
+  writers in different processes rarely write the same tree; the queue's
+  FIFO is the lanes merged by key (arrival time);
+- ``_messages``: ``MessageTree``, where releases before lanes appended
+  every message: still read and consumed (merged with the lanes), never
+  appended to;
 - ``_length``: ``Length``, the messages waiting (not claimed by anybody);
 - ``_holders``: ``LOBTree`` key -> (lease end, holder id) of claimed messages;
 - ``_claims``: ``OOTreeSet`` of (lease end, key): the same claims by age,
@@ -11,16 +17,17 @@ or writes them:
 
 A :class:`Fifo` is a plain object over those trees, made afresh whenever
 it is needed (``Queue.fifo``): the queue's pickled state stays the trees
-themselves, as the databases already written hold them.  Claimers
-(``postoffice.store.claims``) write claims through it in their own
-connection; consumers read it in theirs, and write only ``done`` of a
-record they hold, so a consumer's commit never conflicts with a claim.
+themselves.  Claimers (``postoffice.store.claims``) write claims through
+it in their own connection; consumers read it in theirs, and write only
+``done`` of a record they hold, so a consumer's commit never conflicts
+with a claim.
 """
 
 from __future__ import annotations
 
+import heapq
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from BTrees.Length import Length
@@ -29,32 +36,84 @@ from BTrees.OOBTree import OOTreeSet
 from ZODB.blob import Blob
 
 from postoffice.errors import QueueEmpty
-from postoffice.store.records import PRUNE_BATCH, MessageRecord, MessageTree, new_key
+from postoffice.store.records import (
+    LANES,
+    PRUNE_BATCH,
+    MessageRecord,
+    MessageTree,
+    lane_of,
+    new_key,
+)
+
+
+def new_lanes() -> tuple[MessageTree, ...]:
+    """The empty lanes of a new queue (or of one written before lanes, at its upgrade)."""
+    return tuple(MessageTree() for _ in range(LANES))
+
+
+def _first(item: tuple[int, MessageRecord]) -> int:
+    return item[0]
 
 
 class Fifo:
     """The FIFO and claims state of one queue, over the queue's own trees."""
 
     def __init__(
-        self, messages: MessageTree, length: Length, holders: LOBTree, claims: OOTreeSet
+        self,
+        lanes: Sequence[MessageTree] | None,
+        messages: MessageTree,
+        length: Length,
+        holders: LOBTree,
+        claims: OOTreeSet,
     ) -> None:
+        # None: a queue written before lanes, read as it is until its upgrade.
+        self._lanes: Sequence[MessageTree] = lanes or ()
         self._messages = messages
         self._length = length
         self._holders = holders
         self._claims = claims
 
+    # -- the trees -----------------------------------------------------------------
+
+    def _tree_of(self, key: int) -> MessageTree | None:
+        """The tree holding ``key``: its lane, or the tree of before lanes; None if neither."""
+        lane = self._lane(key)
+        if lane is not None and key in lane:
+            return lane
+        if key in self._messages:
+            return self._messages
+        return None
+
+    def _lane(self, key: int) -> MessageTree | None:
+        return self._lanes[lane_of(key)] if self._lanes else None
+
+    def items(self) -> Iterator[tuple[int, MessageRecord]]:
+        """(key, record) of every record, in key (arrival) order, across the trees."""
+        # The truth of a tree is O(1); empty lanes cost no iterator.
+        trees = [tree for tree in (self._messages, *self._lanes) if tree]
+        if len(trees) == 1:
+            return iter(trees[0].items())
+        return heapq.merge(*(tree.items() for tree in trees), key=_first)
+
     # -- adding and reading ------------------------------------------------------
 
     def append(self, raw: bytes | Blob, now: float, use_blob: bool) -> tuple[int, MessageRecord]:
-        """A new waiting message at the tail; its key and record."""
+        """A new waiting message at the tail of this process's lane; its key and record."""
         key = new_key(now)
+        lane = self._lane(key)
+        if lane is None:
+            raise RuntimeError("a queue written before lanes is upgraded before it is appended to")
         record = MessageRecord(raw, now, use_blob)
-        self._messages[key] = record
+        lane[key] = record
         self._length.change(1)
         return key, record
 
     def record(self, key: int) -> MessageRecord | None:
-        return self._messages.get(key)
+        lane = self._lane(key)
+        record: MessageRecord | None = None if lane is None else lane.get(key)
+        if record is None:
+            record = self._messages.get(key)
+        return record
 
     def holder_of(self, key: int) -> tuple[float, str] | None:
         """(lease end, holder) of the claim on a message, in this snapshot."""
@@ -70,7 +129,7 @@ class Fifo:
 
     def waiting(self, now: float) -> Iterator[tuple[int, MessageRecord]]:
         """(key, record) of each poppable message, oldest first (read only)."""
-        for key, record in self._messages.items():
+        for key, record in self.items():
             if self.is_waiting(key, record, now):
                 yield key, record
 
@@ -82,7 +141,7 @@ class Fifo:
         record.
         """
         found: list[int] = []
-        items = iter(self._messages.items())
+        items = self.items()
         while len(found) < limit:
             chunk = list(itertools.islice(items, limit))
             if not chunk:
@@ -107,7 +166,7 @@ class Fifo:
         count: int = self._length()
         count += len(self.expired_claims(now) - mine.keys())
         for key, waiting in mine.items():
-            record = self._messages.get(key)
+            record = self.record(key)
             if record is None:
                 continue
             if self.holder_of(key) is None:
@@ -124,7 +183,7 @@ class Fifo:
         for until, key in self._claims:
             if until > now:
                 break
-            record = self._messages.get(key)
+            record = self.record(key)
             claim = self.holder_of(key)
             if record is not None and not record.done and claim and claim[0] == until:
                 found.add(key)
@@ -137,20 +196,28 @@ class Fifo:
 
         KeyError when there is no such record.
         """
-        record: MessageRecord = self._messages[key]
+        record = self.record(key)
+        if record is None:
+            raise KeyError(key)
         record.done = True
         return record
 
     def remove_unclaimed(self, key: int) -> None:
         """Take out a waiting message nobody claimed (one this transaction added)."""
-        del self._messages[key]
+        self._remove(key)
         self._length.change(-1)
+
+    def _remove(self, key: int) -> None:
+        tree = self._tree_of(key)
+        if tree is None:
+            raise KeyError(key)
+        del tree[key]
 
     def pop_unattached(self) -> tuple[int, MessageRecord]:
         """A queue not yet in a database (tests, scripts): plain FIFO, no claims."""
-        for key, record in self._messages.items():
+        for key, record in self.items():
             if not record.done:
-                del self._messages[key]
+                self._remove(key)
                 self._length.change(-1)
                 return key, record
         raise QueueEmpty("the queue is empty")
@@ -162,7 +229,7 @@ class Fifo:
 
         Not when it is consumed, gone, or held by another whose lease runs.
         """
-        record = self._messages.get(key)
+        record = self.record(key)
         if record is None or record.done:
             return None
         claim = self.holder_of(key)
@@ -187,7 +254,7 @@ class Fifo:
 
     def give_back(self, key: int, holder: str) -> bool:
         """End ``holder``'s claim on a message it did not consume; False if it has none."""
-        record = self._messages.get(key)
+        record = self.record(key)
         claim = self.holder_of(key)
         if record is None or record.done or claim is None or claim[1] != holder:
             return False
@@ -218,11 +285,11 @@ class Fifo:
                 continue
             if claim[1] != holder and until > now:
                 continue
-            record = self._messages.get(key)
+            record = self.record(key)
             if record is not None and not record.done:
                 continue
             if record is not None:
-                del self._messages[key]
+                self._remove(key)
                 removed += 1
             del holders[key]
             claims.remove((until, key))

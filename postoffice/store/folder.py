@@ -192,6 +192,8 @@ def reconcile(folder: QueuesFolder, names: tuple[str, ...]) -> list[str]:
     for name in names:
         if name not in folder.queues:
             folder.queues[name] = Queue()
+        else:
+            folder.queues[name].upgrade()
     warnings = retired(folder, names)
     for name in list(folder.queues.keys()):
         if name not in names and not holds_mail(folder.queues[name]):

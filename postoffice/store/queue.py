@@ -41,7 +41,8 @@ from postoffice.errors import QueueEmpty, UnreadableMessage
 from postoffice.store import records
 from postoffice.store.claims import Claimer, claimer_of
 from postoffice.store.duplicates import DuplicateLedger, ledger_pair
-from postoffice.store.fifo import Fifo
+from postoffice.store.duplicates import new_lanes as new_ledger_lanes
+from postoffice.store.fifo import Fifo, new_lanes
 from postoffice.store.quarantine import ID_HEADER, Quarantine, parse_id, quarantine_id
 from postoffice.store.records import (
     PICKLED_MODULE,
@@ -100,14 +101,16 @@ class Queue(Persistent):
     __module__ = PICKLED_MODULE
 
     def __init__(self) -> None:
-        self._messages = MessageTree()
+        self._lanes = new_lanes()
+        self._messages = MessageTree()  # appended to before lanes; read, never appended to
         self._length = Length()
         self._holders = LOBTree()
         self._claims = OOTreeSet()
         self._quarantine = LOBTree()
         self._quarantine_length = Length()
-        self._ledger = Ledger()
+        self._ledger = Ledger()  # (with _ledger_by_time) written before lanes; read, pruned
         self._ledger_by_time = LedgerTimes()
+        self._ledger_lanes = new_ledger_lanes()
         self._ledger_salt = os.urandom(16)
         self._senders = OOBTree()
         self._senders_by_time = OOTreeSet()
@@ -117,11 +120,29 @@ class Queue(Persistent):
     @property
     def fifo(self) -> Fifo:
         """The messages and their claims, in this connection's snapshot (also for claimers)."""
-        return Fifo(self._messages, self._length, self._holders, self._claims)
+        lanes = getattr(self, "_lanes", None)  # None: written before lanes
+        return Fifo(lanes, self._messages, self._length, self._holders, self._claims)
+
+    def upgrade(self) -> bool:
+        """Give a queue written before lanes its lanes; whether it had to (a write of the queue).
+
+        ``serve`` does so for every queue as it starts (``reconcile``), and
+        a writer before its first append, so that only the first write to
+        an old queue writes the queue object itself.
+        """
+        if getattr(self, "_lanes", None) is not None:
+            return False
+        self._lanes = new_lanes()
+        self._ledger_lanes = new_ledger_lanes()
+        return True
 
     @property
     def _duplicates(self) -> DuplicateLedger:
-        return DuplicateLedger(self._ledger, self._ledger_by_time, self._ledger_salt)
+        return DuplicateLedger(
+            (self._ledger, self._ledger_by_time),
+            getattr(self, "_ledger_lanes", None),  # None: written before lanes
+            self._ledger_salt,
+        )
 
     @property
     def _throttle(self) -> SenderThrottle:
@@ -165,6 +186,7 @@ class Queue(Persistent):
         use_blob = isinstance(raw, Blob) or (
             len(raw) > records.BLOB_THRESHOLD and jar is not None and has_blobs(jar.db())
         )
+        self.upgrade()
         key, record = self.fifo.append(raw, now, use_blob)
         if created is not None:
             created.append(record)

@@ -48,6 +48,24 @@ SMALL_INTERNAL_SIZE = 64
 # do the BTree's conflict makes one of them retry.
 
 _SALT = random.SystemRandom().getrandbits(10)
+
+# A queue's messages are kept in LANES trees, and a process appends to the
+# one its salt names: two writers (two serves, a serve and a pipe run)
+# then rarely touch the same tree, whose last leaf each commit rewrites
+# and splits every few commits.  A key's lane is in its low bits.
+LANES = 16
+
+
+def lane_of(key: int) -> int:
+    """The lane of a FIFO or ledger time key: its salt's, as this process's keys are."""
+    return (key & 1023) % LANES
+
+
+def own_lane() -> int:
+    """The lane this process appends to."""
+    return _SALT % LANES
+
+
 _key_lock = threading.Lock()
 _last_key = 0
 
