@@ -71,7 +71,7 @@ def parse_sizes(text: str) -> list[int]:
 
 def build_plan(args: argparse.Namespace) -> Plan:
     quick = args.quick
-    parts = {"throughput", "scale", "rss", "consume", "drain", "blob", "relay"}
+    parts = {"throughput", "scale", "rss", "consume", "drain", "servers", "blob", "relay"}
     if args.only:
         parts = set(args.only.split(","))
     if args.profile:
@@ -122,7 +122,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--consume", type=int, help="messages the consumer pops (default 3000)")
     parser.add_argument(
         "--only",
-        help="comma-separated parts: throughput,scale,rss,consume,drain,blob,relay,profile",
+        help="comma-separated parts: throughput,scale,rss,consume,drain,servers,blob,relay,profile",
     )
     parser.add_argument(
         "--profile", action="store_true", help="also profile the server with py-spy"
@@ -173,6 +173,7 @@ def write_json(path: Path, plan: Plan, results: Results, targets: list[report.Ro
                 "rss": results.rss,
                 "consumer": results.consumed,
                 "drain": results.drained,
+                "servers": results.served,
                 "profile": results.profiled,
                 "inline_or_blob": results.blobs,
                 "targets": targets,
@@ -202,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if why is not None:
         log(f"bench: postoffice serve cannot run here ({why}); measuring the peers only")
         plan.servers = [k for k in plan.servers if k not in OURS]
-        plan.parts -= {"scale", "rss", "consume", "drain", "blob", "profile"}
+        plan.parts -= {"scale", "rss", "consume", "drain", "servers", "blob", "profile"}
 
     exit_on_sigterm()
     base = Path(tempfile.mkdtemp(prefix="po-bench-"))
