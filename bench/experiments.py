@@ -416,8 +416,8 @@ def _served_round(plan: Plan, work: Path, backend: str, count: int, cluster: Any
                 f"popped {total} of {plan.messages} ({accepted} accepted), {left} left in the queue"
             )
     except BenchError as exc:
-        output = " ".join(serve.output() for serve in serves)
-        result["error"] = f"{exc} [{output[-300:]}]"
+        output = " ".join(serve.output() for serve in serves).strip()
+        result["error"] = f"{exc} [{output[-300:]}]" if output else str(exc)
     return result
 
 

@@ -50,7 +50,15 @@ def reasons() -> Iterator[None]:
     try:
         yield
     except (stores.Unavailable, stores.ServerError) as exc:
-        raise BenchError(" ".join(str(exc).split())[-400:]) from None
+        raise BenchError(one_line(str(exc))) from None
+
+
+def one_line(text: str, room: int = 400) -> str:
+    """A server's complaint on one line: how it begins (what failed) and how it ends (why)."""
+    text = " ".join(text.split())
+    if len(text) <= room:
+        return text
+    return f"{text[: room // 3]} ... {text[-(room - room // 3) :]}"
 
 
 @dataclass
