@@ -19,12 +19,15 @@ Rounds are interleaved (round 1 of every server and case, then round 2,
 alike; the table shows the median of the rounds, and the ratios of
 postoffice to each peer come from the same invocation.  Then: throughput
 with 100,000 messages already queued and in the duplicate ledger against
-an empty depot, peak RSS with 16 concurrent 10 MiB messages, and the
-consumer's pop-and-commit rate.  ``--quick`` does one round of everything
-with fewer messages, in about a minute.
+an empty depot, peak RSS with 16 concurrent 10 MiB messages, the
+consumer's pop-and-commit rate, two consumers popping while serve takes
+mail, and one serve against two on a shared ZEO or PostgreSQL depot.
+``--quick`` does one round of everything with fewer messages, in about a
+minute.
 
 Needs: smtp-source and smtp-sink (Debian ``postfix``), Dovecot's LMTP
-server (``dovecot-lmtpd``), the package installed (``pip install -e .``);
+server (``dovecot-lmtpd``), PostgreSQL's server programs (``postgresql``),
+the package installed with its ``postgresql`` and ``metrics`` extras;
 ``bench/run.sh`` installs them.  Dovecot and smtp-sink drop privileges to
 ``nobody`` when run as root.
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The benchmark in one command: install what it needs, then run it.
 #
-#   bash bench/run.sh            # the full run (about 10 minutes on 2 cores)
+#   bash bench/run.sh            # the full run (about 13 minutes on 2 cores)
 #   bash bench/run.sh --quick    # one round, fewer messages (about a minute)
 #
 # Installs, when missing: Debian's postfix (smtp-source, smtp-sink; with "No
