@@ -245,7 +245,8 @@ def measures_of_servers(served: Sequence[dict[str, Any]]) -> dict[str, Measure]:
         two = served_rate(served, backend, 2)
         measured[f"{backend} 2 / 1"] = (ratio(two, served_rate(served, backend, 1)), None)
         shares = [retried_share(served, backend, 2, whose) for whose in ("serves", "consumers")]
-        measured[f"{backend} retried"] = (None if None in shares else max(shares), None)
+        known = [share for share in shares if share is not None]
+        measured[f"{backend} retried"] = (max(known) if len(known) == 2 else None, None)
     return measured
 
 
