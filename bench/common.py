@@ -89,6 +89,7 @@ class Results:
     rss: dict[str, dict[str, Any]] | None = None
     consumed: list[dict[str, Any]] = field(default_factory=list)
     drained: list[dict[str, Any]] = field(default_factory=list)
+    served: list[dict[str, Any]] = field(default_factory=list)
     blobs: list[dict[str, Any]] = field(default_factory=list)
     profiled: dict[str, Any] | None = None
     relayed: list[Sample] = field(default_factory=list)
@@ -100,6 +101,7 @@ class Results:
             or any("error" in r for r in (self.rss or {}).values())
             or any("error" in r for r in self.consumed)
             or any("error" in r for r in self.drained)
+            or any("error" in r for r in self.served)
             or any("error" in r for r in self.blobs)
         )
 

@@ -10,6 +10,7 @@ noise from other work on the machine spreads over all servers alike.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -21,11 +22,12 @@ from typing import Any
 import drivers
 import progress
 import servers
+import storages
 from common import DRAIN_LOOPS, KIB, MIB, BenchError, Plan, Results, Sample, remove
 from procs import process_tree, tail, tree_memory_kib
 from profiling import PROFILE_RATE, recording, summarize_profile
 from relay import through_postfix
-from servers import OURS, PostofficeServer, running
+from servers import OURS, PostofficeServer, SharedPostofficeServer, running
 
 Log = Callable[[str], None]
 
@@ -316,6 +318,109 @@ def _drain_round(plan: Plan, work: Path, round_number: int, per_commit: int) -> 
     return result
 
 
+# The servers part: the storage servers, and the serves a case runs against one.
+BACKENDS = ("zeo", "postgres")
+SERVE_COUNTS = (1, 2)
+
+
+def shared_servers(plan: Plan, base: Path, log: Log) -> list[dict[str, Any]]:
+    """One serve against two on one depot in a storage server, two consumers popping.
+
+    On a stock ZEO server (``runzeo`` with postfix-examples/zeo.conf) and on
+    RelStorage in a private PostgreSQL server, each case on a fresh depot:
+    1 KiB messages, 16 ``smtp-source`` sessions into one serve, or 8 into
+    each of two serves at the same time (same configuration but for the
+    socket); two consumers (the loop of docs/consumers.md, one commit a
+    message) in place before the load starts and stopped once the queue is
+    empty.  Every message must have been popped exactly once, and the
+    conflicts every serve and consumer retried are kept beside their
+    commits.  A PostgreSQL that cannot start makes its rows errors.
+    """
+    results: list[dict[str, Any]] = []
+    with contextlib.ExitStack() as stack:
+        cluster: Any = None
+        cluster_error = None
+        if "postgres" in BACKENDS:
+            try:
+                cluster = stack.enter_context(storages.postgres_cluster(base))
+            except BenchError as exc:
+                cluster_error = str(exc)
+        for round_number in range(1, plan.rounds + 1):
+            for backend in BACKENDS:
+                for serves in SERVE_COUNTS:
+                    work = base / f"servers-{round_number}-{backend}-{serves}"
+                    work.mkdir()
+                    result: dict[str, Any] = {
+                        "backend": backend,
+                        "serves": serves,
+                        "messages": plan.messages,
+                        "round": round_number,
+                    }
+                    if backend == "postgres" and cluster is None:
+                        result["error"] = f"PostgreSQL: {cluster_error}"
+                    else:
+                        result |= _served_round(plan, work, backend, serves, cluster)
+                    results.append(result)
+                    log(progress.served(result))
+                    remove(work)
+    return results
+
+
+def _served_round(plan: Plan, work: Path, backend: str, count: int, cluster: Any) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    limit = max(120.0, plan.messages / 20)
+    serves: list[SharedPostofficeServer] = []
+    try:
+        with contextlib.ExitStack() as stack:
+            if backend == "zeo":
+                depot = stack.enter_context(storages.zeo_depot(work / "zeo"))
+            else:
+                database = work.name.replace("-", "_")
+                depot = storages.postgres_depot(cluster, database, work / "blobs")
+            for number in range(1, count + 1):
+                folder = work / f"serve-{number}"
+                folder.mkdir()
+                serve = SharedPostofficeServer(folder, depot.uri, storages.free_port())
+                serves.append(serve)
+                stack.enter_context(running(serve))
+            stop_file = work / "stop"
+            consumers = drivers.start_drainers(depot.uri, stop_file, DRAINERS, 1, limit)
+            try:
+                sessions = DRAIN_SESSIONS // count
+                share = plan.messages // count
+                loads = [
+                    (
+                        serve.socket,
+                        sessions,
+                        plan.messages - share * (count - 1) if number == 0 else share,
+                        f"{work.name}.s{number}.bench",
+                    )
+                    for number, serve in enumerate(serves)
+                ]
+                result["seconds"] = drivers.smtp_sources(loads, KIB)
+                result["depth"] = drivers.queue_length(depot.uri)
+            finally:
+                stop_file.touch()
+                popped = drivers.finish_drainers(consumers, limit)
+            result["consumers"] = popped
+            accepted = sum(serve.stop() for serve in serves)
+            result["serve_commits"] = [serve.transactions for serve in serves]
+            result["serve_conflicts"] = [serve.conflicts for serve in serves]
+            result["logged_errors"] = [
+                line for serve in serves for line in serve.errors_logged()
+            ] + depot.errors_logged()
+            left = drivers.queue_length(depot.uri)
+        total = sum(int(p["popped"]) for p in popped)
+        if total != plan.messages or left != 0 or accepted != plan.messages:
+            result["error"] = (
+                f"popped {total} of {plan.messages} ({accepted} accepted), {left} left in the queue"
+            )
+    except BenchError as exc:
+        output = " ".join(serve.output() for serve in serves).strip()
+        result["error"] = f"{exc} [{output[-300:]}]" if output else str(exc)
+    return result
+
+
 def inline_or_blob(plan: Plan, base: Path, log: Log) -> list[dict[str, Any]]:
     """Store cost of a message kept inline in its record against one in a blob file.
 
@@ -382,6 +487,7 @@ PARTS: dict[str, tuple[str, Callable[[Plan, Path, Log], Any]]] = {
     "rss": ("rss", peak_rss),
     "consume": ("consumed", consumer),
     "drain": ("drained", drain),
+    "servers": ("served", shared_servers),
     "blob": ("blobs", inline_or_blob),
     "relay": ("relayed", through_postfix),
     "profile": ("profiled", profile),

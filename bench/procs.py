@@ -153,6 +153,15 @@ def tail(path: Path, lines: int = 5) -> str:
     return " | ".join(text.strip().splitlines()[-lines:])
 
 
+def error_lines(path: Path) -> list[str]:
+    """The lines a log wrote at ERROR: a healthy run writes none."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return []
+    return [line for line in text.splitlines() if " ERROR " in line]
+
+
 def unprivileged_user() -> str | None:
     """The user smtp-sink and Dovecot's mail processes run as, when we are root."""
     if os.geteuid() != 0:

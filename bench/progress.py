@@ -75,6 +75,30 @@ def drained(round_number: int, result: dict[str, Any]) -> str:
     )
 
 
+def served(result: dict[str, Any]) -> str:
+    """One case of the servers part: the rate of its serves, and the conflicts retried."""
+    what = (
+        f"round {result['round']} {result['backend']}, {result['serves']} serve"
+        f"{'s' if result['serves'] > 1 else ''}"
+    )
+    if "error" in result:
+        return f"{what}: ERROR {result['error']}"
+    consumers = result["consumers"]
+    return (
+        f"{what}: {result['messages']} in {result['seconds']:.2f}s = "
+        f"{result['messages'] / result['seconds']:,.0f} msgs/s; serves retried "
+        f"{result['serve_conflicts']} of {result['serve_commits']} commits; consumers popped "
+        f"{[c['popped'] for c in consumers]}, retried "
+        f"{[c['conflicts_retried'] + c['transient'] for c in consumers]} of "
+        f"{[c['commits'] for c in consumers]} commits; {result['depth']} queued at the end"
+        + (
+            f"; {len(result['logged_errors'])} ERROR lines logged"
+            if result["logged_errors"]
+            else ""
+        )
+    )
+
+
 def inline_or_blob(result: dict[str, Any]) -> str:
     size = human_size(result["size"])
     if "error" in result:

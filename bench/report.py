@@ -138,6 +138,118 @@ def drain_lines(drained: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
+BACKEND_LABELS = {"zeo": "stock ZEO server", "postgres": "RelStorage on PostgreSQL"}
+
+
+def _served(served: Sequence[dict[str, Any]], backend: str, serves: int) -> list[dict[str, Any]]:
+    """The rounds of one case of the servers part that ran without an error."""
+    return [
+        r for r in served if (r["backend"], r["serves"]) == (backend, serves) and "error" not in r
+    ]
+
+
+def served_rate(served: Sequence[dict[str, Any]], backend: str, serves: int) -> float | None:
+    """Messages a second, all serves together, first start to last finish: the median."""
+    good = _served(served, backend, serves)
+    return statistics.median(r["messages"] / r["seconds"] for r in good) if good else None
+
+
+def retried(result: dict[str, Any]) -> dict[str, tuple[int, int] | None]:
+    """Conflicts retried and commits, of the serves, of the consumers, and of both.
+
+    A consumer's retries are the conflicts postoffice retried inside
+    ``pop_next()`` and the transient errors its loop aborted; its commits,
+    those of its loop (the claims' own commits are not counted, so the
+    fraction errs high).  None for the serves when one did not log its line.
+    """
+    consumers = result["consumers"]
+    mine = (
+        sum(int(c["conflicts_retried"]) + int(c["transient"]) for c in consumers),
+        sum(int(c["commits"]) for c in consumers),
+    )
+    conflicts = result["serve_conflicts"]
+    if any(c is None for c in conflicts):
+        return {"serves": None, "consumers": mine, "all": None}
+    serves = (sum(conflicts), sum(result["serve_commits"]))
+    return {"serves": serves, "consumers": mine, "all": (serves[0] + mine[0], serves[1] + mine[1])}
+
+
+def retried_share(
+    served: Sequence[dict[str, Any]], backend: str, serves: int, whose: str
+) -> float | None:
+    """Conflicts retried of commits made, by ``whose`` (serves, consumers, all): the median."""
+    shares = [
+        counts[0] / counts[1]
+        for r in _served(served, backend, serves)
+        if (counts := retried(r)[whose]) is not None and counts[1]
+    ]
+    return statistics.median(shares) if shares else None
+
+
+def served_lines(served: Sequence[dict[str, Any]]) -> list[str]:
+    if not served:
+        return []
+    rows = []
+    for backend, label in BACKEND_LABELS.items():
+        one = served_rate(served, backend, 1)
+        for serves in sorted({r["serves"] for r in served}):
+            if not _served(served, backend, serves):
+                rows.append([label, str(serves), "error", "", "", "", "", ""])
+                continue
+            rate = served_rate(served, backend, serves)
+            good = _served(served, backend, serves)
+            rows.append(
+                [
+                    label,
+                    str(serves),
+                    fmt_rate(rate),
+                    fmt(ratio(rate, one), "x") if serves > 1 else "-",
+                    *(
+                        fmt(retried_share(served, backend, serves, whose), "%", "not logged")
+                        for whose in ("serves", "consumers", "all")
+                    ),
+                    f"{statistics.median(r['depth'] / r['messages'] for r in good):.1%}",
+                ]
+            )
+    head = [
+        "depot",
+        "serves",
+        "msgs/s, all serves",
+        "/ 1 serve",
+        "serves' conflicts retried, of their commits",
+        "consumers'",
+        "both",
+        "queued when the load ended",
+    ]
+    errors = [r for r in served if "error" in r]
+    logged = [line for r in served for line in r.get("logged_errors", [])]
+    return [
+        "",
+        "One serve against two on one shared depot, 1 KiB x 16 sessions in all (8 into each "
+        "of two), two consumers popping one message a commit, medians:",
+        "",
+        *table(head, rows),
+        *(
+            f"- servers error, {r['backend']}, {r['serves']} serves, round {r['round']}: "
+            f"{r['error'][-300:]}"
+            for r in errors
+        ),
+        *([f"- {len(logged)} ERROR lines logged, the first: {logged[0]}"] if logged else []),
+    ]
+
+
+def measures_of_servers(served: Sequence[dict[str, Any]]) -> dict[str, Measure]:
+    """Per storage: the rate of two serves over one, and the conflicts retried with two."""
+    measured: dict[str, Measure] = {}
+    for backend in BACKEND_LABELS:
+        two = served_rate(served, backend, 2)
+        measured[f"{backend} 2 / 1"] = (ratio(two, served_rate(served, backend, 1)), None)
+        shares = [retried_share(served, backend, 2, whose) for whose in ("serves", "consumers")]
+        known = [share for share in shares if share is not None]
+        measured[f"{backend} retried"] = (max(known) if len(known) == 2 else None, None)
+    return measured
+
+
 def through_zeo(consumed: Sequence[dict[str, Any]]) -> bool:
     """Whether serve printed a consumer URI, so the loops through ZEO ran."""
     return any(r.get("mode") == "zeo" for r in consumed)
@@ -445,6 +557,8 @@ def measures(plan: Plan, results: Results, rates: Rates) -> dict[str, dict[str, 
     if results.drained:
         depths = drain_depths(results.drained)
         measured["drain"] = {f"{n} a commit": (depths[n], None) for n in depths}
+    if results.served:
+        measured["servers"] = measures_of_servers(results.served)
     if results.consumed:
         by_mode = consumer_rates(results.consumed)
         measured["consume"] = {"file": (by_mode["file"], by_mode["file"])}
@@ -544,6 +658,7 @@ def render(plan: Plan, results: Results) -> tuple[str, list[Row]]:
         *rss_lines(results.rss or {}),
         *consumer_lines(results.consumed),
         *drain_lines(results.drained),
+        *served_lines(results.served),
         *relay_lines(plan, results.relayed),
         *target_lines(rows),
     ]

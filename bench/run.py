@@ -19,12 +19,15 @@ Rounds are interleaved (round 1 of every server and case, then round 2,
 alike; the table shows the median of the rounds, and the ratios of
 postoffice to each peer come from the same invocation.  Then: throughput
 with 100,000 messages already queued and in the duplicate ledger against
-an empty depot, peak RSS with 16 concurrent 10 MiB messages, and the
-consumer's pop-and-commit rate.  ``--quick`` does one round of everything
-with fewer messages, in about a minute.
+an empty depot, peak RSS with 16 concurrent 10 MiB messages, the
+consumer's pop-and-commit rate, two consumers popping while serve takes
+mail, and one serve against two on a shared ZEO or PostgreSQL depot.
+``--quick`` does one round of everything with fewer messages, in about a
+minute.
 
 Needs: smtp-source and smtp-sink (Debian ``postfix``), Dovecot's LMTP
-server (``dovecot-lmtpd``), the package installed (``pip install -e .``);
+server (``dovecot-lmtpd``), PostgreSQL's server programs (``postgresql``),
+the package installed with its ``postgresql`` and ``metrics`` extras;
 ``bench/run.sh`` installs them.  Dovecot and smtp-sink drop privileges to
 ``nobody`` when run as root.
 
@@ -71,7 +74,7 @@ def parse_sizes(text: str) -> list[int]:
 
 def build_plan(args: argparse.Namespace) -> Plan:
     quick = args.quick
-    parts = {"throughput", "scale", "rss", "consume", "drain", "blob", "relay"}
+    parts = {"throughput", "scale", "rss", "consume", "drain", "servers", "blob", "relay"}
     if args.only:
         parts = set(args.only.split(","))
     if args.profile:
@@ -122,7 +125,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--consume", type=int, help="messages the consumer pops (default 3000)")
     parser.add_argument(
         "--only",
-        help="comma-separated parts: throughput,scale,rss,consume,drain,blob,relay,profile",
+        help="comma-separated parts: throughput,scale,rss,consume,drain,servers,blob,relay,profile",
     )
     parser.add_argument(
         "--profile", action="store_true", help="also profile the server with py-spy"
@@ -173,6 +176,7 @@ def write_json(path: Path, plan: Plan, results: Results, targets: list[report.Ro
                 "rss": results.rss,
                 "consumer": results.consumed,
                 "drain": results.drained,
+                "servers": results.served,
                 "profile": results.profiled,
                 "inline_or_blob": results.blobs,
                 "targets": targets,
@@ -202,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if why is not None:
         log(f"bench: postoffice serve cannot run here ({why}); measuring the peers only")
         plan.servers = [k for k in plan.servers if k not in OURS]
-        plan.parts -= {"scale", "rss", "consume", "drain", "blob", "profile"}
+        plan.parts -= {"scale", "rss", "consume", "drain", "servers", "blob", "profile"}
 
     exit_on_sigterm()
     base = Path(tempfile.mkdtemp(prefix="po-bench-"))

@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # The benchmark in one command: install what it needs, then run it.
 #
-#   bash bench/run.sh            # the full run (about 10 minutes on 2 cores)
+#   bash bench/run.sh            # the full run (about 13 minutes on 2 cores)
 #   bash bench/run.sh --quick    # one round, fewer messages (about a minute)
 #
 # Installs, when missing: Debian's postfix (smtp-source, smtp-sink; with "No
-# configuration", so no system Postfix is set up or started) and
+# configuration", so no system Postfix is set up or started),
 # dovecot-lmtpd (Dovecot's LMTP server; the benchmark runs its own private
-# instance, the system one is not configured or used), then the package
-# itself (pip install -e .) and py-spy for --profile. Arguments go to
-# bench/run.py (see python3 bench/run.py --help).
+# instance, the system one is not configured or used) and postgresql (the
+# servers part runs a private cluster; the system one is not used), then
+# the package itself with RelStorage, psycopg2 and prometheus_client
+# (pip install -e '.[postgresql,metrics]') and py-spy for --profile.
+# Arguments go to bench/run.py (see python3 bench/run.py --help).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -31,6 +33,12 @@ fi
 if [ ! -x /usr/lib/dovecot/lmtp ] || ! have_tool dovecot; then
     packages+=(dovecot-lmtpd)
 fi
+# The servers part starts a private PostgreSQL server (initdb, pg_ctl);
+# Debian keeps those programs in /usr/lib/postgresql/<ver>/bin.
+if ! { { command -v initdb && command -v pg_ctl; } >/dev/null 2>&1 \
+    || compgen -G '/usr/lib/postgresql/*/bin/pg_ctl' >/dev/null; }; then
+    packages+=(postgresql)
+fi
 if ! python3 -m pip --version >/dev/null 2>&1; then
     packages+=(python3-pip)
 fi
@@ -39,13 +47,18 @@ if [ "${#packages[@]}" -gt 0 ]; then
         | "${SUDO[@]}" debconf-set-selections
     "${SUDO[@]}" apt-get update
     "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y "${packages[@]}"
-    # Debian starts the system Dovecot on install; the benchmark does not need it.
-    if [[ " ${packages[*]} " == *" dovecot-lmtpd "* ]] && command -v systemctl >/dev/null 2>&1; then
-        "${SUDO[@]}" systemctl stop dovecot >/dev/null 2>&1 || true
+    # Debian starts the system Dovecot and PostgreSQL on install; the benchmark needs neither.
+    if command -v systemctl >/dev/null 2>&1; then
+        if [[ " ${packages[*]} " == *" dovecot-lmtpd "* ]]; then
+            "${SUDO[@]}" systemctl stop dovecot >/dev/null 2>&1 || true
+        fi
+        if [[ " ${packages[*]} " == *" postgresql "* ]]; then
+            "${SUDO[@]}" systemctl stop postgresql >/dev/null 2>&1 || true
+        fi
     fi
 fi
 
-python3 -m pip install -q -e .
+python3 -m pip install -q -e '.[postgresql,metrics]'
 python3 -m pip install -q py-spy || echo "bench: py-spy not installed; --profile will be skipped" >&2
 
 exec python3 bench/run.py "$@"

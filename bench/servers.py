@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from procs import (
     START_TIMEOUT,
     STOP_TIMEOUT,
     connectable,
+    error_lines,
     find_tool,
     kill_group,
     process_tree,
@@ -271,11 +273,7 @@ class PostofficeServer(Server):
         code = stop_process(self.proc)
         if code != 0:
             raise BenchError(f"postoffice serve exited with {code}: {self.output()}")
-        retried = re.search(
-            r"(\d+) commits retried after a conflict",
-            (self.work / "server.err").read_text(errors="replace"),
-        )
-        self.conflicts = int(retried.group(1)) if retried else None
+        self.conflicts = retried_line(self.work / "server.err")
         answer = self.count()
         self.transactions = int(answer["transactions"])
         self.data_fs_bytes = int(answer["data_fs_bytes"])
@@ -308,6 +306,87 @@ class DirectPostofficeServer(PostofficeServer):
     label = "postoffice share=no"
     note = "postoffice serve with share = no: the FileStorage opened by serve itself"
     share = False
+
+
+SHARED_CONFIG = """\
+[post office]
+zodb_uri = {uri}
+max_message_size = 50m
+
+[lmtp]
+listen = unix:{socket}
+
+[metrics]
+listen = 127.0.0.1:{port}
+
+[queue:{queue}]
+filters =
+    to_hostname: app.bench.example
+"""
+
+
+class SharedPostofficeServer(PostofficeServer):
+    """``serve`` as one client of a storage server others share (a zeo:// or postgres:// URI).
+
+    Nobody can count its depot for it (other serves write there too), so
+    it is asked before it stops, at its ``[metrics]`` endpoint on
+    loopback: the batches it committed and the recipients it accepted.
+    """
+
+    name = "po-shared"
+    label = "postoffice (shared depot)"
+
+    def __init__(self, work: Path, zodb_uri: str, metrics_port: int) -> None:
+        super().__init__(work)
+        self.uri = zodb_uri
+        self.metrics_port = metrics_port
+        self.accepted = 0
+
+    def write_config(self) -> None:
+        self.config.write_text(
+            SHARED_CONFIG.format(
+                uri=self.uri, socket=self.socket, port=self.metrics_port, queue=QUEUE
+            )
+        )
+
+    def scrape(self) -> dict[str, float]:
+        """The figures of its ``[metrics]`` endpoint, by sample name and labels."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        try:
+            with urllib.request.urlopen(url, timeout=STOP_TIMEOUT) as answer:
+                text = answer.read().decode()
+        except OSError as exc:
+            raise BenchError(f"scraping {url}: {exc}") from None
+        found = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                found[name] = float(value)
+        return found
+
+    def stop(self) -> int:
+        """Stop it; the recipients it accepted (its commits are in ``transactions``)."""
+        assert self.proc is not None
+        figures = self.scrape()
+        self.transactions = int(figures.get("postoffice_commit_seconds_count", 0))
+        self.accepted = int(
+            figures.get(f'postoffice_deliveries_total{{queue="{QUEUE}",status="sent"}}', 0)
+        )
+        code = stop_process(self.proc)
+        if code != 0:
+            raise BenchError(f"postoffice serve exited with {code}: {self.output()}")
+        self.conflicts = retried_line(self.work / "server.err")
+        return self.accepted
+
+    def errors_logged(self) -> list[str]:
+        """Its ERROR lines: a healthy run logs none."""
+        return error_lines(self.work / "server.err")
+
+
+def retried_line(log: Path) -> int | None:
+    """What serve logged when it stopped: its commits retried after a conflict."""
+    retried = re.search(r"(\d+) commits retried after a conflict", log.read_text(errors="replace"))
+    return int(retried.group(1)) if retried else None
 
 
 def postoffice_command(config: Path) -> list[str]:

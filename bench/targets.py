@@ -19,7 +19,7 @@ class Target:
     # As printed; {prefill}, {limit} and {floor} are figures of the run.
     name: str
     # Which part's measures it is judged on: throughput, scale, rss, consume, consume-zeo,
-    # relay, drain.
+    # relay, drain, servers.
     part: str
     # Which of that part's measures (see the report's measures_of_* functions).
     measure: str
@@ -49,6 +49,7 @@ def through_postfix(size: int) -> str:
 
 
 ZEO = "... through the ZEO server of a running serve, "
+SERVERS = {"zeo": "a stock ZEO server", "postgres": "RelStorage on PostgreSQL"}
 RELAY = "through a private Postfix, {size} x 16 SMTP sessions >= 0.9 x smtp-sink behind it"
 
 TARGETS = (
@@ -124,5 +125,29 @@ TARGETS = (
         at_least=False,
         unit="%",
         absent="n/a (no ZEO)",
+    ),
+    *(
+        target
+        for backend, label in SERVERS.items()
+        for target in (
+            Target(
+                f"on {label}, 2 serves taking 8 sessions each >= 0.95 x 1 serve taking 16 "
+                "(1 KiB, two consumers popping)",
+                "servers",
+                f"{backend} 2 / 1",
+                0.95,
+                absent="n/a",
+            ),
+            Target(
+                "... conflicts retried <= 5 % of commits, by the 2 serves and by the 2 "
+                "consumers each (the larger share judged)",
+                "servers",
+                f"{backend} retried",
+                0.05,
+                at_least=False,
+                unit="%",
+                absent="n/a",
+            ),
+        )
     ),
 )

@@ -216,11 +216,15 @@ def drain(
     The loop of docs/consumers.md: a transient error (a conflict, a claim
     that could not be made) is aborted and the loop goes on.  It says it
     is ready (``STOP_FILE.ready-PID``) once the queue is open, so that the
-    load starts with every consumer in place.
+    load starts with every consumer in place.  Besides its pops it says
+    how often it committed, and the conflicts postoffice retried inside
+    ``pop_next()`` (its claims), which the loop never sees.
     """
     from transaction.interfaces import TransientError
 
-    popped = transient = 0
+    from postoffice import retry
+
+    popped = transient = commits = 0
     deadline = time.monotonic() + limit
     with open_queue(uri, queue_name) as queue:
         Path(f"{stop_file}.ready-{os.getpid()}").touch()
@@ -233,11 +237,13 @@ def drain(
                 pending += 1
                 if pending >= per_commit:
                     transaction.commit()
+                    commits += 1
                     popped, pending = popped + pending, 0
                     last = time.perf_counter()
             except QueueEmpty:
                 if pending:
                     transaction.commit()
+                    commits += 1
                     popped, pending = popped + pending, 0
                     last = time.perf_counter()
                 transaction.abort()
@@ -248,7 +254,13 @@ def drain(
                 transaction.abort()
                 pending = 0
                 transient += 1
-    return {"popped": popped, "seconds": last - start, "transient": transient}
+    return {
+        "popped": popped,
+        "seconds": last - start,
+        "transient": transient,
+        "commits": commits,
+        "conflicts_retried": int(retry.conflicts_retried),
+    }
 
 
 def commit_floor(uri: str, count: int) -> dict[str, object]:

@@ -30,6 +30,7 @@ import pytest
 
 from postoffice.sockets import MAX_SOCKET_PATH
 from tests.helpers import in_ci
+from tests.integration.storage_servers import free_port
 
 __all__ = [
     "PostfixInstance",
@@ -81,13 +82,6 @@ def require_root() -> None:
     """Postfix only starts as root; skip locally, fail in CI, when we are not root."""
     if os.geteuid() != 0:
         _missing("a private Postfix instance needs root (postfix start refuses otherwise)")
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def make_traversable(path: Path) -> None:

@@ -52,6 +52,7 @@ from tests.integration.servers import (
     socket_path,
     start_serve,
 )
+from tests.integration.storage_servers import example_zeo_conf
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -136,7 +137,6 @@ STOCK_SERVER = (
     "import sys; sys.modules['postoffice'] = None; "
     "from ZEO.runzeo import main; sys.argv[0] = 'runzeo'; main()"
 )
-EXAMPLE_CONF = Path(__file__).resolve().parents[2] / "postfix-examples" / "zeo.conf"
 
 
 def _wait_for_socket(path: Path, process: subprocess.Popen[bytes], log: Path) -> None:
@@ -160,11 +160,7 @@ def runzeo(folder: Path, stock: bool) -> Iterator[tuple[str, Path]]:
     clients open it by and the server's log file.
     """
     conf = folder / "zeo.conf"
-    conf.write_text(
-        EXAMPLE_CONF.read_text()
-        .replace("/var/lib/postoffice", str(folder))
-        .replace("/var/log/postoffice", str(folder))
-    )
+    conf.write_text(example_zeo_conf(folder))
     log = folder / "zeo.log"
     code = STOCK_SERVER if stock else "from ZEO.runzeo import main; main()"
     server = subprocess.Popen(
