@@ -1,9 +1,12 @@
 """Retrying ZODB transactions that conflict, without letting anyone see the conflict.
 
-Conflicts come from other writers and consumers of the same queues: several
-``serve`` processes on one ZEO server append to the same trees, and a leaf
-split by one fails the other's read-current check; two consumers reach for
-the same message.  ``transaction``'s own ``attempts()`` retries at once and
+Conflicts come from other writers and consumers of the same queues: a
+consumer removing consumed records from the head of the tree a ``serve``
+appends to (each writer process appends to a lane of its own), a counter
+and a claim changed by two at once; two consumers reach for the same
+message.  Each retried conflict is logged at DEBUG with what ZODB says of
+it (the object's oid and class), for an administrator who wants to know
+which objects collide.  ``transaction``'s own ``attempts()`` retries at once and
 a fixed number of times, which is right for a rare conflict and wrong for a
 busy depot, where the same writers meet again on the next attempt.  Here a
 retry waits a random pause that doubles up to ``BACKOFF_MAX``, so that
@@ -15,6 +18,7 @@ minutes for the reply after DATA), it does not make it fail.
 from __future__ import annotations
 
 import itertools
+import logging
 import random
 import sys
 import threading
@@ -25,6 +29,8 @@ from typing import Any, TypeVar
 from ZODB.POSException import ConflictError
 
 T = TypeVar("T")
+
+log = logging.getLogger("postoffice.retry")
 
 BACKOFF_FIRST = 0.005
 BACKOFF_MAX = 0.25
@@ -85,6 +91,7 @@ def committed(manager: Any, work: Callable[[], T], minimum: int, patience: float
                 raise
             last = exc
             conflicts_retried.add()
+            log.debug("retrying after a conflict: %s", exc)
             continue
         return result
     assert last is not None  # attempts() yields at least once

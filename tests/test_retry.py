@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -84,16 +85,22 @@ def conflicting(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
 
 
 def test_a_delivery_waits_out_conflicts_and_is_stored_once(
-    tmp_path: Path, conflicting: list[int]
+    tmp_path: Path, conflicting: list[int], caplog: pytest.LogCaptureFixture
 ) -> None:
     depot = Depot(settings_for(tmp_path, **DELIVERY_DEPOT))
     depot.prepare()
     conflicting[0] = deliver.COMMIT_ATTEMPTS + 5  # more than the minimum: patience covers it
-    outcomes = depot.deliver("s@outside.example", ["rcpt@a.example"], message(1), now=T0)
+    with caplog.at_level(logging.DEBUG, logger="postoffice.retry"):
+        outcomes = depot.deliver("s@outside.example", ["rcpt@a.example"], message(1), now=T0)
     depot.close()
     assert codes(outcomes) == ["250 2.0.0"]
     assert conflicting[0] == 0
     assert len(stored(uri_for(tmp_path))) == 1
+    # Each retry says what collided, for whoever looks at DEBUG.
+    retried = [r for r in caplog.records if r.name == "postoffice.retry"]
+    assert len(retried) == deliver.COMMIT_ATTEMPTS + 5
+    assert all(r.levelno == logging.DEBUG for r in retried)
+    assert "another writer changed this bucket" in retried[0].getMessage()
 
 
 def test_endless_conflicts_defer_and_store_nothing(
