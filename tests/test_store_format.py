@@ -21,7 +21,9 @@ from ZODB.FileStorage import FileStorage
 from ZODB.utils import get_pickle_metadata
 
 from postoffice import QueueEmpty, open_queue, store
+from postoffice.deliver import Depot
 from postoffice.store import find_folder, reconcile, stored_message
+from tests.helpers import settings_for
 
 FIXTURE = Path(__file__).parent / "data" / "store-format.fs"
 T = 1_700_000_000.0  # every time in the fixture
@@ -177,3 +179,26 @@ def test_a_depot_written_before_the_package_takes_new_mail_and_keeps_it(old_depo
         transaction.commit()
         assert popped == [message(n) for n in (1, 2, 3, 9, 10)]
         assert queue.count_quarantined_messages() == 0 and len(queue) == 0
+
+
+def test_serves_start_gives_the_old_queues_their_lanes_and_loses_nothing(
+    old_depot: str, tmp_path: Path
+) -> None:
+    """The migration: serve's start (its reconcile) upgrades each queue of the configuration."""
+    with open_queue(old_depot, "A") as queue:
+        assert getattr(queue, "_lanes", None) is None  # as the earlier release wrote it
+    depot = Depot(settings_for(tmp_path, zodb_uri=old_depot, queues={"A": "to_hostname: a"}))
+    try:
+        depot.prepare()
+    finally:
+        depot.close()
+    with open_queue(old_depot, "A") as queue:
+        assert len(queue._lanes) == store.records.LANES
+        assert len(queue._ledger_lanes) == store.records.LANES
+        assert [bytes(queue.pop_next()) for _ in range(len(queue))] == [
+            message(n) for n in (1, 2, 3)
+        ]
+        transaction.commit()
+        mail = stored_message(message(1))
+        mail["X-Original-To"] = "rcpt@a.example"
+        assert queue.is_duplicate(mail, now=T + 1)  # the old ledger is still read
