@@ -50,8 +50,13 @@ CLAIM_LEASE = 3600.0
 # attempts and this many seconds (postoffice.retry) before it gives up.
 CLAIM_ATTEMPTS = 20
 CLAIM_PATIENCE = 30.0
-# Consumed records are removed once this many claims have piled up.
-CLEANUP_AT = 2 * PRUNE_BATCH
+# Consumed records are removed once this many claims have piled up.  A
+# cleanup empties leaves at the head of the lanes serve appends to, which
+# changes their root as serve's splits do: fewer, larger cleanups make a
+# serve retry less (measured with 128: 3.9% of its commits on ZEO, 5.7% on
+# PostgreSQL; with 512: 0.1% and 0.7%), for pops that skip up to that many
+# consumed records at the head.
+CLEANUP_AT = 8 * PRUNE_BATCH
 # A consumer that pops quickly claims up to this many messages in one claim
 # commit, and pops the rest without another one (docs/consumers.md).
 CLAIM_AHEAD = 16
