@@ -23,7 +23,17 @@ import drivers
 import progress
 import servers
 import storages
-from common import DRAIN_LOOPS, KIB, MIB, BenchError, Plan, Results, Sample, remove
+from common import (
+    DRAIN_LOOPS,
+    KIB,
+    MIB,
+    RECOMMENDED_LOOP,
+    BenchError,
+    Plan,
+    Results,
+    Sample,
+    remove,
+)
 from procs import process_tree, tail, tree_memory_kib
 from profiling import PROFILE_RATE, recording, summarize_profile
 from relay import through_postfix
@@ -267,8 +277,9 @@ KEEP_UP = 0.05
 def drain(plan: Plan, base: Path, log: Log) -> list[dict[str, Any]]:
     """Two consumers of one queue against one ``serve`` at 16 sessions, at the same time.
 
-    The consumers use the loop of docs/consumers.md (one commit a message,
-    then ten a commit) through the URI ``serve`` prints, and are in place
+    The consumers run ``postoffice.consume()``, the loop of
+    docs/consumers.md, at each of ``DRAIN_LOOPS`` pops a commit, through
+    the URI ``serve`` prints, and are in place
     before the load starts.  The queue's depth when ``smtp-source`` ends
     says whether they kept up; then they are told to stop once the queue is
     empty, and every message must have been popped exactly once (the
@@ -330,8 +341,8 @@ def shared_servers(plan: Plan, base: Path, log: Log) -> list[dict[str, Any]]:
     RelStorage in a private PostgreSQL server, each case on a fresh depot:
     1 KiB messages, 16 ``smtp-source`` sessions into one serve, or 8 into
     each of two serves at the same time (same configuration but for the
-    socket); two consumers (the loop of docs/consumers.md, one commit a
-    message) in place before the load starts and stopped once the queue is
+    socket); two consumers (``postoffice.consume()``, as docs/consumers.md
+    recommends) in place before the load starts and stopped once the queue is
     empty.  Every message must have been popped exactly once, and the
     conflicts every serve and consumer retried are kept beside their
     commits.  A PostgreSQL that cannot start makes its rows errors.
@@ -384,7 +395,9 @@ def _served_round(plan: Plan, work: Path, backend: str, count: int, cluster: Any
                 serves.append(serve)
                 stack.enter_context(running(serve))
             stop_file = work / "stop"
-            consumers = drivers.start_drainers(depot.uri, stop_file, DRAINERS, 1, limit)
+            consumers = drivers.start_drainers(
+                depot.uri, stop_file, DRAINERS, RECOMMENDED_LOOP, limit
+            )
             try:
                 sessions = DRAIN_SESSIONS // count
                 share = plan.messages // count

@@ -90,7 +90,8 @@ def served(result: dict[str, Any]) -> str:
         f"{result['serve_conflicts']} of {result['serve_commits']} commits; consumers popped "
         f"{[c['popped'] for c in consumers]}, retried "
         f"{[c['conflicts_retried'] + c['transient'] for c in consumers]} of "
-        f"{[c['commits'] for c in consumers]} commits; {result['depth']} queued at the end"
+        f"{[c['commits'] + c.get('claim_commits', 0) for c in consumers]} commits (theirs and "
+        f"their claims'); {result['depth']} queued at the end"
         + (
             f"; {len(result['logged_errors'])} ERROR lines logged"
             if result["logged_errors"]

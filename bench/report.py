@@ -14,7 +14,7 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
-from common import DRAIN_LOOPS, KIB, Plan, Results, Sample, human_size
+from common import DRAIN_LOOPS, KIB, RECOMMENDED_LOOP, Plan, Results, Sample, human_size
 from progress import describe
 from servers import OURS, SERVER_LABELS, SERVERS
 from targets import TARGETS, through_postfix, vs_peer
@@ -159,13 +159,13 @@ def retried(result: dict[str, Any]) -> dict[str, tuple[int, int] | None]:
 
     A consumer's retries are the conflicts postoffice retried inside
     ``pop_next()`` and the transient errors its loop aborted; its commits,
-    those of its loop (the claims' own commits are not counted, so the
-    fraction errs high).  None for the serves when one did not log its line.
+    those of its loop and of its claims.  None for the serves when one did
+    not log its line.
     """
     consumers = result["consumers"]
     mine = (
         sum(int(c["conflicts_retried"]) + int(c["transient"]) for c in consumers),
-        sum(int(c["commits"]) for c in consumers),
+        sum(int(c["commits"]) + int(c.get("claim_commits", 0)) for c in consumers),
     )
     conflicts = result["serve_conflicts"]
     if any(c is None for c in conflicts):
@@ -226,7 +226,8 @@ def served_lines(served: Sequence[dict[str, Any]]) -> list[str]:
     return [
         "",
         "One serve against two on one shared depot, 1 KiB x 16 sessions in all (8 into each "
-        "of two), two consumers popping one message a commit, medians:",
+        f"of two), two consumers running consume() (up to {RECOMMENDED_LOOP} pops a commit), "
+        "medians:",
         "",
         *table(head, rows),
         *(
@@ -239,7 +240,8 @@ def served_lines(served: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def measures_of_servers(served: Sequence[dict[str, Any]]) -> dict[str, Measure]:
-    """Per storage: the rate of two serves over one, and the conflicts retried with two."""
+    """Per storage: the rate of two serves over one, the conflicts retried with two, and
+    what was left queued at the end of the load with one."""
     measured: dict[str, Measure] = {}
     for backend in BACKEND_LABELS:
         two = served_rate(served, backend, 2)
@@ -247,6 +249,9 @@ def measures_of_servers(served: Sequence[dict[str, Any]]) -> dict[str, Measure]:
         shares = [retried_share(served, backend, 2, whose) for whose in ("serves", "consumers")]
         known = [share for share in shares if share is not None]
         measured[f"{backend} retried"] = (max(known) if len(known) == 2 else None, None)
+        one = _served(served, backend, 1)
+        depth = statistics.median(r["depth"] / r["messages"] for r in one) if one else None
+        measured[f"{backend} depth"] = (depth, None)
     return measured
 
 

@@ -26,6 +26,7 @@ import transaction
 from ZODB.FileStorage import FileStorage
 from ZODB.utils import get_pickle_metadata
 
+import postoffice
 from postoffice import QueueEmpty, open_queue
 from postoffice.config import load
 from postoffice.deliver import Delivery, Depot
@@ -213,15 +214,15 @@ def drain(
 ) -> dict[str, object]:
     """Pop while mail arrives, as an application does, until told to stop and the queue is empty.
 
-    The loop of docs/consumers.md: a transient error (a conflict, a claim
-    that could not be made) is aborted and the loop goes on.  It says it
-    is ready (``STOP_FILE.ready-PID``) once the queue is open, so that the
-    load starts with every consumer in place.  Besides its pops it says
-    how often it committed, and the conflicts postoffice retried inside
-    ``pop_next()`` (its claims), which the loop never sees.
+    ``postoffice.consume()``, the loop of docs/consumers.md, with
+    ``per_commit``; between its calls a fresh look at the database, as the
+    polling loop there does.  It says it is ready (``STOP_FILE.ready-PID``)
+    once the queue is open, so that the load starts with every consumer in
+    place.  Besides its pops it says how often it committed, the
+    transactions it retried, and the conflicts postoffice retried inside
+    ``pop_next()`` (its claims), which the loop never sees, beside the
+    claims' own commits.
     """
-    from transaction.interfaces import TransientError
-
     from postoffice import retry
 
     popped = transient = commits = 0
@@ -230,36 +231,25 @@ def drain(
         Path(f"{stop_file}.ready-{os.getpid()}").touch()
         start = time.perf_counter()
         last = start
-        pending = 0
         while time.monotonic() < deadline:
-            try:
-                queue.pop_next()
-                pending += 1
-                if pending >= per_commit:
-                    transaction.commit()
-                    commits += 1
-                    popped, pending = popped + pending, 0
-                    last = time.perf_counter()
-            except QueueEmpty:
-                if pending:
-                    transaction.commit()
-                    commits += 1
-                    popped, pending = popped + pending, 0
-                    last = time.perf_counter()
-                transaction.abort()
-                if os.path.exists(stop_file) and not queue:
-                    break
+            done = postoffice.consume(queue, lambda message: None, per_commit=per_commit)
+            if done.processed:
+                last = time.perf_counter()
+            popped += done.processed
+            commits += done.commits
+            transient += done.retried
+            transaction.abort()
+            if os.path.exists(stop_file) and not queue:
+                break
+            if not done.processed:
                 time.sleep(0.002)
-            except TransientError:
-                transaction.abort()
-                pending = 0
-                transient += 1
     return {
         "popped": popped,
         "seconds": last - start,
         "transient": transient,
         "commits": commits,
         "conflicts_retried": int(retry.conflicts_retried),
+        "claim_commits": int(retry.transactions_committed),
     }
 
 

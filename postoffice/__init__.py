@@ -1,11 +1,12 @@
 """postoffice: a mail delivery agent for Postfix, with application queues in ZODB.
 
 The public API is what applications import: ``open_queue`` and
-``find_queue`` to consume a queue, ``SMTPSender``/``send_mail`` for bounces
-and notices, and the error classes.
+``find_queue`` to reach a queue, ``consume`` to process what waits in it,
+``SMTPSender``/``send_mail`` for bounces and notices, and the error classes.
 """
 
 from postoffice.api import find_queue, open_queue
+from postoffice.consumer import Consumed, consume
 from postoffice.errors import (
     ConfigError,
     PostofficeError,
@@ -19,6 +20,7 @@ from postoffice.store import Queue, QueuesFolder
 
 __all__ = [
     "ConfigError",
+    "Consumed",
     "PostofficeError",
     "Queue",
     "QueueEmpty",
@@ -27,6 +29,7 @@ __all__ = [
     "StorageUnavailable",
     "TemporaryError",
     "UnreadableMessage",
+    "consume",
     "find_queue",
     "open_queue",
     "send_mail",

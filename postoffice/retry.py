@@ -67,8 +67,11 @@ class _Count:
         return self._value
 
 
-# Every ConflictError :func:`committed` retried in this process.
+# Every ConflictError :func:`committed` retried in this process, and every
+# transaction it committed (a consumer's claims: the share of its commits
+# that conflicted).
 conflicts_retried = _Count()
+transactions_committed = _Count()
 
 
 def committed(manager: Any, work: Callable[[], T], minimum: int, patience: float) -> T:
@@ -93,6 +96,7 @@ def committed(manager: Any, work: Callable[[], T], minimum: int, patience: float
             conflicts_retried.add()
             log.debug("retrying after a conflict: %s", exc)
             continue
+        transactions_committed.add()
         return result
     assert last is not None  # attempts() yields at least once
     raise last

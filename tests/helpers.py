@@ -19,6 +19,7 @@ import sys
 import sysconfig
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from email.message import Message
 from pathlib import Path
 from types import EllipsisType
 from typing import Any
@@ -47,6 +48,16 @@ ENVELOPE_QUEUES: Mapping[str, str] = {name: line + ENVELOPE for name, line in QU
 DELIVERY_DEPOT: dict[str, Any] = {"max_message_size": "2m", "queues": ENVELOPE_QUEUES}
 
 Filters = str | Sequence[str] | None
+
+
+class Outbox:
+    """A ``send`` callable that keeps (from, to, message) of every call."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, list[str], Message]] = []
+
+    def __call__(self, from_addr: str, to_addrs: list[str], message: Message) -> None:
+        self.sent.append((from_addr, to_addrs, message))
 
 
 def uri_for(folder: Path | str) -> str:

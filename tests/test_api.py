@@ -28,7 +28,7 @@ from postoffice.api import Closer
 from postoffice.database import open_db
 from postoffice.deliver import Depot
 from postoffice.store import find_folder
-from tests.helpers import message, python_corpus, settings_for, uri_for
+from tests.helpers import Outbox, message, python_corpus, settings_for, uri_for
 
 
 @pytest.fixture
@@ -43,16 +43,6 @@ def deliver(depot: Depot, raw: bytes) -> int:
     (outcome,) = depot.deliver("sender@outside.example", ["rcpt@a.example"], raw)
     assert outcome.reply.startswith("250 2.0.0") and outcome.queue_key, outcome.reply
     return outcome.queue_key
-
-
-class Outbox:
-    """A ``send`` callable that keeps (from, to, message) of every call."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, list[str], Message]] = []
-
-    def __call__(self, from_addr: str, to_addrs: list[str], message: Message) -> None:
-        self.sent.append((from_addr, to_addrs, message))
 
 
 def reopen_ok(tmp_path: Path) -> None:

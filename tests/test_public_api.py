@@ -9,6 +9,7 @@ def test_all_is_the_documented_api() -> None:
     assert sorted(postoffice.__all__) == sorted(
         [
             "ConfigError",
+            "Consumed",
             "PostofficeError",
             "Queue",
             "QueueEmpty",
@@ -17,6 +18,7 @@ def test_all_is_the_documented_api() -> None:
             "StorageUnavailable",
             "TemporaryError",
             "UnreadableMessage",
+            "consume",
             "find_queue",
             "open_queue",
             "send_mail",

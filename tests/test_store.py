@@ -332,6 +332,29 @@ def test_popped_and_aborted_comes_back_first_also_to_another_consumer(
     assert subjects_left(uri_for(tmp_path)) == ["number 1", "number 2"]
 
 
+def test_a_whole_aborted_batch_is_popped_again_in_the_next_transaction(
+    tmp_path: Path, db: ZODB.DB
+) -> None:
+    """After an abort, every message given back is poppable: len() and pop_next() agree.
+
+    The pop that gives them back claims only a few; the others must still
+    be candidates for the next pops, though this transaction's snapshot
+    shows them claimed by this consumer.
+    """
+    db = refilled(tmp_path, db, 12)
+    consumer = Consumer(db)
+    assert [consumer.pop() for _ in range(12)] == [f"number {n}" for n in range(12)]
+    consumer.manager.abort()
+    again = []
+    while consumer.queue:
+        again.append(consumer.pop())
+    assert again == [f"number {n}" for n in range(12)]
+    consumer.manager.commit()
+    consumer.close()
+    db.close()
+    assert subjects_left(uri_for(tmp_path)) == []
+
+
 CRASHING_CONSUMER = textwrap.dedent(
     """
     import os, sys

@@ -168,13 +168,15 @@ class Claimer:
 
     # -- claiming ------------------------------------------------------------------
 
-    def claim(self, queue_oid: bytes, candidates: list[int]) -> int:
+    def claim(self, queue_oid: bytes, candidates: list[int], want: int | None = None) -> int:
         """Claim the first candidates nobody else holds; conflicts are retried here.
 
         Returns the first, for the caller to pop; the others wait in
         ``ahead``.  What this consumer claimed ahead before (it may still
         look claimed in the caller's snapshot) is claimed again with them,
-        renewing the lease.
+        renewing the lease.  ``want`` is how many to claim when the caller
+        knows (the rest of a batch of ``postoffice.consume``); without it,
+        as many as the consumer's pace says.
         """
         with self.lock:
             renew = set(self.ahead.pop(queue_oid, ()))
@@ -184,7 +186,11 @@ class Claimer:
         def claim_some() -> tuple[float, list[int]]:
             now = clock.now()  # each attempt's own: a retry may come much later
             found = self._claim_some(
-                self._fifo(queue_oid), candidates, now, _claim_size(last, now), renew
+                self._fifo(queue_oid),
+                candidates,
+                now,
+                _claim_size(last, now) if want is None else max(1, want),
+                renew,
             )
             return now, found
 

@@ -357,6 +357,15 @@ class Queue(Persistent):
         claimed cannot be read (quarantine ``error.message``, as the loop of
         docs/consumers.md does).
         """
+        return self._pop(None)
+
+    def _pop(self, batch: int | None) -> StoredMessage:
+        """``pop_next``; a claim it has to make takes ``batch`` messages when given.
+
+        ``postoffice.consume`` passes what its batch still lacks, so that a
+        batch costs one claim commit instead of one for every few pops (two
+        consumers claiming at once conflict on the claims' trees).
+        """
         jar = self._p_jar
         fifo = self.fifo
         if jar is None:  # not in a database yet (tests, scripts)
@@ -370,12 +379,16 @@ class Queue(Persistent):
             # Candidates come from this connection's snapshot; the claim looks
             # at the newest state and skips what others took meanwhile.
             candidates = fifo.first_waiting(now, CANDIDATES, jar)
-            # What this consumer just gave back may still look claimed here.
-            candidates.extend(key for key in given_back if key not in candidates)
+            # What this consumer gave back since its transaction began (this
+            # pop or an earlier one) may still look claimed here.
+            waiting = claimer.now_waiting(self._p_oid)
+            candidates.extend(
+                key for key in sorted(waiting) if waiting[key] and key not in candidates
+            )
             added = added_in(jar.transaction_manager.get(), self)
             candidates = [key for key in candidates if key not in added]
             try:
-                key = claimer.claim(self._p_oid, candidates)
+                key = claimer.claim(self._p_oid, candidates, batch)
             except QueueEmpty:
                 own = self._pop_added(added)
                 if own is None:

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import pytest
 import transaction
+from persistent.list import PersistentList
 
 from postoffice import open_queue
 from postoffice.database import zeo_greet
@@ -268,6 +269,103 @@ def test_two_consumer_processes_pop_every_message_exactly_once(
         assert in_quarantine == bad
         errors = [error for _m, error in queue.get_quarantined_messages()]
         assert all("ValueError: cannot process" in error for error in errors)
+
+
+CONSUMING = textwrap.dedent(
+    """
+    import json, os, sys, time
+    import transaction
+    from postoffice import consume, open_queue
+
+    uri, out, go, deadline, mine = sys.argv[1:6]
+    stop = time.monotonic() + float(deadline)
+    queue, closer = open_queue(uri, "A")
+    processed = queue._p_jar.root()[mine]  # the application's state, in the same depot
+    open(out + ".ready", "w").close()
+    while not os.path.exists(go) and time.monotonic() < stop:
+        time.sleep(0.01)
+
+    def process(message):
+        if "poison" in message["Subject"]:
+            raise ValueError("cannot process " + message["Message-Id"])
+        time.sleep(0.002)  # some work, so the two consumers overlap
+        processed.append(message["Message-Id"])
+
+    totals, errors = [0, 0, 0], []
+    while time.monotonic() < stop:
+        transaction.abort()                     # a fresh look at the database
+        try:
+            done = consume(queue, process)
+        except Exception as exc:
+            errors.append(repr(exc))
+            continue
+        totals = [totals[0] + done.processed, totals[1] + done.quarantined,
+                  totals[2] + done.retried]
+        if not queue:
+            break
+    transaction.abort()
+    with open(out, "w") as handle:
+        json.dump({"processed": list(processed), "counts": totals, "errors": errors}, handle)
+    closer()
+    """
+)
+
+
+def test_two_consumer_processes_running_consume_process_every_message_once(
+    tmp_path: Path, zeo_uri: str
+) -> None:
+    """postoffice.consume() in two processes: batches undone at a poison message, and
+    conflicts of the claims, still leave each message processed once in committed state."""
+    _fill(tmp_path, zeo_uri)
+    with open_queue(zeo_uri, "A") as queue:
+        root = queue._p_jar.root()
+        root["processed-1"], root["processed-2"] = PersistentList(), PersistentList()
+        transaction.commit()
+    script = tmp_path / "consuming.py"
+    script.write_text(CONSUMING)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    go = tmp_path / "go"
+    outputs = [tmp_path / f"consumer-{n}.json" for n in (1, 2)]
+    consumers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(script),
+                zeo_uri,
+                str(out),
+                str(go),
+                str(DEADLINE),
+                f"processed-{n}",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        for n, out in enumerate(outputs, 1)
+    ]
+    with reaped(consumers):
+        wait_for(
+            lambda: all(Path(f"{out}.ready").exists() for out in outputs),
+            DEADLINE,
+            "both consumers connected",
+        )
+        go.touch()
+        finished(consumers, DEADLINE + 20)
+
+    results = [json.loads(out.read_text()) for out in outputs]
+    assert [r["errors"] for r in results] == [[], []]
+    processed = Counter(mid for r in results for mid in r["processed"])
+    good = {f"<{n}@outside.example>" for n in range(MESSAGES) if n not in POISON}
+    assert set(processed) == good and max(processed.values()) == 1
+    # What consume() said it did is what was committed.
+    assert [r["counts"][0] for r in results] == [len(r["processed"]) for r in results]
+    assert sum(r["counts"][1] for r in results) == len(POISON)
+    assert all(r["processed"] for r in results), [len(r["processed"]) for r in results]
+    with open_queue(zeo_uri, "A") as queue:
+        assert len(queue) == 0 and list(queue.messages()) == []
+        in_quarantine = [m["Message-Id"] for m, _error in queue.get_quarantined_messages()]
+        assert sorted(in_quarantine) == sorted(f"<{n}@outside.example>" for n in POISON)
 
 
 UNCLOSED = textwrap.dedent(
