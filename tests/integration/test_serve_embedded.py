@@ -450,33 +450,48 @@ def test_commands_work_while_serve_runs(tmp_path: Path) -> None:
     assert {path: path.stat().st_mode & 0o007 for path in made} == dict.fromkeys(made, 0)
 
 
-def documented_loop(uri: str, out: Path) -> str:
+def documented_loop(uri: str, out: Path, written_out: bool = False) -> str:
     """The consumer loop of docs/consumers.md, as written, on ``uri``.
 
-    Only what the page leaves to the reader is filled in: ``process`` keeps
-    each message's Message-Id and bytes, and ``send`` keeps the notices
-    instead of mailing them.
+    The page's first example, which calls ``consume``; with
+    ``written_out``, the loop it shows written out instead, after the
+    first example's imports, ``send`` and ``URI``.  Only what the page
+    leaves to the reader is filled in: ``process`` keeps each message's
+    Message-Id and bytes, and ``send`` keeps the notices instead of
+    mailing them.
     """
     page = (REPO / "docs" / "consumers.md").read_text()
-    loop = re.search(r"^## The loop\n.*?```python\n(.*?)```", page, re.S | re.M)
-    assert loop is not None, "docs/consumers.md has no loop"
-    code, uris = re.subn(r"^URI = \(.*?\)\n", f"URI = {uri!r}\n", loop.group(1), flags=re.S | re.M)
-    code, sends = re.subn(r"^send = .*\n", "send = lambda *notice: None\n", code, flags=re.M)
+    flags = re.S | re.M
+    first = re.search(r"^## The loop\n.*?```python\n(.*?)```", page, flags)
+    assert first is not None, "docs/consumers.md has no loop"
+    preamble, process, code = re.split(
+        r"^(def process\(message\):.*?\n)\n", first.group(1), maxsplit=1, flags=flags
+    )
+    assert "..." in process, "the example's process() is no longer left to the reader"
+    if written_out:
+        loop = re.search(r"^### The same loop, written out\n.*?```python\n(.*?)```", page, flags)
+        assert loop is not None, "docs/consumers.md no longer writes the loop out"
+        code = loop.group(1)
+    preamble, uris = re.subn(r"^URI = \(.*?\)\n", f"URI = {uri!r}\n", preamble, flags=flags)
+    preamble, sends = re.subn(r"^send = .*\n", "send = lambda *n: None\n", preamble, flags=re.M)
     assert uris == sends == 1, "the loop no longer sets URI and send"
     fill_in = textwrap.dedent(
         f"""
         import atexit, json
-        done = []
+        kept = []
         def process(message):
-            done.append([message["Message-Id"], message.as_bytes().decode("latin-1")])
-        atexit.register(lambda: open({str(out)!r}, "w").write(json.dumps(done)))
+            kept.append([message["Message-Id"], message.as_bytes().decode("latin-1")])
+        atexit.register(lambda: open({str(out)!r}, "w").write(json.dumps(kept)))
         """
     )
-    return fill_in + code
+    return preamble + fill_in + code
 
 
 @pytest.mark.timeout(180)
-def test_the_documented_loop_quarantines_a_message_it_cannot_read(tmp_path: Path) -> None:
+@pytest.mark.parametrize("written_out", [False, True], ids=["consume", "written out"])
+def test_the_documented_loop_quarantines_a_message_it_cannot_read(
+    tmp_path: Path, written_out: bool
+) -> None:
     """A consumer whose URI has no blob folder meets a 300 KiB message.
 
     The loop of docs/consumers.md sets that message aside in the quarantine
@@ -499,7 +514,7 @@ def test_the_documented_loop_quarantines_a_message_it_cannot_read(tmp_path: Path
 
     def consume(on: str, out: Path) -> list[list[str]]:
         ran = subprocess.run(
-            [sys.executable, "-c", documented_loop(on, out)],
+            [sys.executable, "-c", documented_loop(on, out, written_out)],
             cwd=REPO,
             capture_output=True,
             text=True,
