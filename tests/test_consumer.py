@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import transaction
 from persistent.list import PersistentList
+from ZODB.FileStorage import FileStorage
 from ZODB.POSException import ConflictError
 
 from postoffice import Consumed, QueueEmpty, consume, find_queue, open_queue
@@ -128,6 +129,35 @@ def test_one_a_commit(tmp_path: Path) -> None:
         app = App(queue)
         assert consume(queue, app, per_commit=1) == Consumed(4, 0, 4, 0)
         assert list(app.processed) == numbered(4)
+
+
+def transactions(tmp_path: Path) -> int:
+    """Transactions committed in the depot so far: the consumer's and its claims'."""
+    storage = FileStorage(str(tmp_path / "Data.fs"), read_only=True)
+    try:
+        return sum(1 for _txn in storage.iterator())
+    finally:
+        storage.close()
+
+
+@pytest.mark.parametrize(("per_commit", "most"), [(1, 100 + 12), (50, 2 + 2)])
+def test_claims_are_few_one_a_commit_or_in_batches(
+    tmp_path: Path, per_commit: int, most: int
+) -> None:
+    """Through ZEO a commit is most of a pop's cost, and claims are commits of their own.
+
+    One a commit, a claim serves several pops as they speed up (1, 2, 4,
+    8, 16, 16, ...); in batches, one claim takes the rest of the batch.
+    """
+    fill(tmp_path, numbered(100))
+    with open_queue(uri_for(tmp_path), "A") as queue:
+        app = App(queue)
+        transaction.commit()
+        before = transactions(tmp_path)
+        done = consume(queue, app, per_commit=per_commit)
+        assert done.processed == 100 and done.commits == 100 // per_commit
+        assert list(app.processed) == numbered(100)
+        assert done.commits < transactions(tmp_path) - before <= most
 
 
 def test_an_interrupted_consume_loses_nothing(tmp_path: Path) -> None:

@@ -174,9 +174,9 @@ class Claimer:
         Returns the first, for the caller to pop; the others wait in
         ``ahead``.  What this consumer claimed ahead before (it may still
         look claimed in the caller's snapshot) is claimed again with them,
-        renewing the lease.  ``want`` is how many to claim when the caller
-        knows (the rest of a batch of ``postoffice.consume``); without it,
-        as many as the consumer's pace says.
+        renewing the lease.  It claims as many as the consumer's pace says,
+        or ``want`` when that is more (the rest of a batch of
+        ``postoffice.consume``).
         """
         with self.lock:
             renew = set(self.ahead.pop(queue_oid, ()))
@@ -189,7 +189,7 @@ class Claimer:
                 self._fifo(queue_oid),
                 candidates,
                 now,
-                _claim_size(last, now) if want is None else max(1, want),
+                max(_claim_size(last, now), want or 0),
                 renew,
             )
             return now, found

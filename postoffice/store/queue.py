@@ -360,7 +360,7 @@ class Queue(Persistent):
         return self._pop(None)
 
     def _pop(self, batch: int | None) -> StoredMessage:
-        """``pop_next``; a claim it has to make takes ``batch`` messages when given.
+        """``pop_next``; a claim it has to make takes at least ``batch`` messages when given.
 
         ``postoffice.consume`` passes what its batch still lacks, so that a
         batch costs one claim commit instead of one for every few pops (two
