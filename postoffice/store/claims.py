@@ -223,7 +223,7 @@ class Claimer:
         if fifo.claim_count() >= CLEANUP_AT:
             # In batches: deleting the head of a bucket conflicts with any
             # other change to that bucket (a writer appending to a short queue).
-            fifo.cleanup(self.holder, now, CLEANUP_AT)
+            fifo.cleanup(self.holder, now, CLEANUP_AT, self.connection)
         found: list[int] = []
         for key in candidates:
             if len(found) >= want and not renew.difference(found):
