@@ -25,7 +25,7 @@ import transaction
 import ZODB
 from ZODB.POSException import ConflictError
 
-from postoffice import QueueEmpty, UnreadableMessage, open_queue, store
+from postoffice import QueueEmpty, UnreadableMessage, consume, open_queue, store
 from postoffice import clock as depot_clock
 from postoffice.database import open_db
 from postoffice.deliver import Depot
@@ -40,6 +40,9 @@ from postoffice.store import (
     find_folder,
     reconcile,
 )
+from postoffice.store.claims import SWEEP_BEHIND
+from postoffice.store.fifo import IDLE_LANE, SWEEP_EVERY
+from postoffice.store.records import key_time
 from tests.helpers import message, settings_for, uri_for
 
 
@@ -666,17 +669,78 @@ def test_len_matches_the_waiting_messages_through_a_random_run(tmp_path: Path, d
         assert len(queue) == waiting
 
 
-def test_consumed_records_are_cleaned_up_so_the_queue_does_not_grow(
+def records_kept(tmp_path: Path) -> tuple[int, int]:
+    """(records in queue A's trees, of which waiting), as a new connection sees them."""
+    with open_queue(uri_for(tmp_path), "A") as queue:
+        kept = [record for _key, record in queue.fifo.items()]
+        return len(kept), sum(1 for record in kept if not record.done)
+
+
+def test_the_writer_sweeps_consumed_records_from_its_lane_as_it_appends(
     tmp_path: Path, db: ZODB.DB
 ) -> None:
+    """Consumed records go without a consumer writing the tree a serve appends to."""
+    db.close()
+    fill(tmp_path, 40)  # this process's lane
+    with open_queue(uri_for(tmp_path), "A") as queue:
+        assert consume(queue, lambda message: None).processed == 40
+    assert records_kept(tmp_path) == (40, 0)  # 40 claims: no consumer cleans up yet
+    fill(tmp_path, SWEEP_EVERY, start=40)  # one sweep among them
+    assert records_kept(tmp_path) == (SWEEP_EVERY, SWEEP_EVERY)
+    assert subjects_left(uri_for(tmp_path)) == [f"number {n}" for n in range(40, 56)]
+
+
+def test_a_writer_never_sweeps_a_message_a_consumer_holds(tmp_path: Path, db: ZODB.DB) -> None:
+    db = refilled(tmp_path, db, 20)
+    consumer, writer = Consumer(db), Consumer(db)
+
+    def append(start: int) -> None:
+        for number in range(start, start + SWEEP_EVERY):  # one sweep among them
+            writer.queue.add(message(number))
+            writer.manager.commit()
+
+    assert [consumer.pop() for _ in range(5)] == [f"number {n}" for n in range(5)]
+    append(20)  # the consumer's transaction is open: claimed, not consumed
+    consumer.manager.commit()
+    consumer.close()
+    writer.close()
+    db.close()
+    assert records_kept(tmp_path) == (20 + SWEEP_EVERY, 15 + SWEEP_EVERY)
+    db = open_db(uri_for(tmp_path))
+    writer = Consumer(db)
+    append(20 + SWEEP_EVERY)
+    writer.close()
+    db.close()
+    assert records_kept(tmp_path) == (15 + 2 * SWEEP_EVERY, 15 + 2 * SWEEP_EVERY)
+
+
+def test_consumers_remove_consumed_records_of_a_lane_nobody_appends_to(
+    tmp_path: Path, db: ZODB.DB, clock: list[float]
+) -> None:
+    """A serve gone (or idle): its lane does not keep what was consumed."""
     db.close()
     fill(tmp_path, 3 * CLEANUP_AT)
     with open_queue(uri_for(tmp_path), "A") as queue:
-        while queue:
-            queue.pop_next()
-            transaction.commit()
+        newest = max(key for key, _record in queue.fifo.items())
+    # Keys never go back, so they may run ahead of a clock an earlier test moved.
+    clock[0] = max(clock[0], key_time(newest)) + IDLE_LANE + 1
+    with open_queue(uri_for(tmp_path), "A") as queue:
+        assert consume(queue, lambda message: None).processed == 3 * CLEANUP_AT
         assert len(list(queue.fifo.items())) <= CLEANUP_AT  # consumed records do not pile up
         assert len(queue._claims) <= CLEANUP_AT
+
+
+def test_consumers_remove_consumed_records_a_busy_writer_has_not_swept(
+    tmp_path: Path, db: ZODB.DB, clock: list[float]
+) -> None:
+    """The lane is written to (its newest message is new), but its writer's sweeps fall
+    behind: past SWEEP_BEHIND claims, consumers remove records there too."""
+    db.close()
+    fill(tmp_path, SWEEP_BEHIND + CLEANUP_AT)
+    with open_queue(uri_for(tmp_path), "A") as queue:
+        assert consume(queue, lambda message: None).processed == SWEEP_BEHIND + CLEANUP_AT
+        assert len(list(queue.fifo.items())) <= SWEEP_BEHIND
+        assert len(queue._claims) <= SWEEP_BEHIND
 
 
 # --- blobs and inline bytes ----------------------------------------------------------------

@@ -50,13 +50,16 @@ CLAIM_LEASE = 3600.0
 # attempts and this many seconds (postoffice.retry) before it gives up.
 CLAIM_ATTEMPTS = 20
 CLAIM_PATIENCE = 30.0
-# Consumed records are removed once this many claims have piled up.  A
-# cleanup empties leaves at the head of the lanes serve appends to, which
-# changes their root as serve's splits do: fewer, larger cleanups make a
-# serve retry less (measured with 128: 3.9% of its commits on ZEO, 5.7% on
-# PostgreSQL; with 512: 0.1% and 0.7%), for pops that skip up to that many
-# consumed records at the head.
+# The claims of consumed records are removed once this many have piled up,
+# with the records no writer sweeps (postoffice.store.fifo).  In batches:
+# a cleanup that empties leaves of a lane a serve appends to changes the
+# node its splits change, and fewer, larger cleanups made a serve retry
+# less (with 128: 3.9% of its commits on ZEO; with 512: 0.1%).
 CLEANUP_AT = 8 * PRUNE_BATCH
+# Most consumed records are removed by the writer of their lane as it
+# appends (postoffice.store.fifo); once this many claims have piled up, its
+# sweeps fall behind the consumers, and a cleanup removes records of any lane.
+SWEEP_BEHIND = 4 * CLEANUP_AT
 # A consumer that pops quickly claims up to this many messages in one claim
 # commit, and pops the rest without another one (docs/consumers.md).
 CLAIM_AHEAD = 16
@@ -220,10 +223,13 @@ class Claimer:
     def _claim_some(
         self, fifo: Fifo, candidates: list[int], now: float, want: int, renew: set[int]
     ) -> list[int]:
-        if fifo.claim_count() >= CLEANUP_AT:
+        kept = fifo.claim_count()
+        if kept >= CLEANUP_AT:
             # In batches: deleting the head of a bucket conflicts with any
             # other change to that bucket (a writer appending to a short queue).
-            fifo.cleanup(self.holder, now, CLEANUP_AT, self.connection)
+            fifo.cleanup(
+                self.holder, now, CLEANUP_AT, self.connection, everywhere=kept >= SWEEP_BEHIND
+            )
         found: list[int] = []
         for key in candidates:
             if len(found) >= want and not renew.difference(found):

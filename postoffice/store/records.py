@@ -83,6 +83,11 @@ def new_key(now: float | None = None) -> int:
         return _last_key
 
 
+def key_time(key: int) -> float:
+    """The arrival time a FIFO key was made from, in seconds since the epoch."""
+    return (key >> 10) / 1_000_000
+
+
 _time_lock = threading.Lock()
 _last_time = -(1 << 62)
 
