@@ -13,7 +13,8 @@ Layout under ``zodb_path`` (``/postoffice`` by default)::
     Queue                                                (queue.py)
       _lanes:      LANES x MessageTree (LOBTree)  key -> MessageRecord
                              (FIFO by key across the lanes; a process appends
-                              to the lane of its key salt)
+                              to the lane of its key salt, and removes the
+                              consumed records at its head)
       _messages:   MessageTree, the one FIFO tree before lanes: read, consumed,
                              never appended to
       _length:     Length    messages waiting (not claimed by a consumer)
