@@ -211,23 +211,42 @@ def _fill(tmp_path: Path, uri: str) -> None:
 
 
 def start_consumers(
-    folder: Path, uri: str, outputs: list[Path], go: Path, done: Path | None = None
+    folder: Path,
+    uri: str,
+    outputs: list[Path],
+    go: Path,
+    done: Path | None = None,
+    script: str = CONSUMER,
+    extra: Callable[[int], list[str]] = lambda number: [],
 ) -> list[subprocess.Popen[bytes]]:
-    """CONSUMER in a process of its own for each output file; they start popping at ``go``."""
-    script = folder / "consumer.py"
-    script.write_text(CONSUMER)
+    """``script`` (CONSUMER) in a process of its own for each output file; they start
+    popping at ``go``.  ``extra(n)`` are more arguments for the n-th, from 1."""
+    path = folder / "consumer.py"
+    path.write_text(script)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    extra = [] if done is None else [str(done)]
+    last = [] if done is None else [str(done)]
     return [
         subprocess.Popen(
-            [sys.executable, str(script), uri, str(out), str(go), str(DEADLINE), *extra],
+            [sys.executable, str(path), uri, str(out), str(go), str(DEADLINE), *extra(n), *last],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env=env,
         )
-        for out in outputs
+        for n, out in enumerate(outputs, 1)
     ]
+
+
+def run_together(consumers: list[subprocess.Popen[bytes]], outputs: list[Path], go: Path) -> None:
+    """Once every consumer is connected and waiting, start them at once; wait for their end."""
+    with reaped(consumers):
+        wait_for(
+            lambda: all(Path(f"{out}.ready").exists() for out in outputs),
+            DEADLINE,
+            "both consumers connected",
+        )
+        go.touch()
+        finished(consumers, DEADLINE + 20)
 
 
 def test_two_consumer_processes_pop_every_message_exactly_once(
@@ -236,16 +255,7 @@ def test_two_consumer_processes_pop_every_message_exactly_once(
     _fill(tmp_path, zeo_uri)
     go = tmp_path / "go"
     outputs = [tmp_path / f"consumer-{n}.json" for n in (1, 2)]
-    consumers = start_consumers(tmp_path, zeo_uri, outputs, go)
-    with reaped(consumers):
-        # Both are connected and waiting: start them together.
-        wait_for(
-            lambda: all(Path(f"{out}.ready").exists() for out in outputs),
-            DEADLINE,
-            "both consumers connected",
-        )
-        go.touch()
-        finished(consumers, DEADLINE + 20)
+    run_together(start_consumers(tmp_path, zeo_uri, outputs, go), outputs, go)
 
     results = [json.loads(out.read_text()) for out in outputs]
     assert [r["errors"] for r in results] == [[], []]
@@ -321,37 +331,12 @@ def test_two_consumer_processes_running_consume_process_every_message_once(
         root = queue._p_jar.root()
         root["processed-1"], root["processed-2"] = PersistentList(), PersistentList()
         transaction.commit()
-    script = tmp_path / "consuming.py"
-    script.write_text(CONSUMING)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     go = tmp_path / "go"
     outputs = [tmp_path / f"consumer-{n}.json" for n in (1, 2)]
-    consumers = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                str(script),
-                zeo_uri,
-                str(out),
-                str(go),
-                str(DEADLINE),
-                f"processed-{n}",
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-        for n, out in enumerate(outputs, 1)
-    ]
-    with reaped(consumers):
-        wait_for(
-            lambda: all(Path(f"{out}.ready").exists() for out in outputs),
-            DEADLINE,
-            "both consumers connected",
-        )
-        go.touch()
-        finished(consumers, DEADLINE + 20)
+    consumers = start_consumers(
+        tmp_path, zeo_uri, outputs, go, script=CONSUMING, extra=lambda n: [f"processed-{n}"]
+    )
+    run_together(consumers, outputs, go)
 
     results = [json.loads(out.read_text()) for out in outputs]
     assert [r["errors"] for r in results] == [[], []]
