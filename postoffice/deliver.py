@@ -44,7 +44,14 @@ from postoffice.decide import (
 from postoffice.errors import StorageUnavailable
 from postoffice.message import ParsedMessage, added_headers, line_ending
 from postoffice.spool import Spooled
-from postoffice.store import FolderState, QueuesFolder, find_folder, reconcile, records
+from postoffice.store import (
+    FolderState,
+    QueuesFolder,
+    choose_lane,
+    find_folder,
+    reconcile,
+    records,
+)
 
 log = logging.getLogger("postoffice.deliver")
 
@@ -337,6 +344,13 @@ class Depot:
             folder, warnings = retry.committed(manager, create, COMMIT_ATTEMPTS, COMMIT_PATIENCE)
             if warm:
                 manager.begin()
+                lane, busy = choose_lane(folder, clock.now())
+                log.info(
+                    "appending to lane %d of %d (lanes written to in the last hour: %s)",
+                    lane,
+                    records.LANES,
+                    ", ".join(map(str, sorted(busy))) or "none",
+                )
                 queues = [queue for _name, queue in folder.items()]
                 budget = self.db().getCacheSize() // 2 // max(1, len(queues))
                 for queue in queues:

@@ -35,13 +35,16 @@ from postoffice.store import (
     CLAIM_LEASE,
     CLEANUP_AT,
     Queue,
+    choose_lane,
     claims,
     duplicates,
     find_folder,
     reconcile,
+    records,
 )
 from postoffice.store.claims import SWEEP_BEHIND
 from postoffice.store.fifo import IDLE_LANE, SWEEP_EVERY
+from postoffice.store.folder import LANE_IN_USE
 from postoffice.store.records import key_time
 from tests.helpers import message, settings_for, uri_for
 
@@ -741,6 +744,57 @@ def test_consumers_remove_consumed_records_a_busy_writer_has_not_swept(
         assert consume(queue, lambda message: None).processed == SWEEP_BEHIND + CLEANUP_AT
         assert len(list(queue.fifo.items())) <= SWEEP_BEHIND
         assert len(queue._claims) <= SWEEP_BEHIND
+
+
+@pytest.fixture
+def salt(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process's key salt, given back after the test (``choose_lane`` changes it)."""
+    monkeypatch.setattr(records, "_SALT", records._SALT)
+
+
+def chosen(tmp_path: Path, now: float) -> tuple[int, set[int]]:
+    with open_queue(uri_for(tmp_path), "A") as queue:
+        return choose_lane(find_folder(queue._p_jar.root(), "/postoffice"), now)
+
+
+def test_a_serve_starting_beside_another_appends_to_another_lane(
+    tmp_path: Path, db: ZODB.DB, salt: None
+) -> None:
+    db.close()
+    fill(tmp_path, 3)  # the other serve: this process's lane, just now
+    other = records.own_lane()
+    lane, busy = chosen(tmp_path, depot_clock.now())
+    assert busy == {other} and lane != other and records.own_lane() == lane
+    fill(tmp_path, 3, start=3)
+    with open_queue(uri_for(tmp_path), "A") as queue:
+        keys = [key for key, _record in queue.fifo.items()]
+    assert [records.lane_of(key) for key in keys] == [other] * 3 + [lane] * 3
+    assert subjects_left(uri_for(tmp_path)) == [f"number {n}" for n in range(6)]
+
+
+def test_when_every_lane_but_one_is_in_use_a_serve_takes_that_one(
+    tmp_path: Path, db: ZODB.DB, salt: None
+) -> None:
+    db.close()
+    for lane in range(records.LANES - 1):
+        records.use_lane(lane)
+        fill(tmp_path, 1, start=lane)
+    records.use_lane(0)
+    assert chosen(tmp_path, depot_clock.now()) == (
+        records.LANES - 1,
+        set(range(records.LANES - 1)),
+    )
+
+
+def test_a_lane_nobody_wrote_to_for_an_hour_is_free_again(
+    tmp_path: Path, db: ZODB.DB, salt: None, clock: list[float]
+) -> None:
+    db.close()
+    fill(tmp_path, 3)
+    with open_queue(uri_for(tmp_path), "A") as queue:
+        newest = max(key for key, _record in queue.fifo.items())
+    mine = records.own_lane()
+    assert chosen(tmp_path, max(clock[0], key_time(newest)) + LANE_IN_USE + 1) == (mine, set())
 
 
 # --- blobs and inline bytes ----------------------------------------------------------------

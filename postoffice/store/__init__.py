@@ -55,7 +55,14 @@ from postoffice.store.claims import (
     CLAIM_LEASE,
     CLEANUP_AT,
 )
-from postoffice.store.folder import FolderState, QueuesFolder, find_folder, reconcile, retired
+from postoffice.store.folder import (
+    FolderState,
+    QueuesFolder,
+    choose_lane,
+    find_folder,
+    reconcile,
+    retired,
+)
 from postoffice.store.queue import Queue
 from postoffice.store.records import (
     BLOB_THRESHOLD,
@@ -90,6 +97,7 @@ __all__ = [
     "Queue",
     "QueuesFolder",
     "StoredMessage",
+    "choose_lane",
     "find_folder",
     "new_key",
     "reconcile",

@@ -46,6 +46,7 @@ from postoffice.store.records import (
     PRUNE_BATCH,
     Ledger,
     LedgerTimes,
+    key_time,
     own_lane,
     time_key,
 )
@@ -75,6 +76,14 @@ class DuplicateLedger:
 
     def _own(self) -> Lane:
         return self._lanes[own_lane()] if self._lanes else self._legacy
+
+    def lanes_written_since(self, since: float) -> set[int]:
+        """The lanes in which a delivery was recorded at ``since`` or later."""
+        return {
+            number
+            for number, (_entries, times) in enumerate(self._lanes)
+            if times and key_time(times.maxKey()) >= since
+        }
 
     def has_delivered(self, message_id: str, recipient: str, since: float) -> bool:
         """Stored for this recipient at ``since`` or later (to the second), by any writer?"""

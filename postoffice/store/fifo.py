@@ -315,6 +315,14 @@ class Fifo:
         self._length.change(1)
         return True
 
+    def lanes_written_since(self, since: float) -> set[int]:
+        """The lanes whose newest message arrived at ``since`` or later."""
+        return {
+            number
+            for number, lane in enumerate(self._lanes)
+            if lane and key_time(lane.maxKey()) >= since
+        }
+
     def _unswept(self, tree: MessageTree, now: float, idle: dict[int, bool]) -> bool:
         """No writer sweeps this tree now: the tree of before lanes, or an idle lane."""
         if tree is self._messages:

@@ -19,6 +19,7 @@ reconciling its queues with the configuration, and the read-only view
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Iterator
 from typing import Any
 
@@ -31,7 +32,14 @@ from persistent.mapping import PersistentMapping
 from postoffice.decide import ThrottleView
 from postoffice.errors import ConfigError, NotFound
 from postoffice.store.queue import Queue
-from postoffice.store.records import PICKLED_MODULE, DeadLetter, new_key
+from postoffice.store.records import (
+    LANES,
+    PICKLED_MODULE,
+    DeadLetter,
+    new_key,
+    own_lane,
+    use_lane,
+)
 from postoffice.store.review import KeptArea
 
 log = logging.getLogger("postoffice.store")
@@ -199,6 +207,28 @@ def reconcile(folder: QueuesFolder, names: tuple[str, ...]) -> list[str]:
         if name not in names and not holds_mail(folder.queues[name]):
             del folder.queues[name]
     return warnings
+
+
+# A serve at its start appends to a lane no other process wrote to for this long.
+LANE_IN_USE = 3600.0
+
+
+def choose_lane(folder: QueuesFolder, now: float) -> tuple[int, set[int]]:
+    """Append to a lane no other process wrote to lately; (the lane, the lanes in use).
+
+    Two serves whose random key salts name the same lane (one chance in
+    ``LANES``) would write one tree again and retry as before lanes.  The
+    lanes of a serve that stopped within the hour count as in use too;
+    when every lane is, this process keeps its own.  Two serves starting
+    at the same moment may still pick one lane.  Read only.
+    """
+    busy: set[int] = set()
+    for _name, queue in folder.items():
+        busy |= queue.lanes_written_since(now - LANE_IN_USE)
+    quiet = [lane for lane in range(LANES) if lane not in busy]
+    if own_lane() in busy and quiet:
+        use_lane(random.choice(quiet))
+    return own_lane(), busy
 
 
 def holds_mail(queue: Queue) -> bool:

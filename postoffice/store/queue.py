@@ -136,6 +136,10 @@ class Queue(Persistent):
         self._ledger_lanes = new_ledger_lanes()
         return True
 
+    def lanes_written_since(self, since: float) -> set[int]:
+        """The lanes a process appended a message to, or recorded a delivery in, since then."""
+        return self.fifo.lanes_written_since(since) | self._duplicates.lanes_written_since(since)
+
     @property
     def _duplicates(self) -> DuplicateLedger:
         return DuplicateLedger(

@@ -66,6 +66,17 @@ def own_lane() -> int:
     return _SALT % LANES
 
 
+def use_lane(lane: int) -> None:
+    """Append to ``lane`` from now on: a new random salt that names it.
+
+    For ``serve`` at its start, before it writes anything (``choose_lane``),
+    so that it does not share a lane with another writer by the chance of
+    two random salts.
+    """
+    global _SALT
+    _SALT = random.SystemRandom().randrange(lane % LANES, 1024, LANES)
+
+
 _key_lock = threading.Lock()
 _last_key = 0
 
