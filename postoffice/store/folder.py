@@ -219,8 +219,8 @@ def choose_lane(folder: QueuesFolder, now: float) -> tuple[int, set[int]]:
     Two serves whose random key salts name the same lane (one chance in
     ``LANES``) would write one tree again and retry as before lanes.  The
     lanes of a serve that stopped within the hour count as in use too;
-    when every lane is, this process keeps its own.  Two serves starting
-    at the same moment may still pick one lane.  Read only.
+    when every lane is, this process keeps its own.  Two serves started
+    before either wrote anything may still pick one lane.  Read only.
     """
     busy: set[int] = set()
     for _name, queue in folder.items():
