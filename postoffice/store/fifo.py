@@ -357,7 +357,8 @@ class Fifo:
         claims, holders = self._claims, self._holders
         idle: dict[int, bool] = {}
         found: list[tuple[float, int, MessageTree | None]] = []
-        for until, key in itertools.islice(claims, limit * 4):
+        # A list: stale entries are removed from ``claims`` along the way.
+        for until, key in list(itertools.islice(claims, limit * 4)):
             if len(found) >= limit:
                 break
             claim = holders.get(key)
