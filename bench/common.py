@@ -22,8 +22,8 @@ MIB = 1024 * 1024
 # The consumer loops of the drain part, in pops a commit: postoffice.consume()
 # with per_commit=1, 10, and its default (postoffice.consumer.PER_COMMIT), the
 # loop docs/consumers.md recommends and the drain target is judged on.
-DRAIN_LOOPS = (1, 10, 50)
 RECOMMENDED_LOOP = 50
+DRAIN_LOOPS = (1, 10, RECOMMENDED_LOOP)
 
 # ``--keep``: leave the temporary folders for a look afterwards.
 KEEP = False

@@ -1,18 +1,20 @@
 """Retrying ZODB transactions that conflict, without letting anyone see the conflict.
 
-Conflicts come from other writers and consumers of the same queues: a
-consumer removing consumed records from the head of the tree a ``serve``
-appends to (each writer process appends to a lane of its own), a counter
-and a claim changed by two at once; two consumers reach for the same
-message.  Each retried conflict is logged at DEBUG with what ZODB says of
-it (the object's oid and class), for an administrator who wants to know
-which objects collide.  ``transaction``'s own ``attempts()`` retries at once and
-a fixed number of times, which is right for a rare conflict and wrong for a
-busy depot, where the same writers meet again on the next attempt.  Here a
-retry waits a random pause that doubles up to ``BACKOFF_MAX``, so that
-writers fall out of step, and gives up only after ``minimum`` attempts *and*
-``patience`` seconds: a busy depot makes a delivery wait (Postfix waits ten
-minutes for the reply after DATA), it does not make it fail.
+Conflicts come from other writers and consumers of the same queues: two
+consumers reach for the same message, a counter is changed by two at once,
+a consumer removes consumed records from a lane whose writer was idle just
+as it appends again (each writer process appends to a lane of its own, and
+removes what was consumed there itself).  Each retried conflict is logged
+at DEBUG with what ZODB says of it (the object's oid and class), for an
+administrator who wants to know which objects collide.
+
+``transaction``'s own ``attempts()`` retries at once and a fixed number of
+times, which is right for a rare conflict and wrong for a busy depot, where
+the same writers meet again on the next attempt.  Here a retry waits a
+random pause that doubles up to ``BACKOFF_MAX``, so that writers fall out
+of step, and gives up only after ``minimum`` attempts *and* ``patience``
+seconds: a busy depot makes a delivery wait (Postfix waits ten minutes for
+the reply after DATA), it does not make it fail.
 """
 
 from __future__ import annotations

@@ -46,9 +46,9 @@ from postoffice.store.records import (
     PRUNE_BATCH,
     Ledger,
     LedgerTimes,
-    key_time,
     own_lane,
     time_key,
+    written_since,
 )
 
 _ARRIVAL_MASK = (1 << 32) - 1
@@ -79,11 +79,7 @@ class DuplicateLedger:
 
     def lanes_written_since(self, since: float) -> set[int]:
         """The lanes in which a delivery was recorded at ``since`` or later."""
-        return {
-            number
-            for number, (_entries, times) in enumerate(self._lanes)
-            if times and key_time(times.maxKey()) >= since
-        }
+        return written_since((times for _entries, times in self._lanes), since)
 
     def has_delivered(self, message_id: str, recipient: str, since: float) -> bool:
         """Stored for this recipient at ``since`` or later (to the second), by any writer?"""

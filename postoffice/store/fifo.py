@@ -54,9 +54,10 @@ from postoffice.store.records import (
     PRUNE_BATCH,
     MessageRecord,
     MessageTree,
-    key_time,
     lane_of,
     new_key,
+    newest_time,
+    written_since,
 )
 
 # A writer sweeps its lane every SWEEP_EVERY appends (of this process),
@@ -317,18 +318,15 @@ class Fifo:
 
     def lanes_written_since(self, since: float) -> set[int]:
         """The lanes whose newest message arrived at ``since`` or later."""
-        return {
-            number
-            for number, lane in enumerate(self._lanes)
-            if lane and key_time(lane.maxKey()) >= since
-        }
+        return written_since(self._lanes, since)
 
     def _unswept(self, tree: MessageTree, now: float, idle: dict[int, bool]) -> bool:
         """No writer sweeps this tree now: the tree of before lanes, or an idle lane."""
         if tree is self._messages:
             return True
         if id(tree) not in idle:
-            idle[id(tree)] = not tree or key_time(tree.maxKey()) < now - IDLE_LANE
+            newest = newest_time(tree)
+            idle[id(tree)] = newest is None or newest < now - IDLE_LANE
         return idle[id(tree)]
 
     def claim_count(self) -> int:

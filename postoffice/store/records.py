@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import random
 import threading
+from collections.abc import Iterable
 from typing import Any
 
 from BTrees.LLBTree import LLBTree
@@ -97,6 +98,20 @@ def new_key(now: float | None = None) -> int:
 def key_time(key: int) -> float:
     """The arrival time a FIFO key was made from, in seconds since the epoch."""
     return (key >> 10) / 1_000_000
+
+
+def newest_time(tree: Any) -> float | None:
+    """The time of the newest key of a tree keyed by FIFO or time keys; None when empty."""
+    return key_time(tree.maxKey()) if tree else None
+
+
+def written_since(trees: Iterable[Any], since: float) -> set[int]:
+    """The numbers of the lanes (trees keyed by FIFO or time keys) written at ``since`` or later."""
+    return {
+        number
+        for number, tree in enumerate(trees)
+        if (newest := newest_time(tree)) is not None and newest >= since
+    }
 
 
 _time_lock = threading.Lock()
