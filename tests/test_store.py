@@ -733,6 +733,25 @@ def test_consumers_remove_consumed_records_of_a_lane_nobody_appends_to(
         assert len(queue._claims) <= CLEANUP_AT
 
 
+def test_a_cleanup_drops_stale_claim_index_entries_and_the_pop_goes_on(
+    tmp_path: Path, db: ZODB.DB
+) -> None:
+    """Index entries with no claim behind them are removed while the cleanup walks the index."""
+    db = refilled(tmp_path, db, 3)
+    consumer = Consumer(db)
+    for number in range(CLEANUP_AT):
+        consumer.queue._claims.add((float(number), -1 - number))  # no holder: stale
+    consumer.manager.commit()
+    assert consumer.pop() == "number 0"
+    consumer.manager.commit()
+    # All of them: walking the index while removing from it skipped every other one.
+    kept = [key for _until, key in consumer.queue._claims]
+    assert len(kept) == 1 and kept[0] > 0  # the claim of the message popped, no stale one
+    consumer.close()
+    db.close()
+    assert subjects_left(uri_for(tmp_path)) == ["number 1", "number 2"]
+
+
 def test_consumers_remove_consumed_records_a_busy_writer_has_not_swept(
     tmp_path: Path, db: ZODB.DB, clock: list[float]
 ) -> None:
