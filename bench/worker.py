@@ -3,7 +3,7 @@
 Each runs in a process of its own so that ``run.py`` can bound it with a
 timeout and never holds a FileStorage open while a server needs it.
 
-    python3 bench/worker.py prefill CONFIG COUNT [--batch N] [--tag TAG]
+    python3 bench/worker.py prefill CONFIG COUNT [--batch N] [--tag TAG] [--shared]
     python3 bench/worker.py count URI QUEUE
     python3 bench/worker.py consume URI QUEUE COUNT [--per-commit N]
     python3 bench/worker.py commit-floor URI COUNT
@@ -27,7 +27,7 @@ from ZODB.FileStorage import FileStorage
 from ZODB.utils import get_pickle_metadata
 
 import postoffice
-from postoffice import QueueEmpty, open_queue
+from postoffice import QueueEmpty, embedded, open_queue
 from postoffice.config import load
 from postoffice.deliver import Delivery, Depot
 
@@ -56,13 +56,23 @@ def message(number: int, tag: str, size: int = 1024) -> bytes:
     return head + BODY_LINE * max(1, size // len(BODY_LINE))
 
 
-def prefill(config_path: str, count: int, batch: int, tag: str) -> dict[str, object]:
+def prefill(
+    config_path: str, count: int, batch: int, tag: str, shared: bool = False
+) -> dict[str, object]:
     """Queue ``count`` messages through Depot.deliver_batch, as the server would store them.
 
     Every message goes through the rules and lands in the queue and in the
-    duplicate ledger, like mail that came in over LMTP.
+    duplicate ledger, like mail that came in over LMTP.  ``shared``: a
+    ``file://`` depot is opened as ``serve`` opens it by default, served by
+    ZEO's server in a thread and delivered into as its client (the CPU
+    figure is then the whole process's: both sides of the socket).
     """
-    depot = Depot(load(config_path))
+    settings = load(config_path)
+    with embedded.shared(settings.zodb_uri, share=shared) as served:
+        return _prefill(Depot(settings, db=served.db if served else None), count, batch, tag)
+
+
+def _prefill(depot: Depot, count: int, batch: int, tag: str) -> dict[str, object]:
     start = time.perf_counter()
     cpu = time.process_time()
     queued = 0
@@ -296,6 +306,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("count", type=int)
     p.add_argument("--batch", type=int, default=1000)
     p.add_argument("--tag", default="prefill.bench")
+    p.add_argument("--shared", action="store_true", help="through serve's ZEO server thread")
     c = sub.add_parser("count")
     c.add_argument("uri")
     c.add_argument("queue")
@@ -324,7 +335,7 @@ def main(argv: list[str]) -> int:
     f.add_argument("count", type=int)
     args = parser.parse_args(argv)
     if args.what == "prefill":
-        result = prefill(args.config, args.count, args.batch, args.tag)
+        result = prefill(args.config, args.count, args.batch, args.tag, args.shared)
     elif args.what == "inline-or-blob":
         result = inline_or_blob(args.config, args.size, args.count, args.batch)
     elif args.what == "anatomy":

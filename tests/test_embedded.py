@@ -166,6 +166,32 @@ def test_the_two_sides_conflict_as_two_connections_of_one_database_would(
     eventually(lambda: remote_value(shared) == 3, "serve's value to stand")
 
 
+def test_the_clients_speak_msgpack_and_a_conflict_still_names_its_object(
+    shared: Shared,
+) -> None:
+    """The server thread speaks ZEO's msgpack protocol; clients follow it unasked.
+
+    Under msgpack, ZEO rebuilds the exceptions it knows from their
+    attributes: a conflict must still be a ConflictError that says which
+    object (retry logs it), not ZEO's generic ServerException.
+    """
+    assert shared.db.storage.protocol_version[:1] == b"M"
+    assert shared.client.storage.protocol_version[:1] == b"M"
+
+    shared.remote_tm.begin()
+    box = shared.remote.root()["box"]
+    box.value  # noqa: B018 - read in the application's transaction
+    shared.local_tm.begin()
+    shared.local.root()["box"].value = 5
+    shared.local_tm.commit()
+    box.value = 6  # written from the state serve's commit replaced
+    with pytest.raises(ConflictError) as raised:
+        shared.remote_tm.commit()
+    shared.remote_tm.abort()
+    assert raised.value.oid == box._p_oid
+    assert raised.value.class_name.endswith("Box")
+
+
 def test_stop_closes_the_file_only_after_the_server_has_stopped_running(tmp_path: Path) -> None:
     """A consumer's vote still running in the server must not find Data.fs closed under it.
 
