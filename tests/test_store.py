@@ -17,7 +17,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -128,11 +128,31 @@ def test_queue_add_keeps_fifo_order_even_within_one_clock_tick(db: ZODB.DB) -> N
     consumer.close()
 
 
-def _append_concurrently(db: ZODB.DB, salts: tuple[int, int], rounds: int) -> int:
+def _deliver(queue: Queue, writer: int, round_number: int) -> None:
+    """Ten deliveries: appended to the queue, recorded in the ledger."""
+    for number in range(10):
+        now = time.time()
+        queue.store(message(round_number * 10 + number), now)
+        queue.record_delivery(f"<{writer}.{round_number}.{number}@x>", "r@a", now)
+
+
+def _count_arrivals(queue: Queue, writer: int, round_number: int) -> None:
+    """Ten arrivals of senders of their own counted, as ``ooo_loop_frequency`` counts them."""
+    for number in range(10):
+        sender = f"s{writer}.{round_number}.{number}@outside.example"
+        queue.record_arrival(sender, time.time(), window=60.0)
+
+
+def _write_concurrently(
+    db: ZODB.DB,
+    salts: tuple[int, int],
+    rounds: int,
+    work: Callable[[Queue, int, int], None] = _deliver,
+) -> int:
     """Two writers with the key salts of two processes, committing at once; conflicts met.
 
-    Each round both begin, each appends ten messages, then both commit:
-    the second commit meets whatever the first changed under it.
+    Each round both begin, each does ``work`` (ten deliveries), then both
+    commit: the second commit meets whatever the first changed under it.
     """
     managers = (transaction.TransactionManager(), transaction.TransactionManager())
     connections = [db.open(manager) for manager in managers]
@@ -145,10 +165,7 @@ def _append_concurrently(db: ZODB.DB, salts: tuple[int, int], rounds: int) -> in
                 queues.append(find_folder(connection.root(), "/postoffice")["A"])
             for writer, (salt, queue) in enumerate(zip(salts, queues, strict=True)):
                 store.records._SALT = salt  # this writer's process, as far as keys go
-                for number in range(10):
-                    now = time.time()
-                    queue.store(message(round_number * 10 + number), now)
-                    queue.record_delivery(f"<{writer}.{round_number}.{number}@x>", "r@a", now)
+                work(queue, writer, round_number)
             for manager in managers:
                 try:
                     manager.commit()
@@ -168,7 +185,7 @@ def test_writers_in_two_processes_append_to_one_queue_without_conflicts(
     monkeypatch.setattr(store.records, "_SALT", store.records._SALT)
     first, second = 3, 4  # two lanes
     assert store.records.lane_of(first) != store.records.lane_of(second)
-    assert _append_concurrently(db, (first, second), rounds=40) == 0
+    assert _write_concurrently(db, (first, second), rounds=40) == 0
     with open_queue(db, "A") as queue:
         assert len(queue) == 800
         # Each writer's deliveries are duplicates for the other (and anyone).
@@ -182,7 +199,69 @@ def test_writers_in_two_processes_append_to_one_queue_without_conflicts(
 
     # The same lane (salts 3 and 3 + LANES): the shared last leaf splits under both.
     same = (first, first + store.records.LANES)
-    assert _append_concurrently(db, same, rounds=40) > 0
+    assert _write_concurrently(db, same, rounds=40) > 0
+
+
+def test_writers_in_two_processes_count_sender_arrivals_without_conflicts(
+    db: ZODB.DB, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ooo_loop_frequency on, each delivery counts its sender: in the writer's own lane."""
+    monkeypatch.setattr(store.records, "_SALT", store.records._SALT)
+    first, second = 3, 4  # two lanes
+    assert _write_concurrently(db, (first, second), rounds=40, work=_count_arrivals) == 0
+    with open_queue(db, "A") as queue:
+        # Both writers' arrivals count, and a sender both count is counted once each.
+        for writer in (0, 1):
+            view = queue.throttle_view(f"s{writer}.39.9@outside.example", time.time(), 60.0)
+            assert view.arrivals_in_window == 1
+        queue.record_arrival("s0.39.9@outside.example", time.time(), window=60.0)
+        view = queue.throttle_view("s0.39.9@outside.example", time.time(), 60.0)
+        assert view.arrivals_in_window == 2
+
+    # The same lane (salts 3 and 3 + LANES): the shared newest leaf of the
+    # activity index splits under both.
+    same = (first, first + store.records.LANES)
+    assert _write_concurrently(db, same, rounds=40, work=_count_arrivals) > 0
+
+
+def test_a_sender_counted_by_two_processes_is_throttled_by_their_arrivals_together(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Arrivals from two lanes add up; a throttle set in one lane, lifted in another, ends."""
+    queue = Queue()
+    sender = "loop@outside.example"
+    monkeypatch.setattr(store.records, "_SALT", 3)
+    queue.record_arrival(sender, T, window=60.0)
+    store.records._SALT = 4
+    queue.record_arrival(sender, T + 1, window=60.0, throttle_until=T + 3600)
+    view = queue.throttle_view(sender, T + 2, 60.0)
+    assert (view.arrivals_in_window, view.last_arrival) == (2, T + 1)
+    assert view.throttled_until == T + 3600
+
+    store.records._SALT = 3  # the other process makes the throttle shorter
+    queue.throttle(sender, T + 60)
+    assert queue.throttle_view(sender, T + 2, 60.0).throttled_until == T + 60
+    assert not queue.is_throttled(sender, T + 61)
+    assert queue.clear_throttle(sender) == 1  # one key, forgotten in both lanes
+    assert queue.throttle_view(sender, T + 2, 60.0).arrivals_in_window == 0
+
+
+def test_a_gone_writers_sender_lane_is_pruned_by_the_arrivals_of_another(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(store.records, "_SALT", 3)
+    queue = Queue()
+    for number in range(100):
+        queue.record_arrival(f"old-{number}@outside.example", T, window=60.0)
+    gone = queue._sender_lanes[store.records.own_lane()]
+    assert len(gone[0]) == len(gone[1]) == 100
+
+    store.records._SALT = 4  # the next serve, in another lane
+    arrivals = 0
+    while len(gone[1]) and arrivals < 2000:  # each arrival prunes one other lane too
+        queue.record_arrival(f"new-{arrivals}@outside.example", T + 3600 + arrivals, window=60.0)
+        arrivals += 1
+    assert len(gone[0]) == len(gone[1]) == 0
 
 
 def test_a_gone_writers_ledger_lane_is_pruned_by_the_deliveries_of_another(
@@ -1139,7 +1218,9 @@ def test_throttle_methods_take_datetimes_and_timedeltas_and_store_only_numbers(
     assert queue.is_throttled(user, later)
     assert not queue.is_throttled(user, later + datetime.timedelta(hours=2))
     assert queue.is_throttled("new@outside.example", later.timestamp() - 1)
-    for arrivals, until in queue._senders.values():
+    entries = [e for senders, _ in queue._sender_lanes for e in senders.values()]
+    assert len(entries) == 2  # the user's key, and new@outside.example's
+    for arrivals, until in entries:
         assert all(type(t) is float for t in arrivals)
         assert until is None or type(until) is float
     with pytest.raises(TypeError):
@@ -1372,5 +1453,12 @@ def test_a_queue_an_earlier_version_let_a_datetime_throttle_into_takes_mail_agai
     finally:
         depot.close()
     with open_queue(uri_for(tmp_path), "A") as queue:
+        ((sender, _values, until_seen),) = queue.throttled_senders(time.time())
+        assert (sender, until_seen) == ("loop@outside.example", until.timestamp())
+        # The old entry is read as seconds where it is; a prune reads every
+        # lane's index, which heals the old one.
+        queue.prune_senders(0.0)
         assert all(type(when) is float for when, _key in queue._senders_by_time)
-        assert all(type(entry[1]) in (float, type(None)) for entry in queue._senders.values())
+        for senders, by_time in queue._sender_lanes:
+            assert all(type(when) is float for when, _key in by_time)
+            assert all(type(entry[1]) in (float, type(None)) for entry in senders.values())

@@ -120,7 +120,7 @@ def test_new_objects_keep_the_attributes_and_types_of_the_old_ones(old_depot: st
     with open_queue(old_depot, "A") as queue:
         folder = find_folder(queue._p_jar.root(), "/postoffice")
         # Lanes came later: a queue gets them at its first append, or as serve starts.
-        lanes = {"_lanes": tuple, "_ledger_lanes": tuple}
+        lanes = {"_lanes": tuple, "_ledger_lanes": tuple, "_sender_lanes": tuple}
         assert layout(store.Queue()) == {**layout(queue), **lanes}
         assert queue.upgrade() and not queue.upgrade()
         assert layout(store.Queue()) == layout(queue)
@@ -187,6 +187,14 @@ def test_serves_start_gives_the_old_queues_their_lanes_and_loses_nothing(
     """The migration: serve's start (its reconcile) upgrades each queue of the configuration."""
     with open_queue(old_depot, "A") as queue:
         assert getattr(queue, "_lanes", None) is None  # as the earlier release wrote it
+        assert getattr(queue, "_sender_lanes", None) is None
+        # Throttle state written before lanes: a throttle, and two arrivals.
+        queue.throttle("loop@outside.example", T + 3600)
+        for seconds in (0, 30):
+            queue.collect_frequency_data(stored_message(message(1)), now=T + seconds)
+        transaction.commit()
+        counted = queue.get_average_frequency("sender@outside.example", T + 60, 120)
+        assert counted >= 1.0  # 60 * 2 arrivals / 120 s, and the fixture's own
     depot = Depot(settings_for(tmp_path, zodb_uri=old_depot, queues={"A": "to_hostname: a"}))
     try:
         depot.prepare()
@@ -195,6 +203,13 @@ def test_serves_start_gives_the_old_queues_their_lanes_and_loses_nothing(
     with open_queue(old_depot, "A") as queue:
         assert len(queue._lanes) == store.records.LANES
         assert len(queue._ledger_lanes) == store.records.LANES
+        assert len(queue._sender_lanes) == store.records.LANES
+        # The old throttle state still counts, with what the lanes count since.
+        assert queue.is_throttled("loop@outside.example", T + 60)
+        queue.collect_frequency_data(stored_message(message(1)), now=T + 60)
+        sender = "sender@outside.example"
+        assert queue.get_average_frequency(sender, T + 60, 120) == pytest.approx(counted + 0.5)
+        assert sum(len(senders) for senders, _ in queue._sender_lanes) == 1
         assert [bytes(queue.pop_next()) for _ in range(len(queue))] == [
             message(n) for n in (1, 2, 3)
         ]

@@ -29,8 +29,12 @@ Layout under ``zodb_path`` (``/postoffice`` by default)::
                    LedgerTimes (LLBTree)  time key -> ledger key   (pruning)
       _ledger, _ledger_by_time: the one such pair before lanes: read, pruned
       _ledger_salt: bytes     the key of the ledger's hash   (duplicates.py)
-      _senders:    OOBTree   throttle key -> (arrivals tuple, throttled until)
-      _senders_by_time: OOTreeSet (last activity, key)         (throttle.py)
+      _sender_lanes: LANES x (OOBTree, OOTreeSet), written and read as the
+                   ledger's lanes:
+                   OOBTree   throttle key -> (arrivals tuple, throttled until)
+                   OOTreeSet (last activity, key)              (throttle.py)
+      _senders, _senders_by_time: the one such pair before lanes: read,
+                   pruned, written only to lift a throttle or forget a key
 
 The records, trees with small nodes and keys are in ``records.py``; the
 claimer that makes a consumer's pops exclusive across processes in

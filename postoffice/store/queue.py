@@ -73,6 +73,7 @@ from postoffice.store.throttle import (
     split_key,
     user_key,
 )
+from postoffice.store.throttle import new_lanes as new_sender_lanes
 
 log = logging.getLogger("postoffice.store")
 
@@ -112,8 +113,9 @@ class Queue(Persistent):
         self._ledger_by_time = LedgerTimes()
         self._ledger_lanes = new_ledger_lanes()
         self._ledger_salt = os.urandom(16)
-        self._senders = OOBTree()
+        self._senders = OOBTree()  # (with _senders_by_time) written before lanes; read, pruned
         self._senders_by_time = OOTreeSet()
+        self._sender_lanes = new_sender_lanes()
 
     # -- the parts -----------------------------------------------------------------
 
@@ -130,11 +132,15 @@ class Queue(Persistent):
         a writer before its first append, so that only the first write to
         an old queue writes the queue object itself.
         """
-        if getattr(self, "_lanes", None) is not None:
-            return False
-        self._lanes = new_lanes()
-        self._ledger_lanes = new_ledger_lanes()
-        return True
+        upgraded = False
+        if getattr(self, "_lanes", None) is None:
+            self._lanes = new_lanes()
+            self._ledger_lanes = new_ledger_lanes()
+            upgraded = True
+        if getattr(self, "_sender_lanes", None) is None:  # lanes came to the throttle later
+            self._sender_lanes = new_sender_lanes()
+            upgraded = True
+        return upgraded
 
     def lanes_written_since(self, since: float) -> set[int]:
         """The lanes a process appended a message to, or recorded a delivery in, since then."""
@@ -150,7 +156,10 @@ class Queue(Persistent):
 
     @property
     def _throttle(self) -> SenderThrottle:
-        return SenderThrottle(self._senders, self._senders_by_time)
+        return SenderThrottle(
+            (self._senders, self._senders_by_time),
+            getattr(self, "_sender_lanes", None),  # None: written before lanes
+        )
 
     @property
     def _quarantined(self) -> Quarantine:
