@@ -23,6 +23,8 @@ from pathlib import Path
 import pytest
 import transaction
 import ZODB
+from BTrees.Length import Length
+from BTrees.LOBTree import LOBTree
 from ZODB.POSException import ConflictError
 
 from postoffice import QueueEmpty, UnreadableMessage, consume, open_queue, store
@@ -35,6 +37,7 @@ from postoffice.store import (
     CLAIM_LEASE,
     CLEANUP_AT,
     Queue,
+    QueuesFolder,
     choose_lane,
     claims,
     duplicates,
@@ -128,16 +131,18 @@ def test_queue_add_keeps_fifo_order_even_within_one_clock_tick(db: ZODB.DB) -> N
     consumer.close()
 
 
-def _deliver(queue: Queue, writer: int, round_number: int) -> None:
+def _deliver(folder: QueuesFolder, writer: int, round_number: int) -> None:
     """Ten deliveries: appended to the queue, recorded in the ledger."""
+    queue = folder["A"]
     for number in range(10):
         now = time.time()
         queue.store(message(round_number * 10 + number), now)
         queue.record_delivery(f"<{writer}.{round_number}.{number}@x>", "r@a", now)
 
 
-def _count_arrivals(queue: Queue, writer: int, round_number: int) -> None:
+def _count_arrivals(folder: QueuesFolder, writer: int, round_number: int) -> None:
     """Ten arrivals of senders of their own counted, as ``ooo_loop_frequency`` counts them."""
+    queue = folder["A"]
     for number in range(10):
         sender = f"s{writer}.{round_number}.{number}@outside.example"
         queue.record_arrival(sender, time.time(), window=60.0)
@@ -147,7 +152,7 @@ def _write_concurrently(
     db: ZODB.DB,
     salts: tuple[int, int],
     rounds: int,
-    work: Callable[[Queue, int, int], None] = _deliver,
+    work: Callable[[QueuesFolder, int, int], None] = _deliver,
 ) -> int:
     """Two writers with the key salts of two processes, committing at once; conflicts met.
 
@@ -159,13 +164,13 @@ def _write_concurrently(
     conflicts = 0
     try:
         for round_number in range(rounds):
-            queues = []
+            folders = []
             for manager, connection in zip(managers, connections, strict=True):
                 manager.begin()
-                queues.append(find_folder(connection.root(), "/postoffice")["A"])
-            for writer, (salt, queue) in enumerate(zip(salts, queues, strict=True)):
+                folders.append(find_folder(connection.root(), "/postoffice"))
+            for writer, (salt, folder) in enumerate(zip(salts, folders, strict=True)):
                 store.records._SALT = salt  # this writer's process, as far as keys go
-                work(queue, writer, round_number)
+                work(folder, writer, round_number)
             for manager in managers:
                 try:
                     manager.commit()
@@ -262,6 +267,81 @@ def test_a_gone_writers_sender_lane_is_pruned_by_the_arrivals_of_another(
         queue.record_arrival(f"new-{arrivals}@outside.example", T + 3600 + arrivals, window=60.0)
         arrivals += 1
     assert len(gone[0]) == len(gone[1]) == 0
+
+
+def _keep_for_review(folder: QueuesFolder, writer: int, round_number: int) -> None:
+    """Ten refusals discarded and kept for review, as ``discard`` keeps them."""
+    area = folder.review_area(create=True)
+    assert area is not None
+    for number in range(10):
+        raw = message(round_number * 10 + number)
+        area.add(raw, "reject_filter", "A", "550 5.7.1 rejected", time.time(), keep=10_000)
+
+
+def test_writers_in_two_processes_keep_mail_for_review_without_conflicts(
+    db: ZODB.DB, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store.records, "_SALT", store.records._SALT)
+    with open_queue(db, "A") as queue:  # made as serve's start makes it
+        find_folder(queue._p_jar.root(), "/postoffice").review_area(create=True)
+        transaction.commit()
+    first, second = 3, 4  # two lanes
+    assert _write_concurrently(db, (first, second), rounds=40, work=_keep_for_review) == 0
+    same = (first, first + store.records.LANES)
+    conflicts = _write_concurrently(db, same, rounds=40, work=_keep_for_review)
+    assert conflicts > 0
+    with open_queue(db, "A") as queue:
+        area = find_folder(queue._p_jar.root(), "/postoffice").review_area()
+        assert area is not None
+        keys = [key for key, _record in area.items()]
+        # Every commit that held kept its ten, and nothing else is there.
+        assert len(keys) == area.count() == 10 * (80 + 80 - conflicts)
+        assert keys == sorted(keys)  # across the lanes, in arrival order
+
+
+def test_a_kept_area_holds_its_bound_over_every_lane_and_drops_a_gone_writers_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    folder = QueuesFolder()
+    area = folder.review_area(create=True)
+    assert area is not None
+    monkeypatch.setattr(store.records, "_SALT", 3)
+    gone = [area.add(message(n), "rule", "A", "550", T + n, keep=5)[0] for n in range(5)]
+
+    store.records._SALT = 4  # the next serve, in another lane
+    kept, dropped = zip(
+        *(area.add(message(n), "rule", "A", "550", T + 10 + n, keep=5) for n in range(3)),
+        strict=True,
+    )
+    assert dropped == (1, 1, 1) and area.count() == 5
+    assert [key for key, _ in area.items()] == [*gone[3:], *kept]  # the gone writer's oldest went
+    assert bytes(area.get(gone[4]).raw) == message(4)  # an id names its lane
+    assert bytes(area.remove(kept[0]).raw) == message(0)
+    assert kept[0] not in area and gone[4] in area
+
+    store.records._SALT = 3  # the first writer is back: both lanes are live now
+    area.add(message(9), "rule", "A", "550", T + 20, keep=5)
+    area.add(message(9), "rule", "A", "550", T + 21, keep=5)
+    assert area.count() == 5 and gone[3] not in area  # still the oldest first
+
+
+def test_a_review_area_written_before_lanes_is_read_emptied_and_dropped_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    folder = QueuesFolder()
+    folder.review = LOBTree()  # as a folder of the release before lanes has it
+    folder.review_count = Length()
+    old = folder.review_area()
+    assert old is not None
+    old_keys = [old.add(message(n), "rule", "A", "550", T + n, keep=5)[0] for n in range(3)]
+    assert getattr(folder, "review_lanes", None) is None and old.count() == 3
+
+    monkeypatch.setattr(store.records, "_SALT", 4)
+    area = folder.review_area(create=True)  # serve's start gives it lanes
+    assert area is not None and len(folder.review_lanes) == store.records.LANES
+    new_keys = [area.add(message(n), "rule", "A", "550", T + 10 + n, keep=4)[0] for n in range(2)]
+    assert [key for key, _ in area.items()] == [*old_keys[1:], *new_keys]
+    assert len(folder.review) == 2 and bytes(area.remove(old_keys[2]).raw) == message(2)
 
 
 def test_a_gone_writers_ledger_lane_is_pruned_by_the_deliveries_of_another(

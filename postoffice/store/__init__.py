@@ -5,10 +5,12 @@ Layout under ``zodb_path`` (``/postoffice`` by default)::
     QueuesFolder                                         (folder.py)
       queues: OOBTree  name -> Queue
       dead_letters: LOBTree  id -> DeadLetter   (mail we failed to decide)
-      review: LOBTree  id -> QuarantineRecord   (refusals discarded for review;
-      review_count: Length                        made at the first use; review.py)
-      recent: LOBTree  id -> QuarantineRecord   (the last deliveries, for replay;
-      recent_count: Length                        with replay_keep; review.py)
+      review_lanes: LANES x (LOBTree id -> QuarantineRecord, Length)
+                             (refusals discarded for review; made at the
+                              first use, a process adding to its own lane)
+      review, review_count: the one such pair before lanes: read, emptied
+      recent_lanes, recent, recent_count: the same, for the last deliveries
+                             (replay, with replay_keep; review.py)
 
     Queue                                                (queue.py)
       _lanes:      LANES x MessageTree (LOBTree)  key -> MessageRecord

@@ -6,10 +6,12 @@ Layout::
       queues: OOBTree  name -> Queue
       dead_letters: LOBTree  id -> DeadLetter   (mail we failed to decide)
       dead_letter_count: Length
-      review: LOBTree  id -> QuarantineRecord   (refusals discarded, review.py;
-      review_count: Length                        both made at the first use)
-      recent: LOBTree  id -> QuarantineRecord   (the last deliveries, kept for
-      recent_count: Length                        replay when replay_keep is set)
+      review_lanes: LANES x (LOBTree id -> QuarantineRecord, Length)
+                             (refusals discarded, review.py; made at the
+                              first use, a process adding to its own lane)
+      review, review_count: the one such pair before lanes: read, emptied
+      recent_lanes, recent, recent_count: the same, for the last deliveries
+                             kept for replay when replay_keep is set
 
 Also what the depot needs of it: finding (or creating) it under the root,
 reconciling its queues with the configuration, and the read-only view
@@ -41,6 +43,7 @@ from postoffice.store.records import (
     use_lane,
 )
 from postoffice.store.review import KeptArea
+from postoffice.store.review import new_lanes as new_kept_lanes
 
 log = logging.getLogger("postoffice.store")
 
@@ -118,14 +121,19 @@ class QueuesFolder(Persistent):
         return self._kept("recent", create)
 
     def _kept(self, name: str, create: bool) -> KeptArea | None:
+        """An area, made (or given its lanes) with ``create``; None when never made."""
         records = getattr(self, name, None)
+        lanes = getattr(self, f"{name}_lanes", None)
         if records is None:
             if not create:
                 return None
             records = LOBTree()
             setattr(self, name, records)
             setattr(self, f"{name}_count", Length())
-        return KeptArea(records, getattr(self, f"{name}_count"))
+        if lanes is None and create:  # new, or written before lanes
+            lanes = new_kept_lanes()
+            setattr(self, f"{name}_lanes", lanes)
+        return KeptArea((records, getattr(self, f"{name}_count")), lanes)
 
     def add_dead_letter(
         self,

@@ -50,6 +50,14 @@ class Quarantine:
     def count(self) -> int:
         return int(self._length())
 
+    def oldest(self) -> int | None:
+        """The id of the oldest record; None when there is none."""
+        return int(self._records.minKey()) if self._records else None
+
+    def newest(self) -> int | None:
+        """The id of the newest record; None when there is none."""
+        return int(self._records.maxKey()) if self._records else None
+
     def __contains__(self, key: object) -> bool:
         return key in self._records
 
