@@ -9,8 +9,23 @@ import pytest
 
 from postoffice import config
 from postoffice.lmtp import LmtpServer
+from postoffice.store import records
 from tests.helpers import write_lmtp_config
 from tests.integration.nobody import find_nobody_command
+
+
+@pytest.fixture(autouse=True)
+def keys_from_the_real_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test makes queue and ledger keys from its own clock, not from an earlier test's.
+
+    Keys only ever grow within a process (``records.new_key``): after a
+    test that moved the clock ahead, every key the test process made would
+    still be ahead of the real clock, and a message the next test queues
+    here would pop after one that a subprocess (``postoffice review
+    requeue``) queued later.
+    """
+    monkeypatch.setattr(records, "_last_key", 0)
+    monkeypatch.setattr(records, "_last_time", -(1 << 62))
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,6 @@ import email.parser
 import email.policy
 import hashlib
 import itertools
-import random
 from collections.abc import Sequence
 from email.message import Message
 
@@ -46,6 +45,7 @@ from postoffice.store.records import (
     PRUNE_BATCH,
     Ledger,
     LedgerTimes,
+    lanes_to_prune,
     own_lane,
     time_key,
     written_since,
@@ -103,18 +103,11 @@ class DuplicateLedger:
     def prune(self, before: float, limit: int = PRUNE_BATCH, everywhere: bool = True) -> int:
         """Forget up to ``limit`` entries recorded before ``before``: O(log n) each.
 
-        This process's lane first, which only it writes; then every other
-        lane, or (not ``everywhere``: at each delivery) one of them picked
-        at random, so that the entries of a process that is gone (another
-        serve's, the lane of before lanes) leave too, while two live
-        writers seldom prune the same lane.
+        Lane by lane, as ``records.lanes_to_prune`` orders them (not
+        ``everywhere``: at each delivery).
         """
-        own = self._own()
-        others = [lane for lane in self._all() if lane is not own]
-        if not everywhere and others:
-            others = [random.choice(others)]
         pruned = 0
-        for lane in (own, *others):
+        for lane in lanes_to_prune(self._own(), self._all(), everywhere):
             pruned += _prune_lane(lane, before, limit - pruned)
             if pruned >= limit:
                 break

@@ -17,8 +17,8 @@ from __future__ import annotations
 import os
 import random
 import threading
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import Any, TypeVar
 
 from BTrees.LLBTree import LLBTree
 from BTrees.LOBTree import LOBTree
@@ -76,6 +76,24 @@ def use_lane(lane: int) -> None:
     """
     global _SALT
     _SALT = random.SystemRandom().randrange(lane % LANES, 1024, LANES)
+
+
+LaneT = TypeVar("LaneT")
+
+
+def lanes_to_prune(own: LaneT, lanes: Sequence[LaneT], everywhere: bool) -> list[LaneT]:
+    """The lanes a prune looks at, in order: this process's own, then the others.
+
+    The own lane first, which only this process writes; then every other
+    lane, or (not ``everywhere``: at each delivery) one of them picked at
+    random, so that the entries of a process that is gone (another serve's,
+    the tree of before lanes) leave too, while two live writers seldom
+    prune the same lane.
+    """
+    others = [lane for lane in lanes if lane is not own]
+    if not everywhere and others:
+        others = [random.choice(others)]
+    return [own, *others]
 
 
 _key_lock = threading.Lock()

@@ -39,14 +39,13 @@ from __future__ import annotations
 
 import datetime
 import email.utils
-import random
 from collections.abc import Iterator, Mapping, Sequence
 from email.message import Message
 
 from BTrees.OOBTree import OOBTree, OOTreeSet
 
 from postoffice.decide import ThrottleView
-from postoffice.store.records import LANES, PRUNE_BATCH, own_lane
+from postoffice.store.records import LANES, PRUNE_BATCH, lanes_to_prune, own_lane
 
 _MAX_ARRIVALS = 1000
 # The window of the old API's frequency questions, which name none.
@@ -183,18 +182,11 @@ class SenderThrottle:
     def prune(self, before: float, limit: int = PRUNE_BATCH, everywhere: bool = True) -> int:
         """Drop up to ``limit`` sender keys with no arrival and no throttle after ``before``.
 
-        This process's lane first, which only it writes; then every other
-        lane, or (not ``everywhere``: at each arrival) one of them picked
-        at random, so that the keys of a process that is gone (another
-        serve's, the lane of before lanes) leave too, while two live
-        writers seldom prune the same lane.
+        Lane by lane, as ``records.lanes_to_prune`` orders them (not
+        ``everywhere``: at each arrival).
         """
-        own = self._own()
-        others = [lane for lane in self._all() if lane is not own]
-        if not everywhere and others:
-            others = [random.choice(others)]
         removed = 0
-        for lane in (own, *others):
+        for lane in lanes_to_prune(self._own(), self._all(), everywhere):
             if removed >= limit:
                 break
             try:
