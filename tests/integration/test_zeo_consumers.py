@@ -42,7 +42,15 @@ from persistent.list import PersistentList
 from postoffice import open_queue
 from postoffice.database import zeo_greet
 from postoffice.deliver import Delivery, Depot
-from tests.helpers import client, message, send, settings_for, wait_for, write_config
+from tests.helpers import (
+    client,
+    message,
+    run_postoffice,
+    send,
+    settings_for,
+    wait_for,
+    write_config,
+)
 from tests.integration.servers import (
     WAIT,
     PostgresCluster,
@@ -417,13 +425,29 @@ def shared_depot(
         yield cluster.socket_uri(database, keep_history="false"), []
 
 
+def _refused(number: int) -> bool:
+    """Refused by the reject filter, and kept for review instead (``discard``)."""
+    return number % 20 == 11
+
+
+def _served(number: int) -> bytes:
+    """From a sender of its own: the loop throttle counts it, and never throttles it."""
+    subject = f"refused {number}" if _refused(number) else None
+    return message(
+        number,
+        sender=f"Sender {number} <s{number}@outside.example>",
+        subject=subject or (f"poison {number}" if number in POISON else f"number {number}"),
+        body=f"Body of {number}.\n",
+    )
+
+
 def _send_load(sock: Path, first: int, count: int) -> list[str]:
     """``count`` messages over one LMTP session; the Message-Ids answered 250."""
     accepted = []
     lmtp = client(sock, timeout=WAIT)
     try:
         for number in range(first, first + count):
-            [(code, text)] = send(lmtp, ["rcpt@a.example"], _message(number))
+            [(code, text)] = send(lmtp, ["rcpt@a.example"], _served(number))
             assert code == 250, text
             accepted.append(f"<{number}@outside.example>")
     finally:
@@ -440,6 +464,11 @@ CLOSED_WHILE_SENDING = re.compile(
     r"(?:ConnectionResetError:\[Errno 104\]|BrokenPipeError:\[Errno 32\]) .*$",
     re.MULTILINE,
 )
+
+
+def _number(message_id: str) -> int:
+    """The number of a test message, from its Message-Id ``<number@outside.example>``."""
+    return int(message_id[1:].split("@")[0])
 
 
 def _stop_line(log: str) -> int:
@@ -459,9 +488,14 @@ def test_two_serves_and_two_consumers_pass_every_message_exactly_once(
     for number in range(1, SERVES + 1):
         folder = tmp_path / f"serve-{number}"
         folder.mkdir()
+        # Every delivery counts its sender (the loop throttle), one in
+        # twenty is refused and kept for review: both written by both serves.
         config = write_config(
             folder,
             zodb_uri=uri,
+            ooo_loop_frequency=60,
+            reject_filters=["header_regexp: Subject: refused .*"],
+            discard="reject_filters",
             lmtp={"listen": f"unix:{socket_path(folder, 'lmtp.sock')}"},
             queues={"A": "to_hostname: a.example"},
         )
@@ -493,10 +527,15 @@ def test_two_serves_and_two_consumers_pass_every_message_exactly_once(
     assert [r["errors"] for r in results] == [[], []]
     consumed = Counter(mid for r in results for mid in r["processed"] + r["quarantined"])
     assert len(accepted) == SERVES * SENDERS_PER_SERVE * PER_SENDER
-    assert set(consumed) == set(accepted)
+    refused = {mid for mid in accepted if _refused(_number(mid))}
+    assert set(consumed) == set(accepted) - refused
     assert max(consumed.values()) == 1
     quarantined = {mid for r in results for mid in r["quarantined"]}
-    assert quarantined == {mid for mid in accepted if int(mid[1:].split("@")[0]) in POISON}
+    assert quarantined == {mid for mid in accepted if _number(mid) in POISON}
+    listed = run_postoffice("-C", str(serves[0].config_path), "review", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    kept = Counter(row["message_id"] for row in json.loads(listed.stdout))
+    assert set(kept) == refused and max(kept.values()) == 1
 
     logs = {f"serve {n + 1}": serve.log() for n, serve in enumerate(serves)}
     logs |= {str(path.name): path.read_text(errors="replace") for path in server_logs}
