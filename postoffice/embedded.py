@@ -23,7 +23,8 @@ protocol (its ``msgpack`` option): every object stored and loaded crosses
 the socket, and msgpack packs those messages with less CPU than pickle.
 A client follows the protocol the server announces, so nothing is set on
 the clients' side, but each needs the ``msgpack`` package (a dependency of
-postoffice).
+postoffice).  ``serve``'s own client keeps no ZEO client cache
+(``OWN_CLIENT_CACHE_SIZE``): it would only copy what ``serve`` commits.
 
 What ``serve`` does with it::
 
@@ -63,6 +64,15 @@ TRANSACTION_TIMEOUT = 30.0
 # ZEO's protocol between the server thread and its clients: msgpack, not
 # pickle (measured in docs/performance.md, "The default path pays for ZEO").
 MSGPACK = True
+# The ZEO client cache of serve's own client, in bytes: none.  A client
+# writes every object it commits into its cache file, but what serve
+# wrote is in its connection's object cache already, and what it must load
+# again is mostly what others changed, which the cache has dropped anyway.
+# What it evicts from its object cache (a ledger bigger than that) is then
+# a load from the server thread instead of from the cache file: with
+# 100,000 messages queued and ledgered it delivered no slower.  (ZEO caches
+# no object bigger than its whole cache, so a cache of 0 bytes holds none.)
+OWN_CLIENT_CACHE_SIZE = 0
 
 
 # --- the server's log -------------------------------------------------------------
@@ -198,8 +208,9 @@ class SharedDepot:
                 raise EmbeddedZeoError(self._why(exc)) from None
             self._server = self._serve(storage)  # which closes the storage if it fails
             try:
-                client, dbkw = open_storage(self.client_uri, make_dirs=False)
-                self._db = db_for(client, dbkw, self.client_uri)
+                own = _own_client_uri(self.client_uri)
+                client, dbkw = open_storage(own, make_dirs=False)
+                self._db = db_for(client, dbkw, own)
             except BaseException:
                 self._shut()
                 raise
@@ -278,6 +289,12 @@ class SharedDepot:
         """Only our own socket: another serve may have started on the path since."""
         sockets.remove_if_ours(self.socket_path, self._socket_id)
         self._socket_id = None
+
+
+def _own_client_uri(uri: str) -> str:
+    """The URI serve's own client opens: the consumers' URI, without the ZEO client cache."""
+    joiner = "&" if "?" in uri else "?"
+    return f"{uri}{joiner}cache_size={OWN_CLIENT_CACHE_SIZE}"
 
 
 def _storage_server_class() -> type:

@@ -192,6 +192,27 @@ def test_the_clients_speak_msgpack_and_a_conflict_still_names_its_object(
     assert raised.value.class_name.endswith("Box")
 
 
+def test_serves_own_client_keeps_no_copy_of_what_it_commits(shared: Shared) -> None:
+    """serve's client has no ZEO client cache; an application's keeps what it loads.
+
+    (``ClientStorage._cache`` is ZEO's, private: the count of objects in
+    the client's cache file.)
+    """
+    for value in range(5):
+        shared.local_tm.begin()
+        shared.local.root()[f"box {value}"] = Box(value)
+        shared.local_tm.commit()
+    assert len(shared.db.storage._cache) == 0
+
+    def seen() -> bool:
+        shared.remote_tm.begin()
+        return "box 4" in shared.remote.root()
+
+    eventually(seen, "the application to see serve's last commit")
+    assert shared.remote.root()["box 4"].value == 4
+    assert len(shared.client.storage._cache) > 0
+
+
 def test_stop_closes_the_file_only_after_the_server_has_stopped_running(tmp_path: Path) -> None:
     """A consumer's vote still running in the server must not find Data.fs closed under it.
 
