@@ -43,10 +43,9 @@ from postoffice.decide import DUPLICATE_WINDOW
 from postoffice.store.records import (
     LANES,
     PRUNE_BATCH,
+    Laned,
     Ledger,
     LedgerTimes,
-    lanes_to_prune,
-    own_lane,
     time_key,
     written_since,
 )
@@ -66,25 +65,18 @@ class DuplicateLedger:
     """The ledger of one queue, over the queue's own trees and salt."""
 
     def __init__(self, legacy: Lane, lanes: Sequence[Lane] | None, salt: bytes) -> None:
-        self._legacy = legacy
-        # None: a queue written before lanes, until its upgrade.
-        self._lanes: Sequence[Lane] = lanes or ()
+        # lanes None: a queue written before lanes, until its upgrade.
+        self._parts = Laned(legacy, lanes)
         self._salt = salt
-
-    def _all(self) -> tuple[Lane, ...]:
-        return (self._legacy, *self._lanes)
-
-    def _own(self) -> Lane:
-        return self._lanes[own_lane()] if self._lanes else self._legacy
 
     def lanes_written_since(self, since: float) -> set[int]:
         """The lanes in which a delivery was recorded at ``since`` or later."""
-        return written_since((times for _entries, times in self._lanes), since)
+        return written_since((times for _entries, times in self._parts.lanes), since)
 
     def has_delivered(self, message_id: str, recipient: str, since: float) -> bool:
         """Stored for this recipient at ``since`` or later (to the second), by any writer?"""
         key, check = _ledger_hash(self._salt, message_id, recipient)
-        for entries, _times in self._all():
+        for entries, _times in self._parts.all():
             value = entries.get(key)
             if value is not None and value >> 32 == check and value & _ARRIVAL_MASK >= int(since):
                 return True
@@ -93,7 +85,7 @@ class DuplicateLedger:
     def record(self, message_id: str, recipient: str, now: float) -> None:
         """Remember the pair as stored at ``now``; forget a few that left the window."""
         key, check = _ledger_hash(self._salt, message_id, recipient)
-        entries, times = self._own()
+        entries, times = self._parts.own()
         entries[key] = check << 32 | _seconds(now)
         when = time_key(now)
         while not times.insert(when, key):
@@ -103,11 +95,11 @@ class DuplicateLedger:
     def prune(self, before: float, limit: int = PRUNE_BATCH, everywhere: bool = True) -> int:
         """Forget up to ``limit`` entries recorded before ``before``: O(log n) each.
 
-        Lane by lane, as ``records.lanes_to_prune`` orders them (not
+        Lane by lane, as ``Laned.to_prune`` orders them (not
         ``everywhere``: at each delivery).
         """
         pruned = 0
-        for lane in lanes_to_prune(self._own(), self._all(), everywhere):
+        for lane in self._parts.to_prune(everywhere):
             pruned += _prune_lane(lane, before, limit - pruned)
             if pruned >= limit:
                 break
@@ -116,7 +108,7 @@ class DuplicateLedger:
     def warm_up(self, budget: int) -> int:
         """Load up to ``budget`` leaves into the cache, lane by lane; how many it loaded."""
         loaded = 0
-        for entries, _times in self._all():
+        for entries, _times in self._parts.all():
             with contextlib.suppress(AttributeError):  # an empty tree has no first leaf
                 leaf = entries._firstbucket
                 while leaf is not None and loaded < budget:
@@ -127,11 +119,11 @@ class DuplicateLedger:
 
     def size(self) -> int:
         """How many entries (walks every leaf: for tests and tools, not deliveries)."""
-        return sum(len(entries) for entries, _times in self._all())
+        return sum(len(entries) for entries, _times in self._parts.all())
 
     def time_entries(self) -> int:
         """How many time index entries (walks every leaf: for tests and tools)."""
-        return sum(len(times) for _entries, times in self._all())
+        return sum(len(times) for _entries, times in self._parts.all())
 
 
 def _prune_lane(lane: Lane, before: float, limit: int) -> int:

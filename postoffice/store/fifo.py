@@ -52,9 +52,9 @@ from postoffice.errors import QueueEmpty
 from postoffice.store.records import (
     LANES,
     PRUNE_BATCH,
+    Laned,
     MessageRecord,
     MessageTree,
-    lane_of,
     new_key,
     newest_time,
     written_since,
@@ -91,31 +91,18 @@ class Fifo:
         holders: LOBTree,
         claims: OOTreeSet,
     ) -> None:
-        # None: a queue written before lanes, read as it is until its upgrade.
-        self._lanes: Sequence[MessageTree] = lanes or ()
-        self._messages = messages
+        # lanes None: a queue written before lanes, read as it is until its upgrade.
+        self._trees = Laned(messages, lanes)
         self._length = length
         self._holders = holders
         self._claims = claims
 
     # -- the trees -----------------------------------------------------------------
 
-    def _tree_of(self, key: int) -> MessageTree | None:
-        """The tree holding ``key``: its lane, or the tree of before lanes; None if neither."""
-        lane = self._lane(key)
-        if lane is not None and key in lane:
-            return lane
-        if key in self._messages:
-            return self._messages
-        return None
-
-    def _lane(self, key: int) -> MessageTree | None:
-        return self._lanes[lane_of(key)] if self._lanes else None
-
     def items(self) -> Iterator[tuple[int, MessageRecord]]:
         """(key, record) of every record, in key (arrival) order, across the trees."""
         # The truth of a tree is O(1); empty lanes cost no iterator.
-        trees = [tree for tree in (self._messages, *self._lanes) if tree]
+        trees = [tree for tree in self._trees.all() if tree]
         if len(trees) == 1:
             return iter(trees[0].items())
         return heapq.merge(*(tree.items() for tree in trees), key=_first)
@@ -125,7 +112,7 @@ class Fifo:
     def append(self, raw: bytes | Blob, now: float, use_blob: bool) -> tuple[int, MessageRecord]:
         """A new waiting message at the tail of this process's lane; its key and record."""
         key = new_key(now)
-        lane = self._lane(key)
+        lane = self._trees.of_key(key)
         if lane is None:
             raise RuntimeError("a queue written before lanes is upgraded before it is appended to")
         record = MessageRecord(raw, now, use_blob)
@@ -162,10 +149,10 @@ class Fifo:
         return removed
 
     def record(self, key: int) -> MessageRecord | None:
-        lane = self._lane(key)
+        lane = self._trees.of_key(key)
         record: MessageRecord | None = None if lane is None else lane.get(key)
         if record is None:
-            record = self._messages.get(key)
+            record = self._trees.legacy.get(key)
         return record
 
     def holder_of(self, key: int) -> tuple[float, str] | None:
@@ -261,7 +248,7 @@ class Fifo:
         self._length.change(-1)
 
     def _remove(self, key: int) -> None:
-        tree = self._tree_of(key)
+        tree = self._trees.holding(key)
         if tree is None:
             raise KeyError(key)
         del tree[key]
@@ -318,11 +305,11 @@ class Fifo:
 
     def lanes_written_since(self, since: float) -> set[int]:
         """The lanes whose newest message arrived at ``since`` or later."""
-        return written_since(self._lanes, since)
+        return written_since(self._trees.lanes, since)
 
     def _unswept(self, tree: MessageTree, now: float, idle: dict[int, bool]) -> bool:
         """No writer sweeps this tree now: the tree of before lanes, or an idle lane."""
-        if tree is self._messages:
+        if tree is self._trees.legacy:
             return True
         if id(tree) not in idle:
             newest = newest_time(tree)
@@ -365,7 +352,7 @@ class Fifo:
                 continue
             if claim[1] != holder and until > now:
                 continue
-            tree = self._tree_of(key)
+            tree = self._trees.holding(key)
             if tree is not None and not (everywhere or self._unswept(tree, now, idle)):
                 continue  # its lane's writer sweeps it
             found.append((until, key, tree))

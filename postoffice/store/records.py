@@ -17,8 +17,8 @@ from __future__ import annotations
 import os
 import random
 import threading
-from collections.abc import Iterable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Container, Iterable, Sequence
+from typing import Any, Generic, TypeVar
 
 from BTrees.LLBTree import LLBTree
 from BTrees.LOBTree import LOBTree
@@ -79,21 +79,56 @@ def use_lane(lane: int) -> None:
 
 
 LaneT = TypeVar("LaneT")
+# Lanes that are trees keyed by FIFO keys (or a view of such a tree).
+KeyedT = TypeVar("KeyedT", bound=Container[Any])
 
 
-def lanes_to_prune(own: LaneT, lanes: Sequence[LaneT], everywhere: bool) -> list[LaneT]:
-    """The lanes a prune looks at, in order: this process's own, then the others.
+class Laned(Generic[LaneT]):
+    """The lanes of one part of the state, with its one tree (or pair) of before lanes.
 
-    The own lane first, which only this process writes; then every other
-    lane, or (not ``everywhere``: at each delivery) one of them picked at
-    random, so that the entries of a process that is gone (another serve's,
-    the tree of before lanes) leave too, while two live writers seldom
-    prune the same lane.
+    Each process writes to its own lane (``own_lane``), so that two writers
+    in different processes never write the same tree; a question reads
+    ``all()``, the tree of before lanes first.  No lanes (a queue or area
+    written before them, until its upgrade): the tree of before lanes is
+    the own one too.
     """
-    others = [lane for lane in lanes if lane is not own]
-    if not everywhere and others:
-        others = [random.choice(others)]
-    return [own, *others]
+
+    def __init__(self, legacy: LaneT, lanes: Sequence[LaneT] | None) -> None:
+        self.legacy = legacy
+        self.lanes: Sequence[LaneT] = lanes or ()
+
+    def all(self) -> tuple[LaneT, ...]:
+        return (self.legacy, *self.lanes)
+
+    def own(self) -> LaneT:
+        """The lane this process writes to."""
+        return self.lanes[own_lane()] if self.lanes else self.legacy
+
+    def of_key(self, key: int) -> LaneT | None:
+        """The lane whose writer made ``key`` (its salt bits); None without lanes."""
+        return self.lanes[lane_of(key)] if self.lanes else None
+
+    def holding(self: Laned[KeyedT], key: int) -> KeyedT | None:
+        """The tree that holds ``key``: its lane, or the tree of before lanes; None if neither."""
+        lane = self.of_key(key)
+        if lane is not None and key in lane:
+            return lane
+        return self.legacy if key in self.legacy else None
+
+    def to_prune(self, everywhere: bool) -> list[LaneT]:
+        """The lanes a prune looks at, in order: this process's own, then the others.
+
+        The own lane first, which only this process writes; then every
+        other lane, or (not ``everywhere``: at each delivery) one of them
+        picked at random, so that the entries of a process that is gone
+        (another serve's, the tree of before lanes) leave too, while two
+        live writers seldom prune the same lane.
+        """
+        own = self.own()
+        others = [lane for lane in self.all() if lane is not own]
+        if not everywhere and others:
+            others = [random.choice(others)]
+        return [own, *others]
 
 
 _key_lock = threading.Lock()

@@ -49,7 +49,7 @@ from BTrees.LOBTree import LOBTree
 from ZODB.blob import Blob
 
 from postoffice.store.quarantine import Quarantine
-from postoffice.store.records import LANES, QuarantineRecord, lane_of, own_lane
+from postoffice.store.records import LANES, Laned, QuarantineRecord
 
 # One lane of an area: its records and their count.
 Lane = tuple[LOBTree, Length]
@@ -64,15 +64,8 @@ class KeptArea:
     """Messages kept aside, over the folder's trees and counters (bounded, oldest dropped)."""
 
     def __init__(self, legacy: Lane, lanes: Sequence[Lane] | None) -> None:
-        self._legacy = Quarantine(*legacy)
-        # None: an area written before lanes, until serve's start gives it them.
-        self._lanes = [Quarantine(*lane) for lane in lanes or ()]
-
-    def _all(self) -> list[Quarantine]:
-        return [self._legacy, *self._lanes]
-
-    def _own(self) -> Quarantine:
-        return self._lanes[own_lane()] if self._lanes else self._legacy
+        # lanes None: an area written before lanes, until serve's start gives it them.
+        self._parts = Laned(Quarantine(*legacy), [Quarantine(*lane) for lane in lanes or ()])
 
     def add(
         self,
@@ -91,7 +84,7 @@ class KeptArea:
             record = QuarantineRecord(raw, refusal, now)
         record.rule = rule
         record.queue = queue
-        own = self._own()
+        own = self._parts.own()
         key = own.add(record, None, now)
         dropped = 0
         excess = self.count() - max(1, keep)
@@ -117,7 +110,7 @@ class KeptArea:
         assert mine is not None  # the own lane holds the record just kept
         older = [
             (first, lane)
-            for lane in self._all()
+            for lane in self._parts.all()
             if lane is not own
             and (last := lane.newest()) is not None
             and last < mine
@@ -130,17 +123,14 @@ class KeptArea:
 
     def items(self) -> Iterator[tuple[int, QuarantineRecord]]:
         """(id, record), oldest first, across the lanes."""
-        return heapq.merge(*(lane.items() for lane in self._all()), key=lambda item: item[0])
+        return heapq.merge(*(lane.items() for lane in self._parts.all()), key=lambda item: item[0])
 
     def _holding(self, key: int) -> Quarantine:
-        """The lane that holds an id (its own lane, by its low bits); KeyError if none does."""
-        lanes = self._all()
-        if self._lanes:
-            lanes.insert(0, self._lanes[lane_of(int(key))])
-        for lane in lanes:
-            if key in lane:
-                return lane
-        raise KeyError(key)
+        """The lane that holds an id (its writer's, by its low bits); KeyError if none does."""
+        lane = self._parts.holding(int(key))
+        if lane is None:
+            raise KeyError(key)
+        return lane
 
     def get(self, key: int) -> QuarantineRecord:
         """The record of an id; KeyError when there is none."""
@@ -150,7 +140,7 @@ class KeptArea:
         return self._holding(key).remove(key)
 
     def count(self) -> int:
-        return sum(lane.count() for lane in self._all())
+        return sum(lane.count() for lane in self._parts.all())
 
     def __contains__(self, key: object) -> bool:
         try:

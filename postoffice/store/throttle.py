@@ -45,7 +45,7 @@ from email.message import Message
 from BTrees.OOBTree import OOBTree, OOTreeSet
 
 from postoffice.decide import ThrottleView
-from postoffice.store.records import LANES, PRUNE_BATCH, lanes_to_prune, own_lane
+from postoffice.store.records import LANES, PRUNE_BATCH, Laned
 
 _MAX_ARRIVALS = 1000
 # The window of the old API's frequency questions, which name none.
@@ -65,21 +65,14 @@ class SenderThrottle:
     """The throttle state of one queue, over the queue's own trees."""
 
     def __init__(self, legacy: Lane, lanes: Sequence[Lane] | None) -> None:
-        self._legacy = legacy
-        # None: a queue written before lanes, until its upgrade.
-        self._lanes: Sequence[Lane] = lanes or ()
-
-    def _all(self) -> tuple[Lane, ...]:
-        return (self._legacy, *self._lanes)
-
-    def _own(self) -> Lane:
-        return self._lanes[own_lane()] if self._lanes else self._legacy
+        # lanes None: a queue written before lanes, until its upgrade.
+        self._parts = Laned(legacy, lanes)
 
     def _entry(self, key: str) -> Entry:
         """A key's arrivals in every lane (in time order) and its latest throttle."""
         arrivals: list[float] = []
         until: float | None = None
-        for lane in self._all():
+        for lane in self._parts.all():
             found = _lane_entry(lane, key)
             if found is None:
                 continue
@@ -111,7 +104,7 @@ class SenderThrottle:
         """
         wanted = sorted(values or ())
         found: set[str] = set()
-        for senders, _by_time in self._all():
+        for senders, _by_time in self._parts.all():
             for key in senders.keys(min=user):
                 if key != user and not key.startswith(user + _SEP):
                     break
@@ -126,7 +119,7 @@ class SenderThrottle:
         For ``postoffice throttles list``: an administrator's look, not the
         delivery path, so a walk over the trees is fine.
         """
-        keys = sorted({key for senders, _by_time in self._all() for key in senders})
+        keys = sorted({key for senders, _by_time in self._parts.all() for key in senders})
         for key in keys:
             _arrivals, until = self._entry(key)
             if until is not None and until > now:
@@ -139,7 +132,7 @@ class SenderThrottle:
         cleared would be counted with the burst that throttled it.
         """
         forgotten = False
-        for lane in self._all():
+        for lane in self._parts.all():
             found = _lane_entry(lane, key)
             if found is None:
                 continue
@@ -154,7 +147,7 @@ class SenderThrottle:
         """Count an arrival of this sender key in this process's lane, as far as the window asks."""
         now = seconds(now)
         throttle_until = None if throttle_until is None else seconds(throttle_until)
-        own = self._own()
+        own = self._parts.own()
         arrivals, until = _lane_entry(own, key) or ((), None)
         previous_activity = _activity(arrivals, until)
         kept = (*tuple(t for t in arrivals if t > now - window)[-_MAX_ARRIVALS:], now)
@@ -170,8 +163,8 @@ class SenderThrottle:
         (the latest of the lanes' would hold otherwise).
         """
         until = seconds(until)
-        own = self._own()
-        for lane in self._all():
+        own = self._parts.own()
+        for lane in self._parts.all():
             found = _lane_entry(lane, key)
             if lane is own:
                 arrivals, old_until = found or ((), None)
@@ -182,11 +175,11 @@ class SenderThrottle:
     def prune(self, before: float, limit: int = PRUNE_BATCH, everywhere: bool = True) -> int:
         """Drop up to ``limit`` sender keys with no arrival and no throttle after ``before``.
 
-        Lane by lane, as ``records.lanes_to_prune`` orders them (not
+        Lane by lane, as ``Laned.to_prune`` orders them (not
         ``everywhere``: at each arrival).
         """
         removed = 0
-        for lane in lanes_to_prune(self._own(), self._all(), everywhere):
+        for lane in self._parts.to_prune(everywhere):
             if removed >= limit:
                 break
             try:
