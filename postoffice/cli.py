@@ -15,6 +15,8 @@ import json
 import logging
 import mailbox
 import os
+import signal
+import stat
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -185,16 +187,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.to_stderr(args.verbose)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
-        return func(args)
+        status = func(args)
+        sys.stdout.flush()  # a reader that went away shows here, not at the interpreter's exit
+        return status
     except PostofficeError as exc:
         return _fail(exit_code(exc), str(exc))
     except KeyError as exc:
         return _fail(os.EX_DATAERR, str(exc.args[0]) if exc.args else "not found")
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError as exc:
+        if _stdout_is_a_pipe():
+            return _reader_gone()
+        log.debug("unexpected error", exc_info=True)
+        return _fail(os.EX_TEMPFAIL, f"unexpected error: {type(exc).__name__}: {exc}")
     except Exception as exc:  # a bug of ours: the log gets the traceback, the user one line
         log.debug("unexpected error", exc_info=True)
         return _fail(os.EX_TEMPFAIL, f"unexpected error: {type(exc).__name__}: {exc}")
+
+
+def _stdout_is_a_pipe() -> bool:
+    try:
+        return stat.S_ISFIFO(os.fstat(sys.stdout.fileno()).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
+def _reader_gone() -> int:
+    """``postoffice queues | head``: the reader closed the pipe; stop quietly, as ``ls`` does.
+
+    The rest of the output goes nowhere (Python's documented way: else it
+    fails again when the interpreter flushes stdout at exit), and the
+    status is a shell's for a command a SIGPIPE ended.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + signal.SIGPIPE
 
 
 def _fail(code: int, message: str) -> int:

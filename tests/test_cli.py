@@ -6,6 +6,7 @@ import json
 import logging
 import mailbox
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -116,6 +117,25 @@ def test_unreachable_database_is_one_line_exit_75(tmp_path: Path) -> None:
     assert result.returncode == 75
     assert len(result.stderr.strip().splitlines()) == 1
     assert "Traceback" not in result.stderr
+
+
+def test_a_listing_piped_into_a_reader_that_went_away_ends_quietly(cfg: Path) -> None:
+    """``postoffice queues | head -1``: no "unexpected error", the status of a SIGPIPE."""
+    served(cfg)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has gone before anything is written
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "postoffice.cli", "-C", str(cfg), "queues"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert (result.returncode, result.stderr) == (128 + signal.SIGPIPE, "")
 
 
 def test_queues_lists_depth_and_quarantine(cfg: Path) -> None:
