@@ -33,6 +33,10 @@ DEFAULT_THROTTLE_PERIOD = 300
 DEFAULT_SOCKET_MODE = 0o660
 DEFAULT_MAX_SESSIONS = 64
 DEFAULT_IDLE_TIMEOUT = 300.0
+# Group commit: how long a commit may wait for messages other sessions are
+# sending (docs/performance.md, change 13); a message waits no longer than this.
+DEFAULT_COMMIT_DELAY = 0.002
+MAX_COMMIT_DELAY = 1.0
 DEFAULT_REVIEW_MAX = 10000
 # The rule families whose refusals ``discard`` can turn into a 250 and a copy
 # kept in the review area, by the names the option takes.
@@ -58,7 +62,15 @@ _MAIN_OPTIONS = frozenset(
     }
 )
 _LMTP_OPTIONS = frozenset(
-    {"listen", "socket_mode", "max_sessions", "idle_timeout", "allow_remote", "commit_batch"}
+    {
+        "listen",
+        "socket_mode",
+        "max_sessions",
+        "idle_timeout",
+        "allow_remote",
+        "commit_batch",
+        "commit_delay",
+    }
 )
 _POLICY_OPTIONS = frozenset({"listen", "allow_remote"})
 _LOGGING_OPTIONS = frozenset({"level", "target", "facility"})
@@ -91,6 +103,9 @@ class LmtpSettings:
     allow_remote: bool = False
     # Most deliveries committed in one ZODB transaction (group commit).
     commit_batch: int = 64
+    # Seconds a commit waits, at most, for the messages other sessions are
+    # sending (group commit; 0: commit what is there).
+    commit_delay: float = DEFAULT_COMMIT_DELAY
 
 
 @dataclass(frozen=True)
@@ -468,6 +483,9 @@ class _Reader:
             raise self.error(section, "max_sessions", "must be at least 1")
         idle = float(self.number(section, "idle_timeout", float, DEFAULT_IDLE_TIMEOUT))
         batch = int(self.number(section, "commit_batch", int, 64))
+        delay = float(self.number(section, "commit_delay", float, DEFAULT_COMMIT_DELAY))
+        if delay > MAX_COMMIT_DELAY:
+            raise self.error(section, "commit_delay", f"at most {MAX_COMMIT_DELAY:g} seconds")
         allow_remote = self.boolean(section, "allow_remote", False)
         try:
             parse_listen(listen)
@@ -480,6 +498,7 @@ class _Reader:
             idle_timeout=idle,
             allow_remote=allow_remote,
             commit_batch=max(1, batch),
+            commit_delay=delay,
         )
 
     def policy(self) -> PolicySettings:

@@ -160,6 +160,14 @@ def test_defaults_of_an_old_minimal_file(tmp_path: Path) -> None:
     assert settings.reject_filters == ()
     assert settings.queues == ()
     assert settings.lmtp.listen == f"unix:{tmp_path.resolve()}/var/lmtp.sock"
+    assert settings.lmtp.commit_batch == 64
+    assert settings.lmtp.commit_delay == 0.002
+
+
+def test_commit_delay_is_read_in_seconds(tmp_path: Path) -> None:
+    settings = load(write(tmp_path, MINIMAL + "[lmtp]\ncommit_delay = 0.0005\n"))
+    assert settings.lmtp.commit_delay == 0.0005
+    assert load(write(tmp_path, MINIMAL + "[lmtp]\ncommit_delay = 0\n")).lmtp.commit_delay == 0
 
 
 def test_a_queue_without_filters_is_kept_and_matches_nothing(tmp_path: Path) -> None:
@@ -353,7 +361,14 @@ def test_bad_number(tmp_path: Path, option: str, value: str) -> None:
 
 @pytest.mark.parametrize(
     ("option", "value"),
-    [("max_sessions", "many"), ("max_sessions", "0"), ("socket_mode", "rw-rw----")],
+    [
+        ("max_sessions", "many"),
+        ("max_sessions", "0"),
+        ("socket_mode", "rw-rw----"),
+        ("commit_delay", "-0.001"),
+        ("commit_delay", "2"),
+        ("commit_delay", "soon"),
+    ],
 )
 def test_bad_number_in_lmtp(tmp_path: Path, option: str, value: str) -> None:
     message = refused(tmp_path, MINIMAL + f"[lmtp]\n{option} = {value}\n")

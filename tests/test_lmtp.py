@@ -10,8 +10,10 @@ process.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import queue as stdlib_queue
 import re
 import signal
 import smtplib
@@ -19,6 +21,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -708,6 +711,128 @@ def test_writer_commits_sessions_in_groups(
         lmtp.quit()
     assert sum(sizes) == 6
     assert max(sizes) > 1, sizes
+
+
+# The commit delay of the tests below: far longer than any of them may take,
+# so a reply that comes at all came because the writer stopped waiting.
+LONG_DELAY = 600.0
+
+
+class _WatchedJobs:
+    """The writer's queue, telling when the writer waits for a message on its way."""
+
+    def __init__(self, jobs: stdlib_queue.SimpleQueue[object]) -> None:
+        self._jobs = jobs
+        self.waiting = threading.Event()
+
+    def put(self, item: object) -> None:
+        self._jobs.put(item)
+
+    def get_nowait(self) -> object:
+        return self._jobs.get_nowait()
+
+    def get(self, block: bool = True, timeout: float | None = None) -> object:
+        if timeout is not None:  # only the wait for messages on their way has one
+            self.waiting.set()
+        return self._jobs.get(block, timeout)
+
+
+@dataclasses.dataclass
+class Batches:
+    """A server whose commits wait up to LONG_DELAY, and the size of each commit."""
+
+    server: LmtpServer
+    sizes: list[int]
+    jobs: _WatchedJobs
+
+    def wait_until_the_writer_waits(self) -> None:
+        assert self.jobs.waiting.wait(30), "the writer never waited for a message on its way"
+
+
+@pytest.fixture
+def batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Batches]:
+    """A server on tmp_path/lmtp.sock whose commits wait up to LONG_DELAY."""
+    sizes: list[int] = []
+    path = write_lmtp_config(tmp_path)
+    settings = config.load(path)
+    settings = dataclasses.replace(
+        settings, lmtp=dataclasses.replace(settings.lmtp, commit_delay=LONG_DELAY)
+    )
+    server = LmtpServer(settings, settings_path=path, grace=5)
+    real = type(server.depot).deliver_batch
+
+    def counting(self: object, deliveries: Sequence[object], now: float | None = None) -> object:
+        sizes.append(len(deliveries))
+        return real(self, deliveries, now)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(type(server.depot), "deliver_batch", counting)
+    jobs = _WatchedJobs(server.writer._jobs)  # type: ignore[arg-type]
+    server.writer._jobs = jobs  # type: ignore[assignment]
+    server.start()
+    try:
+        yield Batches(server, sizes, jobs)
+    finally:
+        server.stop()
+
+
+def _in_data(lmtp: smtplib.LMTP) -> None:
+    """MAIL, RCPT and DATA: the session is sending a message (after the 354)."""
+    assert lmtp.mail("a@outside.test")[0] == 250
+    assert lmtp.rcpt("user@alpha.test")[0] == 250
+    lmtp.putcmd("data")
+    assert lmtp.getreply()[0] == 354
+
+
+def test_a_commit_waits_for_a_message_already_on_its_way(batches: Batches, tmp_path: Path) -> None:
+    """A session sending its message: the message before it waits, one commit for both."""
+    sock = tmp_path / "lmtp.sock"
+    late, early = client(sock), client(sock)
+    _in_data(late)
+    _in_data(early)
+    early.send(stuff(mail(subject="early")))
+    batches.wait_until_the_writer_waits()
+    late.send(stuff(mail(subject="late")))
+    assert reply_codes([reply(early), reply(late)]) == [(250, "2.0.0")] * 2
+    assert batches.sizes == [2]
+    batches.server.stop()
+    assert len(stored(uri_for(tmp_path / "var"), "Alpha")) == 2
+
+
+@pytest.mark.parametrize("ending", ["hang up", "half-close", "a line too long", "too big"])
+def test_a_message_that_will_not_come_is_not_waited_for(
+    batches: Batches, tmp_path: Path, ending: str
+) -> None:
+    """The reply comes at once, not after the delay, when the awaited DATA brings no message."""
+    sock = tmp_path / "lmtp.sock"
+    other, lmtp = client(sock), client(sock)
+    _in_data(other)
+    _in_data(lmtp)
+    lmtp.send(stuff(mail(subject="waiting")))
+    batches.wait_until_the_writer_waits()
+    if ending == "hang up":
+        other.send(b"Subject: cut short\r\n")
+        other.close()
+    elif ending == "half-close":  # the client's input ends before the final dot
+        other.send(b"Subject: half\r\n")
+        other.sock.shutdown(socket.SHUT_WR)
+    elif ending == "a line too long":
+        other.send(b"x" * 1001 + b"\r\n.\r\n")
+        assert reply(other)[0] == 500
+    else:
+        other.send((b"x" * 998 + b"\r\n") * 300 + b".\r\n")  # 300 kB, over 256k
+        assert reply(other)[0] == 552
+    assert reply_codes([reply(lmtp)]) == [(250, "2.0.0")]
+    assert batches.sizes == [1]
+
+
+def test_a_session_alone_never_waits(batches: Batches, tmp_path: Path) -> None:
+    lmtp = client(tmp_path / "lmtp.sock")
+    for number in range(3):
+        assert reply_codes(send(lmtp, ["user@alpha.test"], mail(subject=f"n{number}"))) == [
+            (250, "2.0.0")
+        ]
+    lmtp.quit()
+    assert batches.sizes == [1, 1, 1]
 
 
 # --- addresses: our parse is aiosmtpd's ------------------------------------------------

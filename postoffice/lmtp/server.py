@@ -84,7 +84,9 @@ class LmtpServer:
         self.address = listen_address(settings, listen)
         self._listen_override = listen
         self.depot = Depot(settings, db=db)
-        self.writer = CommitWriter(self.depot, settings.lmtp.commit_batch)
+        self.writer = CommitWriter(
+            self.depot, settings.lmtp.commit_batch, settings.lmtp.commit_delay
+        )
         self.handler = LmtpHandler(self)
         self.hostname = socket.gethostname() or "localhost"
         self.grace = grace
@@ -134,6 +136,7 @@ class LmtpServer:
 
     def forget(self, session: LmtpSession) -> None:
         self.sessions.discard(session)
+        self.writer.forget(session)
         if not self.sessions and self._all_gone is not None:
             self._all_gone.set()
 

@@ -384,6 +384,7 @@ class LmtpSession(LMTP):
         sender = "" if mail_from == "<>" else mail_from
         recipients = list(self.envelope.rcpt_tos)
         self.busy = True
+        self._lmtp.writer.expect(self)  # a commit may wait a little for this message
         try:
             await self.push("354 End data with <CR><LF>.<CR><LF>")
             try:
@@ -411,6 +412,7 @@ class LmtpSession(LMTP):
             await self.push("\r\n".join(replies))
         finally:
             self.busy = False
+            self._lmtp.writer.forget(self)  # no message is coming, whatever became of it
             if self.transport is not None and not self._hung_up:
                 self._reset_timeout()
         self._lmtp.transaction_done(self)
@@ -419,6 +421,7 @@ class LmtpSession(LMTP):
         """Exactly one reply per accepted recipient, in RCPT order, for every outcome."""
         if received.problem is not None:
             # Refused by the protocol before the depot sees it; logged like a decision.
+            self._lmtp.writer.forget(self)
             if received.problem == "size":
                 decision = too_big(self._lmtp.size_limit, received.size)
                 replies = [Outcome(rcpt, decision).reply for rcpt in recipients]
@@ -439,7 +442,7 @@ class LmtpSession(LMTP):
         if self._timeout_handle is not None:
             self._timeout_handle.cancel()
         try:
-            outcomes = await self._lmtp.writer.submit(delivery)
+            outcomes = await self._lmtp.writer.submit(delivery, self)
             replies = [outcome.reply for outcome in outcomes]
             if len(replies) != len(recipients):
                 raise RuntimeError(f"{len(replies)} replies for {len(recipients)} recipients")
