@@ -33,7 +33,7 @@ from pathlib import Path
 import progress
 import servers
 from common import RECIPIENT, SENDER, BenchError, Plan, Sample, remove
-from procs import find_tool, wait_until
+from procs import find_tool, tree_cpu_seconds, wait_until
 
 Log = Callable[[str], None]
 
@@ -175,6 +175,17 @@ class PostfixRelay:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self._postfix("stop")
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU of Postfix so far: its master, the live services, and
+        the services that exited (the master reaps them, so they are in its children's
+        times)."""
+        try:
+            master = int((self.folder / "spool" / "pid" / "master.pid").read_text().split()[0])
+            user, system = tree_cpu_seconds(master)
+        except (OSError, ValueError, IndexError):
+            return 0.0
+        return user + system
+
     def sent(self) -> int:
         """Deliveries Postfix's lmtp client saw acknowledged so far."""
         try:
@@ -224,6 +235,7 @@ def relay_one(kind: str, work: Path, size: int, messages: int, round_number: int
                 relay.start()
                 os.sync()
                 user_before, system_before = server.cpu_seconds()
+                postfix_before = relay.cpu_seconds()
                 start = time.perf_counter()
                 send_smtp(relay.port, size, messages, helo, timeout)
                 assert server.proc is not None
@@ -237,6 +249,7 @@ def relay_one(kind: str, work: Path, size: int, messages: int, round_number: int
                 user_after, system_after = server.cpu_seconds()
                 sample.cpu_seconds = user_after - user_before + system_after - system_before
                 sample.cpu_system_seconds = system_after - system_before
+                sample.extra["postfix_cpu_seconds"] = relay.cpu_seconds() - postfix_before
             finally:
                 relay.stop()
             sample.delivered = server.stop()

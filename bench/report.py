@@ -465,13 +465,34 @@ def relay_rate(relayed: Sequence[Sample], kind: str, size: int) -> float | None:
     return median_rate([s for s in relayed if (s.server, s.size) == (kind, size)])
 
 
+def relay_cpu_ms(relayed: Sequence[Sample], kind: str, size: int, whose: str) -> str:
+    """Median CPU a message of Postfix (``whose`` = "postfix") or of the server behind it."""
+    ok = [s for s in relayed if (s.server, s.size) == (kind, size) and s.rate is not None]
+    spent = [
+        s.extra.get("postfix_cpu_seconds", 0.0) if whose == "postfix" else s.cpu_seconds for s in ok
+    ]
+    if not ok or not all(spent):
+        return "-"
+    return f"{statistics.median(c / s.messages for c, s in zip(spent, ok, strict=True)) * 1000:.2f}"
+
+
 def relay_lines(plan: Plan, relayed: Sequence[Sample]) -> list[str]:
     if not relayed:
         return []
     rows = []
     for size in plan.sizes:
         sink, ours = relay_rate(relayed, "sink", size), relay_rate(relayed, "postoffice", size)
-        rows.append([human_size(size), fmt_rate(sink), fmt_rate(ours), fmt(ratio(ours, sink), "x")])
+        rows.append(
+            [
+                human_size(size),
+                fmt_rate(sink),
+                fmt_rate(ours),
+                fmt(ratio(ours, sink), "x"),
+                relay_cpu_ms(relayed, "sink", size, "postfix"),
+                relay_cpu_ms(relayed, "postoffice", size, "postfix"),
+                relay_cpu_ms(relayed, "postoffice", size, "server"),
+            ]
+        )
     failed = [f"- {describe(s)}" for s in relayed if s.rate is None]
     return [
         "",
@@ -479,7 +500,18 @@ def relay_lines(plan: Plan, relayed: Sequence[Sample]) -> list[str]:
         "smtpd, cleanup, qmgr, lmtp -> the server): msgs/s from the first SMTP "
         "connection to the last message stored",
         "",
-        *table(["size", "smtp-sink -L", "postoffice", "postoffice / sink"], rows),
+        *table(
+            [
+                "size",
+                "smtp-sink -L",
+                "postoffice",
+                "postoffice / sink",
+                "Postfix CPU ms/msg, to smtp-sink",
+                "Postfix CPU ms/msg, to postoffice",
+                "postoffice CPU ms/msg",
+            ],
+            rows,
+        ),
         *failed,
     ]
 

@@ -179,6 +179,7 @@ def write_json(path: Path, plan: Plan, results: Results, targets: list[report.Ro
                 "servers": results.served,
                 "profile": results.profiled,
                 "inline_or_blob": results.blobs,
+                "relay": [asdict(s) | {"rate": s.rate} for s in results.relayed],
                 "targets": targets,
                 "cpus": os.cpu_count(),
             },

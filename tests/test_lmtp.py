@@ -825,6 +825,18 @@ def test_a_message_that_will_not_come_is_not_waited_for(
     assert batches.sizes == [1]
 
 
+def test_sighup_applies_a_new_commit_delay(batches: Batches, tmp_path: Path) -> None:
+    """The file says 2 ms (the default): after a reload a message no longer waits 600 s."""
+    assert batches.server.reload()
+    sock = tmp_path / "lmtp.sock"
+    other, lmtp = client(sock), client(sock)
+    _in_data(other)  # and it never sends its message
+    _in_data(lmtp)
+    lmtp.send(stuff(mail(subject="after the reload")))
+    assert reply_codes([reply(lmtp)]) == [(250, "2.0.0")]
+    assert batches.sizes == [1]
+
+
 def test_a_session_alone_never_waits(batches: Batches, tmp_path: Path) -> None:
     lmtp = client(tmp_path / "lmtp.sock")
     for number in range(3):

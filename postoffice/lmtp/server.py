@@ -310,6 +310,7 @@ class LmtpServer:
         old = self.settings
         warnings = config.warnings(settings)
         warnings += await self.writer.call(lambda: self.depot.reload(settings))
+        self.writer.retune(settings.lmtp.commit_batch, settings.lmtp.commit_delay)
         for warning in warnings:
             log.warning("reload: %s", warning)
         if self._listen_override is None and settings.lmtp.listen != old.lmtp.listen:

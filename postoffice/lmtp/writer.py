@@ -128,6 +128,11 @@ class CommitWriter:
             self._thread.join(STOP_POLL)
         return True
 
+    def retune(self, batch: int, delay: float) -> None:
+        """SIGHUP's new ``commit_batch`` and ``commit_delay``, from the next commit on."""
+        self._batch = max(1, batch)
+        self._delay = max(0.0, delay)
+
     def expect(self, session: object) -> None:
         """A session is sending a message (on the loop): a commit may wait for it."""
         self._expected.add(session)
