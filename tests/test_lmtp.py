@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 from postoffice import config, open_queue
 from postoffice.database import open_db
 from postoffice.errors import ListenError
-from postoffice.lmtp import LmtpServer
+from postoffice.lmtp import LmtpServer, writer
 from postoffice.store import find_folder
 from tests.helpers import (
     Process,
@@ -766,6 +766,7 @@ def batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Batches
         return real(self, deliveries, now)  # type: ignore[arg-type]
 
     monkeypatch.setattr(type(server.depot), "deliver_batch", counting)
+    monkeypatch.setattr(writer, "SENDING_FOR", LONG_DELAY)  # however slow the machine
     jobs = _WatchedJobs(server.writer._jobs)  # type: ignore[arg-type]
     server.writer._jobs = jobs  # type: ignore[assignment]
     server.start()
@@ -821,6 +822,22 @@ def test_a_message_that_will_not_come_is_not_waited_for(
     else:
         other.send((b"x" * 998 + b"\r\n") * 300 + b".\r\n")  # 300 kB, over 256k
         assert reply(other)[0] == 552
+    assert reply_codes([reply(lmtp)]) == [(250, "2.0.0")]
+    assert batches.sizes == [1]
+
+
+def test_a_message_sent_for_long_is_not_waited_for(
+    batches: Batches, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A big or slow message on its way does not hold every commit for the delay."""
+    monkeypatch.setattr(writer, "SENDING_FOR", 0.05)
+    sock = tmp_path / "lmtp.sock"
+    slow, lmtp = client(sock), client(sock)
+    _in_data(slow)
+    slow.send(b"Subject: a big one\r\n")  # and more, much later
+    time.sleep(0.1)  # sending for longer than SENDING_FOR
+    _in_data(lmtp)
+    lmtp.send(stuff(mail(subject="small")))
     assert reply_codes([reply(lmtp)]) == [(250, "2.0.0")]
     assert batches.sizes == [1]
 

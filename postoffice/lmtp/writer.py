@@ -28,6 +28,11 @@ T = TypeVar("T")
 
 # How often stop() looks again whether what the thread still runs is worth waiting for.
 STOP_POLL = 0.05
+# A commit waits for a message on its way only while its session has been
+# sending it for less than this: a small message from Postfix takes well
+# under a millisecond, and a big or slow one would make every commit wait
+# its full delay for as long as it lasts.
+SENDING_FOR = 0.05
 
 
 @dataclass
@@ -75,9 +80,10 @@ class CommitWriter:
     messages of sessions that are sending one (between the 354 and the
     final dot: :meth:`expect`), as PostgreSQL's ``commit_delay`` waits for
     transactions already under way.  It never waits when no other session
-    is sending (one session alone, a quiet server), and it stops waiting
-    as soon as the last of them has handed its message over or ended
-    without one.
+    is sending (one session alone, a quiet server) or when they have been
+    sending for longer than ``SENDING_FOR`` (a big message), and it stops
+    waiting as soon as the last of them has handed its message over or
+    ended without one.
     """
 
     def __init__(self, depot: Depot, batch: int, delay: float = 0.0) -> None:
@@ -85,9 +91,10 @@ class CommitWriter:
         self._batch = max(1, batch)
         self._delay = max(0.0, delay)
         self._jobs: queue.SimpleQueue[_Job | _Nudge | None] = queue.SimpleQueue()
-        # Sessions whose message is on its way: changed on the event loop
-        # only, read by the thread (a set's truth is one step under the GIL).
-        self._expected: set[object] = set()
+        # Sessions whose message is on its way, with the time they began to
+        # send it: changed on the event loop only; the thread copies the times
+        # (one step under the GIL) before it reads them.
+        self._expected: dict[object, float] = {}
         self._thread = threading.Thread(target=self._run, name="postoffice-writer", daemon=True)
         self._stopped = False
         # While the server opens the database at start, which can take as long
@@ -135,19 +142,18 @@ class CommitWriter:
 
     def expect(self, session: object) -> None:
         """A session is sending a message (on the loop): a commit may wait for it."""
-        self._expected.add(session)
+        self._expected[session] = time.monotonic()
 
     def forget(self, session: object) -> None:
         """The session's DATA ended without a message for us (refused, or the client went away)."""
-        if session in self._expected:
-            self._expected.discard(session)
+        if self._expected.pop(session, None) is not None:
             self._jobs.put(_NUDGE)  # a commit waiting for it looks again
 
     def submit(
         self, delivery: Delivery, session: object | None = None
     ) -> asyncio.Future[list[Outcome]]:
         """Queue a message; the future gives one Outcome per recipient after the commit."""
-        self._expected.discard(session)
+        self._expected.pop(session, None)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[Outcome]] = loop.create_future()
         if self._stopped or self.opening:
@@ -208,6 +214,8 @@ class CommitWriter:
                 if self._delay <= 0 or not self._expected:
                     return None
                 now = time.monotonic()
+                if not any(now - began < SENDING_FOR for began in list(self._expected.values())):
+                    return None
                 if deadline is None:
                     deadline = now + self._delay
                 if now >= deadline:
