@@ -784,14 +784,20 @@ def _in_data(lmtp: smtplib.LMTP) -> None:
     assert lmtp.getreply()[0] == 354
 
 
+def _one_sent_one_awaited(batches: Batches, tmp_path: Path) -> tuple[smtplib.LMTP, smtplib.LMTP]:
+    """Two sessions in DATA; the second sends its message, and the writer waits for the first's."""
+    sock = tmp_path / "lmtp.sock"
+    awaited, sender = client(sock), client(sock)
+    _in_data(awaited)
+    _in_data(sender)
+    sender.send(stuff(mail(subject="sent first")))
+    batches.wait_until_the_writer_waits()
+    return awaited, sender
+
+
 def test_a_commit_waits_for_a_message_already_on_its_way(batches: Batches, tmp_path: Path) -> None:
     """A session sending its message: the message before it waits, one commit for both."""
-    sock = tmp_path / "lmtp.sock"
-    late, early = client(sock), client(sock)
-    _in_data(late)
-    _in_data(early)
-    early.send(stuff(mail(subject="early")))
-    batches.wait_until_the_writer_waits()
+    late, early = _one_sent_one_awaited(batches, tmp_path)
     late.send(stuff(mail(subject="late")))
     assert reply_codes([reply(early), reply(late)]) == [(250, "2.0.0")] * 2
     assert batches.sizes == [2]
@@ -804,12 +810,7 @@ def test_a_message_that_will_not_come_is_not_waited_for(
     batches: Batches, tmp_path: Path, ending: str
 ) -> None:
     """The reply comes at once, not after the delay, when the awaited DATA brings no message."""
-    sock = tmp_path / "lmtp.sock"
-    other, lmtp = client(sock), client(sock)
-    _in_data(other)
-    _in_data(lmtp)
-    lmtp.send(stuff(mail(subject="waiting")))
-    batches.wait_until_the_writer_waits()
+    other, lmtp = _one_sent_one_awaited(batches, tmp_path)
     if ending == "hang up":
         other.send(b"Subject: cut short\r\n")
         other.close()

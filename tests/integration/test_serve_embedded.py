@@ -307,7 +307,7 @@ BOTH_DOORS = 40
 def test_lmtp_pipe_and_two_consumers_at_once_on_the_shared_depot(tmp_path: Path) -> None:
     """serve, the pipe and two consumers all write through the ZEO server of serve.
 
-    1,500 messages from smtp-source, and 40 more that arrive both over LMTP
+    4,000 messages from smtp-source, and 40 more that arrive both over LMTP
     and through the pipe at the same time (the duplicate ledger must keep
     one copy), all popped exactly once by two consumer processes, none of
     whom sees an error; and no process logs an ERROR or a traceback.
