@@ -88,8 +88,7 @@ class CommitWriter:
 
     def __init__(self, depot: Depot, batch: int, delay: float = 0.0) -> None:
         self._depot = depot
-        self._batch = max(1, batch)
-        self._delay = max(0.0, delay)
+        self.retune(batch, delay)  # _batch and _delay, bounded as SIGHUP bounds them
         self._jobs: queue.SimpleQueue[_Job | _Nudge | None] = queue.SimpleQueue()
         # Sessions whose message is on its way, with the time they began to
         # send it: changed on the event loop only; the thread copies the times
